@@ -1,0 +1,96 @@
+"""The one dispatch point between models and kernels.
+
+Models call `linear(x, w, bias)` with `w` either a dense [N, K] array (Hugging Face
+layout) or an `AnyPrecWeight`; nothing else in the code base chooses a kernel.
+
+Backends (`Backend`):
+  REFERENCE: pure jnp (dequantize + dot); runs anywhere; the source of truth.
+  PALLAS:    Pallas GPU kernels (GEMV for M <= GEMV_MAX_M rows, dequantize + dot above).
+  INTERPRET: the Pallas kernels in interpret mode (CPU tests of the kernel code).
+  AUTO:      PALLAS on GPU, REFERENCE elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import math
+import threading
+
+import jax
+import jax.numpy as jnp
+
+from anyprec_jax.weight import AnyPrecWeight, dequantize
+
+GEMV_MAX_M = 8
+
+
+class Backend(enum.Enum):
+  AUTO = "auto"
+  REFERENCE = "reference"
+  PALLAS = "pallas"
+  INTERPRET = "interpret"
+
+
+_state = threading.local()
+
+
+def get_backend() -> Backend:
+  """The backend in force (AUTO resolved to PALLAS on GPU, else REFERENCE)."""
+  backend = getattr(_state, "backend", Backend.AUTO)
+  if backend is Backend.AUTO:
+    return Backend.PALLAS if jax.default_backend() == "gpu" else Backend.REFERENCE
+  return backend
+
+
+@contextlib.contextmanager
+def use_backend(backend: Backend | str):
+  """Context manager selecting the kernel backend while tracing.
+
+  The choice is read at trace time, so wrap the *first* call of a jitted function
+  (or pass the backend into the function that you jit).
+  """
+  previous = getattr(_state, "backend", Backend.AUTO)
+  _state.backend = Backend(backend)
+  try:
+    yield
+  finally:
+    _state.backend = previous
+
+
+def anyprec_matmul_reference(x: jax.Array, w: AnyPrecWeight) -> jax.Array:
+  """y = x @ W_b^T in fp32 from the dequantized weight. x [M, K] -> [M, N] fp32."""
+  wd = dequantize(w, w.bits, jnp.float32)  # [N, K]
+  return jnp.dot(x.astype(jnp.float32), wd.T, precision=jax.lax.Precision.HIGHEST)
+
+
+def _anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, backend: Backend) -> jax.Array:
+  """x2 [M, K] -> [M, N] fp32."""
+  if backend is Backend.REFERENCE:
+    return anyprec_matmul_reference(x2, w)
+  from anyprec_jax.pallas import kernels  # Local import: Pallas only when used.
+  return kernels.anyprec_matmul(x2, w, interpret=backend is Backend.INTERPRET)
+
+
+def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
+  """y = x @ w^T + bias for a dense or any-precision weight.
+
+  Args:
+    x: [..., K] activations.
+    w: dense [N, K] array or `AnyPrecWeight` (uses its active precision `w.bits`).
+    bias: optional [N].
+
+  Returns:
+    [..., N] in the dtype of x.
+  """
+  if isinstance(w, AnyPrecWeight):
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), x.shape[-1])  # [M, K]
+    y = _anyprec_matmul(x2, w, get_backend()).astype(x.dtype)
+    y = y.reshape(*lead, w.out_features)  # [..., N]
+  else:
+    y = jnp.einsum("...k,nk->...n", x, w.astype(x.dtype),
+                   preferred_element_type=jnp.float32).astype(x.dtype)
+  if bias is not None:
+    y = y + bias.astype(y.dtype)
+  return y

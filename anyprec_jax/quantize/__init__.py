@@ -1,0 +1,1 @@
+"""Any-precision quantization: sensitivity, seed k-means, incremental upscaling, pipeline."""

@@ -1,0 +1,99 @@
+"""The any-precision quantized weight pytree (Park et al., 2024).
+
+`AnyPrecWeight` stands in for a dense linear weight W [N = out, K = in] (Hugging Face
+layout). `dequantize(w, bits)` is the single source of truth for what it means; every
+kernel is tested against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from anyprec_jax import format as fmt
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["planes", "luts"],
+    meta_fields=["in_features", "bits"],
+)
+@dataclasses.dataclass(frozen=True)
+class AnyPrecWeight:
+  """A linear weight stored as bitplanes plus one LUT per precision.
+
+  Invariant:
+    planes: uint32 [P, N, ceil(K/32)], plane 0 = MSB of the parent code (format.py).
+    luts:   {b: float [N, 2**b]} for every loaded precision b; max(luts) <= P.
+    bits:   the active precision (static), one of the keys of `luts`.
+    in_features: K (static).
+  The dense weight at precision b is W_b[n, k] = luts[b][n, code_b(n, k)], where code_b
+  is read from planes 0..b-1. Because `bits` is static metadata, a pytree holding
+  weights at another precision has another treedef, so `jax.jit` compiles exactly one
+  program per precision.
+  """
+
+  planes: jax.Array
+  luts: Mapping[int, jax.Array]
+  in_features: int
+  bits: int
+
+  def __post_init__(self):
+    if self.bits not in self.luts:
+      raise ValueError(
+          f"precision {self.bits} has no LUT; loaded: {sorted(self.luts)}")
+
+  @property
+  def out_features(self) -> int:
+    return self.planes.shape[1]
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    """Shape of the dense weight it stands for, [N, K]."""
+    return (self.planes.shape[1], self.in_features)
+
+  @property
+  def precisions(self) -> tuple[int, ...]:
+    return tuple(sorted(self.luts))
+
+  def with_bits(self, bits: int) -> "AnyPrecWeight":
+    """Same arrays, another active precision."""
+    if bits not in self.luts:
+      raise ValueError(
+          f"precision {bits} not supported; supported: {sorted(self.luts)}")
+    return dataclasses.replace(self, bits=bits)
+
+
+def from_codes(codes: np.ndarray, luts: Mapping[int, np.ndarray], parent_bits: int,
+               bits: int | None = None) -> AnyPrecWeight:
+  """Builds an `AnyPrecWeight` from parent codes [N, K] and per-precision LUTs."""
+  planes = fmt.pack_bitplanes(codes, parent_bits)
+  return AnyPrecWeight(
+      planes=jnp.asarray(planes),
+      luts={int(b): jnp.asarray(v) for b, v in luts.items()},
+      in_features=int(np.shape(codes)[1]),
+      bits=int(max(luts) if bits is None else bits))
+
+
+def dequantize(w: AnyPrecWeight, bits: int | None = None,
+               dtype=jnp.float32) -> jax.Array:
+  """Dense weight [N, K] at precision `bits` (default: the active one). Pure jnp."""
+  bits = w.bits if bits is None else bits
+  if bits not in w.luts:
+    raise ValueError(
+        f"precision {bits} not supported; supported: {sorted(w.luts)}")
+  codes = fmt.unpack_codes(w.planes, bits, w.in_features)  # [N, K]
+  lut = w.luts[bits].astype(dtype)  # [N, 2^b]
+  return jnp.take_along_axis(lut, codes, axis=1)  # [N, K]
+
+
+def set_precision(tree, bits: int):
+  """Returns `tree` with every `AnyPrecWeight` switched to precision `bits`."""
+  return jax.tree_util.tree_map(
+      lambda x: x.with_bits(bits) if isinstance(x, AnyPrecWeight) else x,
+      tree, is_leaf=lambda x: isinstance(x, AnyPrecWeight))

@@ -1,0 +1,1 @@
+"""Flax ports of Llama, Mistral and OPT sharing one decoder."""
