@@ -1,0 +1,87 @@
+"""Params tree access by Hugging Face module name.
+
+The params tree is a nested dict (`layers_0/attn/q_proj/weight`, ...); HF module
+names (`model.layers.0.self_attn.q_proj`) are translated through the architecture
+tables in `models/llama.py`, `mistral.py`, `opt.py`, so quantizer and runtime can
+address weights by the names they store in checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from models import mapping, registry
+from models.config import ModelConfig
+
+
+def linear_names(cfg: ModelConfig) -> list[str]:
+  """HF module names of every quantizable linear, in layer order.
+
+  All linears inside decoder layers; not embeddings, lm_head or OPT's projections.
+
+  Args:
+    cfg: the model config.
+
+  Returns:
+    e.g. ["model.layers.0.self_attn.q_proj", ..., "model.layers.{L-1}.mlp.down_proj"].
+  """
+  spec = registry.SPECS[cfg.arch]
+  return [t.format(i=i) for i in range(cfg.num_layers) for t in spec.linear_modules]
+
+
+def _lookup(tree, path: str):
+  node = tree
+  for part in path.split("/"):
+    if not isinstance(node, Mapping) or part not in node:
+      raise KeyError(path)
+    node = node[part]
+  return node
+
+
+def param_path(params, hf_module_name: str, leaf: str = "weight") -> str:
+  """Path in `params` of `<hf_module_name>.<leaf>`; KeyError if absent."""
+  for spec in registry.SPECS.values():
+    name = mapping.canonical_name(spec, f"{hf_module_name}.{leaf}")
+    found = mapping.match(spec, None, name)
+    if isinstance(found, tuple):
+      try:
+        _lookup(params, found[0])
+        return found[0]
+      except KeyError:
+        continue
+  raise KeyError(f"no parameter for HF name {hf_module_name}.{leaf!r} in params")
+
+
+def get_param(params, hf_module_name: str):
+  """The `weight` of an HF module: dense [N, K] array or `AnyPrecWeight`.
+
+  Args:
+    params: params tree.
+    hf_module_name: e.g. "model.layers.0.self_attn.q_proj".
+
+  Returns:
+    The stored leaf (not copied).
+  """
+  return _lookup(params, param_path(params, hf_module_name))
+
+
+def _set(tree: Mapping, parts: list[str], value) -> dict:
+  new = dict(tree)
+  new[parts[0]] = value if len(parts) == 1 else _set(tree[parts[0]], parts[1:], value)
+  return new
+
+
+def replace_params(params, new_weights: Mapping[str, Any]):
+  """Returns params with some module weights replaced (pure; `params` is unchanged).
+
+  Args:
+    params: params tree.
+    new_weights: {hf_module_name: dense [N, K] array or `AnyPrecWeight`}.
+
+  Returns:
+    A new tree sharing every untouched leaf with `params`.
+  """
+  out = params
+  for name, value in new_weights.items():
+    out = _set(out, param_path(out, name).split("/"), value)
+  return out
