@@ -1,0 +1,173 @@
+"""GPU benchmark of the any-precision kernels against XLA's fp16 dot (issue 4).
+
+Method (METHOD.md of the device tool): correctness against the fp32 reference first;
+each timed call applies the op to R distinct weight buffers (R * bytes >= `MIN_BYTES`,
+so the 50 MB L2 cannot hold them) and R distinct activations inside one jitted
+program; programs are compiled ahead (in threads), warmed up, then timed with
+`time.perf_counter` around `PIPELINE` back-to-back dispatches per sample (so host
+dispatch hides behind device work); median over >= 20 samples, divided by R. The fp16
+baseline and the copy bandwidth use the same harness in the same run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from anyprec_jax import ops
+from anyprec_jax.pallas import bitops, gemv, kernels
+from anyprec_jax.weight import AnyPrecWeight
+
+MIN_BYTES = 256e6
+MAX_BUFFERS = 64
+PIPELINE = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  name: str
+  n: int  # out features
+  k: int  # in features
+
+
+SHAPES = (
+    Shape("llama2-7b q/k/v/o", 4096, 4096),
+    Shape("llama2-7b gate/up", 11008, 4096),
+    Shape("llama2-7b down", 4096, 11008),
+    Shape("mistral-7b gate/up", 14336, 4096),
+    Shape("mistral-7b down", 4096, 14336),
+    Shape("llama2-70b gate/up", 28672, 8192),
+    Shape("llama2-70b down", 8192, 28672),
+)
+PAPER_SPEEDUP = {3: 3.99, 4: 3.03, 5: 2.61, 6: 2.18, 7: 1.87, 8: 1.56}
+
+
+@dataclasses.dataclass
+class Case:
+  """One timed program: `fn(*args)` applies the op to `buffers` weight buffers."""
+  key: tuple
+  fn: Callable
+  make_args: Callable[[], tuple]
+  bytes_per_op: float
+  buffers: int
+  check: Callable[[tuple, object], float] | None = None
+  compiled: object = None
+
+
+def _weights(key, shape: Shape, bits: int, count: int) -> list[AnyPrecWeight]:
+  """`count` random weights holding exactly the b planes a b-bit kernel reads."""
+  words = -(-shape.k // 32)
+  out = []
+  for i in range(count):
+    kp, kl = jax.random.split(jax.random.fold_in(key, i))
+    planes = jax.random.bits(kp, (bits, shape.n, words), jnp.uint32)
+    lut = jax.random.normal(kl, (shape.n, 1 << bits), jnp.float16)
+    out.append(AnyPrecWeight(planes, {bits: lut}, shape.k, bits))
+  return out
+
+
+def _activations(key, m: int, k: int, count: int, dtype) -> list[jax.Array]:
+  return [jax.random.normal(jax.random.fold_in(key, 1000 + i), (m, k), dtype)
+          for i in range(count)]
+
+
+def _num_buffers(bytes_per_op: float) -> int:
+  return int(min(MAX_BUFFERS, max(2, np.ceil(MIN_BYTES / bytes_per_op))))
+
+
+def gemv_case(shape: Shape, bits: int, m: int, tiles=None, lookup=None) -> Case:
+  """Case for the any-precision product (GEMV path for m <= 8) at `bits`."""
+  words = -(-shape.k // 32)
+  nbytes = (bits * shape.n * words * 4 + shape.n * (2 << bits) + m * shape.k * 2
+            + m * shape.n * 4)
+  r = _num_buffers(nbytes)
+  cfg = kernels.gemv_config(bits, shape.n, shape.k, m, tiles=tiles, lookup=lookup)
+
+  def fn(xs, ws):
+    return [gemv.gemv(x, w.planes, w.luts[bits], bits=bits, cfg=cfg)
+            for x, w in zip(xs, ws)]
+
+  def make_args():
+    key = jax.random.PRNGKey(bits * 100 + m)
+    return (_activations(key, m, shape.k, r, jnp.bfloat16),
+            _weights(key, shape, bits, r))
+
+  def check(args, out):
+    x, w = args[0][0], args[1][0]
+    want = np.asarray(ops.anyprec_matmul_reference(x, w), np.float64)
+    got = np.asarray(out[0], np.float64)
+    if not np.isfinite(got).all():
+      return float("inf")
+    return float(np.abs(got - want).max() / (np.abs(want).max() + 1e-30))
+
+  key = ("gemv", shape.name, bits, m, tiles, lookup and lookup.value)
+  return Case(key, fn, make_args, nbytes, r, check)
+
+
+def fp16_case(shape: Shape, m: int) -> Case:
+  """Case for XLA's fp16 `jnp.dot` on the same shape."""
+  nbytes = shape.n * shape.k * 2 + m * shape.k * 2 + m * shape.n * 2
+  r = _num_buffers(nbytes)
+
+  def fn(xs, ws):
+    return [jnp.dot(x, w.T) for x, w in zip(xs, ws)]
+
+  def make_args():
+    key = jax.random.PRNGKey(7 + m)
+    ws = [jax.random.normal(jax.random.fold_in(key, i), (shape.n, shape.k), jnp.float16)
+          for i in range(r)]
+    return _activations(key, m, shape.k, r, jnp.float16), ws
+
+  return Case(("fp16", shape.name, m), fn, make_args, nbytes, r)
+
+
+def copy_case(nbytes: float = 2**30) -> Case:
+  """Device-to-device copy bandwidth: y = x + 1 over uint32, read + write counted."""
+  n = int(nbytes // 4)
+
+  def fn(xs, _):
+    return [x + jnp.uint32(1) for x in xs]
+
+  def make_args():
+    return [jnp.arange(n, dtype=jnp.uint32) * jnp.uint32(3) for _ in range(2)], None
+
+  return Case(("copy",), fn, make_args, 2 * n * 4, 2)
+
+
+def compile_all(cases: list[Case], threads: int = 8) -> None:
+  """AOT-compiles every case (threads overlap Triton and XLA compilation)."""
+  def build(case):
+    args = jax.eval_shape(case.make_args)
+    case.compiled = jax.jit(case.fn).lower(*args).compile()
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    list(pool.map(build, cases))
+
+
+def time_case(case: Case, samples: int = 25) -> dict:
+  """Checks and times one case; returns µs per op, bytes and the check's error."""
+  args = case.make_args()
+  fn = case.compiled or jax.jit(case.fn)
+  out = jax.block_until_ready(fn(*args))
+  err = case.check(args, out) if case.check else None
+  for _ in range(3):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  per_op = []
+  for _ in range(samples):
+    t0 = time.perf_counter()
+    for _ in range(PIPELINE):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    per_op.append((time.perf_counter() - t0) / (PIPELINE * case.buffers))
+  del args, out
+  us = statistics.median(per_op) * 1e6
+  spread = (np.percentile(per_op, 90) - np.percentile(per_op, 10)) * 1e6
+  return dict(us=us, spread_us=spread, bytes=case.bytes_per_op,
+              tbps=case.bytes_per_op / (us * 1e-6) / 1e12, err=err, buffers=case.buffers)

@@ -1,0 +1,185 @@
+"""Word-wide bit manipulation shared by the kernels (DESIGN.md §3).
+
+Any-Precision LLM (Park et al., ICML 2024, §4) rebuilds b-bit codes from b bitplanes
+with mask-and-shift on whole words rather than bit by bit. Two word-wide transposes:
+
+* `field_words` (b <= 4): for a field width F = 4 and a shift s in [0, 4),
+  C_s = OR_i ((P_i >> s) & R) << j_i (R = bit 0 of every nibble) puts bit j_i of the
+  code of column 4t + s into nibble t. Two integer ops per plane per 8 codes.
+* `transpose8` (b >= 5): the 8x8 bit-matrix transpose by three rounds of delta swaps
+  (Hacker's Delight §7-3) on all four byte lanes at once; ~60 ops per 32 codes. Word
+  B_s then holds in byte t the code of column 8t + s.
+
+Either way codes come out in "kernel order" q = s * (32/F) + t, not in column order.
+Kernels never un-permute the weights: they read activations permuted the same way
+(`permute_columns`), which is free since a dot product does not care about order.
+
+`prmt` is PTX's byte permute (one instruction: four 3-bit table look-ups into an
+8-byte table, or a byte shuffle); on the Pallas interpreter it is emulated in jnp.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from anyprec_jax.pallas import backend
+
+WORD_BITS = 32
+
+
+def field_width(bits: int) -> int:
+  """Bits per code field of the transposed words: 4 for b <= 4, else 8."""
+  if not 1 <= bits <= 8:
+    raise ValueError(f"bits must be in 1..8, got {bits}")
+  return 4 if bits <= 4 else 8
+
+
+@functools.cache
+def kernel_order(bits: int) -> np.ndarray:
+  """int [32]: column within a word of the code at kernel position q."""
+  f = field_width(bits)
+  fields = WORD_BITS // f
+  return np.array([f * (q % fields) + q // fields for q in range(WORD_BITS)], np.int32)
+
+
+def permute_columns(x: jnp.ndarray, bits: int, padded_words: int) -> jnp.ndarray:
+  """Zero-pads and reorders activations to the kernels' column order.
+
+  Args:
+    x: [M, K] activations.
+    bits: precision b (decides the order).
+    padded_words: Wp >= ceil(K / 32); columns K..32*Wp-1 are zero.
+
+  Returns:
+    [M, 32, Wp]: out[m, q, w] = x[m, 32 * w + kernel_order(bits)[q]] (0 past K).
+  """
+  m, k = x.shape
+  xp = jnp.pad(x, ((0, 0), (0, WORD_BITS * padded_words - k)))  # [M, 32 Wp]
+  xp = xp.reshape(m, padded_words, WORD_BITS)  # [M, Wp, 32]
+  xp = xp[:, :, kernel_order(bits)]  # [M, Wp, 32] in kernel order
+  return jnp.transpose(xp, (0, 2, 1))  # [M, 32, Wp]
+
+
+def shift(v, amount: int):
+  """v >> amount for amount >= 0, v << -amount otherwise (static amount)."""
+  if amount > 0:
+    return v >> jnp.uint32(amount)
+  if amount < 0:
+    return v << jnp.uint32(-amount)
+  return v
+
+
+def field_words(planes: list, places: list[int], s: int) -> jax.Array:
+  """C_s for nibble fields: bit `places[i]` of nibble t = bit (4t + s) of planes[i].
+
+  Args:
+    planes: uint32 tiles of one shape.
+    places: bit position (0..3) of each plane inside a nibble.
+    s: column offset 0..3 within each group of 4 columns.
+
+  Returns:
+    uint32 tile: nibble t holds the bits of column 4t + s.
+  """
+  acc = None
+  for plane, j in zip(planes, places):
+    term = shift(plane, s - j) & jnp.uint32(0x11111111 << j)
+    acc = term if acc is None else acc | term
+  return acc
+
+
+def transpose8(planes: list) -> list:
+  """Byte-field codes from up to 8 planes (plane 0 = MSB of the code).
+
+  Args:
+    planes: b <= 8 uint32 tiles of one shape.
+
+  Returns:
+    8 uint32 tiles B_0..B_7: byte t of B_s is the b-bit code of column 8t + s.
+  """
+  b = len(planes)
+  # Word i carries code bit i (LSB first); missing high bits are zero words.
+  rows = [planes[b - 1 - i] if i < b else None for i in range(8)]
+  for k, mask in ((4, 0x0F0F0F0F), (2, 0x33333333), (1, 0x55555555)):
+    for i in range(8):
+      if i & k:
+        continue
+      lo, hi = rows[i], rows[i + k]
+      if lo is None and hi is None:
+        continue
+      lo_s = None if lo is None else lo >> jnp.uint32(k)
+      if lo_s is None:
+        t = hi & jnp.uint32(mask)
+      elif hi is None:
+        t = lo_s & jnp.uint32(mask)
+      else:
+        t = (lo_s ^ hi) & jnp.uint32(mask)
+      rows[i + k] = t if hi is None else hi ^ t
+      t_up = t << jnp.uint32(k)
+      rows[i] = t_up if lo is None else lo ^ t_up
+  return rows
+
+
+def _prmt_emulated(a, b, c):
+  """PTX prmt.b32 (default mode) in jnp: bytes of {b, a} picked by nibbles of c."""
+  if isinstance(c, int):  # static selector: plain byte moves
+    a, b = jnp.asarray(a, jnp.uint32), jnp.asarray(b, jnp.uint32)
+    out = None
+    for i in range(4):
+      nib = (c >> (4 * i)) & 0xF
+      src = a if (nib & 7) < 4 else b
+      byte = (src >> jnp.uint32(8 * (nib & 3))) & jnp.uint32(0xFF)
+      if nib & 8:
+        byte = jnp.where(byte >= 0x80, jnp.uint32(0xFF), jnp.uint32(0))
+      byte = byte << jnp.uint32(8 * i)
+      out = byte if out is None else out | byte
+    return out
+  a, b, c = (jnp.asarray(v).astype(jnp.uint32) for v in (a, b, c))
+  out = jnp.zeros(jnp.broadcast_shapes(a.shape, b.shape, c.shape), jnp.uint32)
+  for i in range(4):
+    nib = (c >> jnp.uint32(4 * i)) & jnp.uint32(0xF)
+    sel = nib & jnp.uint32(7)
+    src = jnp.where(sel < 4, a, b)
+    byte = (src >> ((sel & jnp.uint32(3)) * jnp.uint32(8))) & jnp.uint32(0xFF)
+    sign = jnp.where(byte >= 0x80, jnp.uint32(0xFF), jnp.uint32(0))
+    byte = jnp.where(nib >= 8, sign, byte)
+    out = out | (byte << jnp.uint32(8 * i))
+  return out
+
+
+def prmt(a, b, c, interpret: bool):
+  """Byte permute: byte i of the result = byte (c's nibble i & 7) of the pair {b:a}.
+
+  A nibble with bit 3 set replicates the sign bit of the chosen byte instead.
+
+  Args:
+    a, b: uint32 tiles (bytes 0-3 and 4-7 of the table); broadcastable.
+    c: uint32 selector tile (its low 16 bits are read) or a static int.
+    interpret: emulate in jnp instead of emitting the PTX instruction.
+
+  Returns:
+    uint32 tile of the broadcast shape.
+  """
+  if interpret:
+    return _prmt_emulated(a, b, c)
+  shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b), jnp.shape(c))
+  args = [jnp.broadcast_to(jnp.asarray(v).astype(jnp.uint32), shape) for v in (a, b, c)]
+  return backend.inline_asm_u32("prmt.b32 $0, $1, $2, $3;", args)
+
+
+def halves_to_f32(pair, dtype, interpret: bool) -> tuple[jax.Array, jax.Array]:
+  """uint32 tile of two 16-bit floats (low, high) -> two float32 tiles.
+
+  On GPU fp16 pairs convert in inline PTX straight from the register halves (left to
+  the compiler, each pair is first repacked with an extra `prmt`).
+  """
+  if dtype == jnp.float16 and not interpret:
+    asm = "{ .reg .b16 l, h; mov.b32 {l, h}, $1; cvt.f32.f16 $0, %s; }"
+    return (backend.inline_asm_f32(asm % "l", pair),
+            backend.inline_asm_f32(asm % "h", pair))
+  lo = jax.lax.bitcast_convert_type(pair.astype(jnp.uint16), dtype)
+  hi = jax.lax.bitcast_convert_type((pair >> jnp.uint32(16)).astype(jnp.uint16), dtype)
+  return lo.astype(jnp.float32), hi.astype(jnp.float32)

@@ -1,0 +1,93 @@
+"""What `ops.py` calls: y = x @ W_b^T for any M through the Pallas kernels.
+
+M <= 8: the bitplane GEMV (`gemv.py`). M > 8 (prefill): the dequantisation kernel
+(`dequant.py`) writes W_b in kernel column order in the activations' dtype and XLA's
+dot multiplies it with equally permuted activations (fp32 accumulation).
+
+Tilings per bit width live in `gemv_config` / `dequant_config`, tuned on an H100
+(benchmarks/notes_kernels.md).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from anyprec_jax.pallas import backend, bitops, decode, dequant, gemv
+from anyprec_jax.weight import AnyPrecWeight
+
+# Enough programs to cover 132 SMs about twice; split K when rows alone do not.
+TARGET_PROGRAMS = 264
+
+# (block_n, block_w, num_warps) per bit width for the GEMV at M = 1.
+# Sweep on an H100 (benchmarks/results/kernels.md), fastest at 4096 x 4096, M = 1.
+_GEMV_TILES = {
+    1: (64, 32, 8), 2: (64, 32, 8), 3: (64, 32, 8), 4: (32, 64, 8),
+    5: (16, 32, 4), 6: (16, 32, 4), 7: (16, 32, 4), 8: (32, 64, 8),
+}
+
+
+def _pow2_floor(v: int) -> int:
+  return 1 << (max(v, 1).bit_length() - 1)
+
+
+def gemv_config(bits: int, n: int, k: int, m: int,
+                tiles: tuple[int, int, int] | None = None,
+                lookup: decode.Lookup | None = None) -> gemv.GemvConfig:
+  """The GEMV tiling for an [M, K] x [N, K]^T product at precision `bits`.
+
+  Args:
+    bits, n, k, m: precision and problem size.
+    tiles: (block_n, block_w, num_warps) at M = 1 instead of the tuned table.
+    lookup: value look-up path instead of `decode.default_lookup(bits)`.
+  """
+  # Same tiles for every M <= 8: more rows per thread let one x load serve more
+  # weights (halving BN for M = 8 doubled the x loads and was 2x slower, run 1).
+  bn, bw, warps = tiles or _GEMV_TILES[bits]
+  words = -(-k // bitops.WORD_BITS)
+  bw = min(bw, _pow2_floor(words))
+  programs = -(-n // bn)
+  splits = 1
+  while programs * splits < TARGET_PROGRAMS and 2 * splits * bw <= words:
+    splits *= 2
+  return gemv.GemvConfig(block_n=bn, block_w=bw, k_splits=splits,
+                         lookup=lookup or decode.default_lookup(bits),
+                         launch=backend.LaunchParams(num_warps=warps))
+
+
+def dequant_config(bits: int, n: int, k: int) -> dequant.DequantConfig:
+  """The dequantisation tiling at precision `bits`."""
+  words = -(-k // bitops.WORD_BITS)
+  return dequant.DequantConfig(block_n=32, block_w=min(32, _pow2_floor(words)),
+                               lookup=decode.default_lookup(bits),
+                               launch=backend.LaunchParams(num_warps=4))
+
+
+def anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, interpret: bool = False) -> jax.Array:
+  """y = x2 @ W_b^T with b = w.bits, through the Pallas kernels.
+
+  Args:
+    x2: [M, K] activations (bf16/fp16/fp32).
+    w: the weight; only planes 0..b-1 and the b-bit LUT are read.
+    interpret: run the kernels in the Pallas interpreter (CPU).
+
+  Returns:
+    [M, N] float32.
+  """
+  bits = w.bits
+  planes, lut = w.planes, w.luts[bits]
+  m, k = x2.shape
+  n = w.out_features
+  if k != w.in_features:
+    raise ValueError(f"x has {k} features, weight expects {w.in_features}")
+  if m <= gemv.MAX_ROWS:
+    return gemv.gemv(x2, planes, lut, bits=bits, cfg=gemv_config(bits, n, k, m),
+                     interpret=interpret)
+  dtype = x2.dtype if x2.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+  cfg = dequant_config(bits, n, k)
+  wd = dequant.dequantize_permuted(planes, lut, bits=bits, dtype=dtype, cfg=cfg,
+                                   interpret=interpret)  # [N, 32 Wp]
+  wp = wd.shape[1] // bitops.WORD_BITS
+  xp = bitops.permute_columns(x2.astype(dtype), bits, wp).reshape(m, -1)  # [M, 32 Wp]
+  precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+  return jnp.dot(xp, wd.T, precision=precision, preferred_element_type=jnp.float32)
