@@ -4,3 +4,4 @@ from anyprec_jax.weight import AnyPrecWeight, dequantize, from_codes, set_precis
 from anyprec_jax.ops import Backend, linear, use_backend
 
 __version__ = "0.1.0"
+from anyprec_jax.runtime import AnyPrecisionForCausalLM

@@ -1,0 +1,218 @@
+"""Reading side of the any-precision checkpoint format (docs/ARCHITECTURE.md).
+
+A quantized directory holds, for each quantized module M, `M.planes` uint32
+[P, N, ceil(K/32)] (P = parent bits, plane 0 = MSB; Park et al., 2024, §3.2) and
+`M.lut{b}` [N, 2**b] for b in seed..parent; every other tensor is unchanged under its
+Hugging Face name. Loading a subset of precisions reads only `M.planes[:max(bits)]`
+and the LUTs of those precisions, through `safetensors.safe_open(...).get_slice`, so
+the unneeded planes and tables never leave the file.
+
+Unquantized tensors are validated and placed by the foundation's per-architecture
+tables (`models.hf_loader.plan_load`): each quantized module stands in the plan as its
+`M.weight` of shape [N, K].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import pathlib
+import re
+from typing import Iterable
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from anyprec_jax import format as fmt
+from anyprec_jax.weight import AnyPrecWeight
+from models import hf_loader, registry
+from models.config import ModelConfig
+
+FORMAT_VERSION = 1
+_LUT = re.compile(r"^(.*)\.lut(\d+)$")
+_PLANES = re.compile(r"^(.*)\.planes$")
+
+
+class QuantizedCheckpointError(ValueError):
+  """A directory that is not a readable any-precision checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AnyPrecMeta:
+  """The `anyprec` section of config.json.
+
+  Attributes:
+    seed_bits, parent_bits: the precision range; every b in between is valid.
+    lut_dtype: storage dtype of the LUTs ("float16", "bfloat16", "float32").
+    modules: {hf_module_name: (in_features K, out_features N)}.
+    calibration: provenance of the Fisher statistics (free-form).
+  """
+  seed_bits: int
+  parent_bits: int
+  lut_dtype: str
+  modules: dict[str, tuple[int, int]]
+  calibration: dict
+
+  @property
+  def precisions(self) -> tuple[int, ...]:
+    return tuple(range(self.seed_bits, self.parent_bits + 1))
+
+
+def parse_meta(config: dict, model_dir=None) -> AnyPrecMeta:
+  """Parses and checks the `anyprec` section of an HF config dict.
+
+  Raises:
+    QuantizedCheckpointError: no section, another method (a baseline directory) or an
+      unknown format version.
+  """
+  sec = config.get("anyprec")
+  where = f" in {model_dir}" if model_dir else ""
+  if not sec:
+    raise QuantizedCheckpointError(
+        f"no 'anyprec' section in config.json{where}: not a quantized checkpoint "
+        "(load plain models with models.load_pretrained)")
+  if sec.get("method", "anyprec") != "anyprec":
+    raise QuantizedCheckpointError(
+        f"config.json{where} is a {sec['method']!r} baseline (dense fake-quantized "
+        "weights): load it with models.load_pretrained")
+  if sec.get("format_version") != FORMAT_VERSION:
+    raise QuantizedCheckpointError(
+        f"format_version {sec.get('format_version')!r}{where}; this reader knows "
+        f"{FORMAT_VERSION}")
+  modules = {name: (int(m["in_features"]), int(m["out_features"]))
+             for name, m in sec["quantized_modules"].items()}
+  return AnyPrecMeta(seed_bits=int(sec["seed_bits"]), parent_bits=int(sec["parent_bits"]),
+                     lut_dtype=str(sec.get("lut_dtype", "float16")), modules=modules,
+                     calibration=dict(sec.get("calibration") or {}))
+
+
+def check_precisions(meta: AnyPrecMeta, precisions: Iterable[int] | None) -> tuple[int, ...]:
+  """Sorted requested precisions (all when None); error listing the supported ones."""
+  if precisions is None:
+    return meta.precisions
+  if isinstance(precisions, (int, np.integer)):
+    precisions = [precisions]
+  want = tuple(sorted({int(b) for b in precisions}))
+  bad = [b for b in want if b not in meta.precisions]
+  if not want or bad:
+    raise ValueError(f"precision(s) {bad or '[]'} not supported by this checkpoint; "
+                     f"supported: {list(meta.precisions)}")
+  return want
+
+
+def scan_tensors(files: list[pathlib.Path]) -> dict[str, tuple[pathlib.Path, tuple]]:
+  """{tensor name: (file, shape)} from the safetensors headers (no data read)."""
+  out = {}
+  for file in files:
+    with safe_open(str(file), framework="numpy") as f:
+      for name in f.keys():
+        if name in out:
+          raise QuantizedCheckpointError(f"tensor {name!r} in {out[name][0]} and {file}")
+        out[name] = (file, tuple(f.get_slice(name).get_shape()))
+  return out
+
+
+def _check_quantized(meta: AnyPrecMeta, tensors: dict) -> None:
+  for name, (k, n) in meta.modules.items():
+    want = {f"{name}.planes": (meta.parent_bits, n, fmt.num_words(k))}
+    want.update({f"{name}.lut{b}": (n, 1 << b) for b in meta.precisions})
+    for key, shape in want.items():
+      if key not in tensors:
+        raise QuantizedCheckpointError(f"missing tensor {key!r}")
+      if tensors[key][1] != shape:
+        raise QuantizedCheckpointError(
+            f"tensor {key!r} has shape {tensors[key][1]}, expected {shape}")
+    if f"{name}.weight" in tensors:
+      raise QuantizedCheckpointError(f"quantized module {name} also has a dense weight")
+  for key in tensors:
+    m = _PLANES.match(key) or _LUT.match(key)
+    if m and m.group(1) not in meta.modules:
+      raise QuantizedCheckpointError(f"tensor {key!r} of a module not listed in "
+                                     "anyprec.quantized_modules")
+    lut = _LUT.match(key)
+    if lut and int(lut.group(2)) not in meta.precisions:
+      raise QuantizedCheckpointError(f"tensor {key!r} outside seed..parent bits")
+
+
+def _insert(tree: dict, path: str, value) -> None:
+  *parents, leaf = path.split("/")
+  for p in parents:
+    tree = tree.setdefault(p, {})
+  tree[leaf] = value
+
+
+def read_weight(get_slice, name: str, in_features: int,
+                precisions: tuple[int, ...]) -> AnyPrecWeight:
+  """Reads one quantized module.
+
+  Only `name.planes[:max(precisions)]` and `name.lut{b}` for b in `precisions` are read
+  (slices of the memory-mapped file).
+
+  Args:
+    get_slice: tensor name -> safetensors slice (`safe_open(...).get_slice`).
+    name: HF module name.
+    in_features: K.
+    precisions: sorted precisions to load.
+
+  Returns:
+    `AnyPrecWeight` active at max(precisions), planes [max(precisions), N, W].
+  """
+  top = max(precisions)
+  planes = get_slice(f"{name}.planes")[:top]  # [b_max, N, W]
+  luts = {b: jnp.asarray(get_slice(f"{name}.lut{b}")[:]) for b in precisions}
+  return AnyPrecWeight(planes=jnp.asarray(np.ascontiguousarray(planes, np.uint32)),
+                       luts=luts, in_features=in_features, bits=top)
+
+
+def load_quantized_params(model_dir: pathlib.Path, cfg: ModelConfig, meta: AnyPrecMeta,
+                          precisions: tuple[int, ...], dtype=jnp.float32) -> dict:
+  """Params tree with `AnyPrecWeight` leaves for the quantized modules.
+
+  Args:
+    model_dir: the checkpoint directory.
+    cfg: model config.
+    meta: its `anyprec` section.
+    precisions: precisions to load (validated).
+    dtype: floating dtype of the unquantized tensors (LUTs keep their stored dtype).
+
+  Returns:
+    Nested dict params tree, as `models.load_pretrained` builds it.
+
+  Raises:
+    QuantizedCheckpointError / models.CheckpointError on any inconsistency.
+  """
+  tensors = scan_tensors(hf_loader.safetensors_files(model_dir))
+  _check_quantized(meta, tensors)
+  quantized = {f"{name}.weight": (tensors[f"{name}.planes"][0], (n, k))
+               for name, (k, n) in meta.modules.items()}
+  dense = {key: v for key, v in tensors.items()
+           if not (_PLANES.match(key) or _LUT.match(key))}
+  plan = hf_loader.plan_load(registry.SPECS[cfg.arch], cfg, {**dense, **quantized})
+  params: dict = {}
+  with contextlib.ExitStack() as stack:
+    handles = {file: stack.enter_context(safe_open(str(file), framework="numpy"))
+               for file in sorted({file for file, _ in tensors.values()})}
+
+    def get_slice(key: str):
+      return handles[tensors[key][0]].get_slice(key)
+
+    for path, (name, file) in plan.items():
+      if name in quantized:
+        module = name[:-len(".weight")]
+        value = read_weight(get_slice, module, meta.modules[module][0], precisions)
+      else:
+        value = jnp.asarray(handles[file].get_tensor(name))
+        if jnp.issubdtype(value.dtype, jnp.floating):
+          value = value.astype(dtype)
+      _insert(params, path, value)
+  return params
+
+
+def read_config(model_dir: pathlib.Path) -> dict:
+  """The parsed config.json of a directory."""
+  path = pathlib.Path(model_dir) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found")
+  return json.loads(path.read_text())

@@ -1,0 +1,145 @@
+"""Perplexity of the original model, every any-precision width and the baselines.
+
+The logic behind `scripts/evaluate.py`: enumerate the models to evaluate (lazily, one
+in memory at a time), run `evaluation.perplexity` on each corpus, and format one table
+(rows: model / method / bits; columns: corpora) plus a JSON-able record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import re
+from typing import Callable, Iterator, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+import models
+from anyprec_jax import evaluation
+from anyprec_jax.runtime import AnyPrecisionForCausalLM
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+  """One row of the table: a model at one width.
+
+  Attributes:
+    label: model name (directory name or hub id).
+    method: "original", "anyprec", "independent" or "rtn".
+    bits: weight bits (the original: its dtype's width).
+    tokenizer_dir: directory with the tokenizer files.
+    nll_fn: input_ids [B, T] -> [B] mean NLL.
+  """
+  label: str
+  method: str
+  bits: int
+  tokenizer_dir: pathlib.Path
+  nll_fn: Callable
+
+
+def original_entries(path: str, dtype=jnp.float32) -> Iterator[ModelEntry]:
+  """The unquantized model (bits: the width of `dtype`, its weights' dtype here)."""
+  model_dir = models.resolve_model_dir(models.resolve_alias(path))
+  cfg, params = models.load_pretrained(model_dir, dtype)
+  yield ModelEntry(model_dir.name, "original", jnp.dtype(dtype).itemsize * 8, model_dir,
+                   evaluation.dense_nll_fn(cfg, params))
+
+
+def anyprec_entries(path: str, precisions=None, dtype=jnp.float32) -> Iterator[ModelEntry]:
+  """Every precision of one any-precision checkpoint (loaded once)."""
+  model = AnyPrecisionForCausalLM.from_quantized(path, precisions, dtype)
+  for b in model.supported_precisions:
+    yield ModelEntry(model.model_dir.name, "anyprec", b, model.model_dir, model.nll_fn(b))
+
+
+def _baseline_dirs(path: pathlib.Path) -> list[pathlib.Path]:
+  """`path` itself when it is one baseline model, else its `w{b}` subdirectories."""
+  if (path / "config.json").is_file():
+    return [path]
+  found = [d for d in path.iterdir() if re.fullmatch(r"w\d+", d.name) and d.is_dir()]
+  if not found:
+    raise FileNotFoundError(f"no config.json and no w{{b}}/ directories in {path}")
+  return sorted(found, key=lambda d: int(d.name[1:]))
+
+
+def baseline_entries(path: str, dtype=jnp.float32) -> Iterator[ModelEntry]:
+  """Fake-quantized baselines (`--method=independent|rtn` output), one per width."""
+  for d in _baseline_dirs(pathlib.Path(path)):
+    meta = json.loads((d / "config.json").read_text()).get("anyprec") or {}
+    cfg, params = models.load_pretrained(d, dtype)
+    bits = int(meta.get("bits", d.name[1:] if d.name[1:].isdigit() else 0))
+    yield ModelEntry(d.parent.name if d.name.startswith("w") else d.name,
+                     str(meta.get("method", "baseline")), bits, d,
+                     evaluation.dense_nll_fn(cfg, params))
+    del params
+
+
+def _tokenizer_key(model_dir: pathlib.Path) -> str:
+  path = pathlib.Path(model_dir) / "tokenizer.json"
+  if path.is_file():
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+  return str(model_dir)
+
+
+class TokenCache:
+  """Tokenized corpora, shared by models with the same tokenizer."""
+
+  def __init__(self, data_dir=None):
+    self.data_dir = data_dir
+    self._ids: dict[tuple[str, str], tuple[np.ndarray, str]] = {}
+
+  def get(self, model_dir: pathlib.Path, name: str) -> tuple[np.ndarray, str]:
+    """(token ids [L], source description) of corpus `name` for this model's tokenizer."""
+    key = (_tokenizer_key(model_dir), name)
+    if key not in self._ids:
+      text = evaluation.load_eval_text(name, self.data_dir)
+      tok = evaluation.load_tokenizer(model_dir)
+      self._ids[key] = (evaluation.tokenize(tok, text.text), text.source)
+    return self._ids[key]
+
+
+def evaluate_entries(entries: Iterator[ModelEntry], datasets: Sequence[str], *,
+                     data_dir=None, seq_len: int = 2048, max_chunks: int | None = None,
+                     batch_size: int = 1, progress: bool = True) -> list[dict]:
+  """Perplexity of every entry on every corpus.
+
+  Args:
+    entries: models to evaluate (consumed lazily).
+    datasets: corpus names or file paths.
+    data_dir, seq_len, max_chunks, batch_size, progress: see `evaluation.perplexity`.
+
+  Returns:
+    [{"model", "method", "bits", "results": {dataset: {ppl, mean_nll, ...}}}].
+  """
+  cache = TokenCache(data_dir)
+  rows = []
+  for e in entries:
+    results = {}
+    for name in datasets:
+      ids, source = cache.get(e.tokenizer_dir, name)
+      res = evaluation.perplexity(e.nll_fn, ids, seq_len=seq_len, max_chunks=max_chunks,
+                                  batch_size=batch_size, progress=progress,
+                                  desc=f"{e.method} {e.bits}b {name}")
+      results[name] = {**res.to_dict(), "source": source}
+    rows.append({"model": e.label, "method": e.method, "bits": e.bits,
+                 "results": results})
+    if progress:
+      print(format_table(rows[-1:], datasets, header=not rows[:-1]), flush=True)
+  return rows
+
+
+def format_table(rows: list[dict], datasets: Sequence[str], header: bool = True) -> str:
+  """Markdown table: one row per model/method/bits, one ppl column per corpus."""
+  lines = []
+  if header:
+    lines += ["| model | method | bits | " + " | ".join(datasets) + " |",
+              "|---|---|---:|" + "---:|" * len(datasets)]
+  for r in rows:
+    cells = [f"{r['results'][d]['ppl']:.3f}" if d in r["results"] else "-"
+             for d in datasets]
+    lines.append(f"| {r['model']} | {r['method']} | {r['bits']} | " + " | ".join(cells)
+                 + " |")
+  return "\n".join(lines)

@@ -1,0 +1,294 @@
+"""Generation latency: timing helpers, random-weight models, plots.
+
+Used by `scripts/demo.py` (real checkpoints) and `scripts/bench_e2e.py` (a
+Llama-2-7B-shaped model with random weights built on device; Park et al., 2024, §5.3
+measure end-to-end decode throughput the same way: batch 1, tokens/s).
+
+Timing protocol: one warm-up call compiles prefill and the decode loop (excluded), then
+`repeats` timed calls; the median is reported. Decode time covers the on-device loop
+that produces tokens 2..N (the first new token comes from the prefill logits), so
+decode ms/token = decode_s / (N - 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import statistics
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import models
+from anyprec_jax import format as fmt
+from anyprec_jax.weight import AnyPrecWeight, set_precision
+
+
+@dataclasses.dataclass(frozen=True)
+class Latency:
+  """Median timings of a generation call (compile excluded)."""
+  prefill_ms: float
+  decode_ms_per_token: float
+  new_tokens: int
+
+  @property
+  def tokens_per_s(self) -> float:
+    return 1e3 / self.decode_ms_per_token
+
+
+def time_generation(run: Callable[[], tuple], repeats: int = 3) -> Latency:
+  """Times `run() -> (GenerationResult, models.Timing)` after one warm-up call.
+
+  Args:
+    run: one generation (batch 1) that must not stop early (pass eos_token_id=()).
+    repeats: timed calls; medians are reported.
+
+  Returns:
+    `Latency`.
+  """
+  run()  # Compile prefill + decode loop.
+  prefill, decode, n = [], [], None
+  for _ in range(repeats):
+    result, timing = run()
+    n = int(np.asarray(result.lengths).max())
+    prefill.append(timing.prefill_s)
+    decode.append(timing.decode_s / max(n - 1, 1))
+  return Latency(prefill_ms=1e3 * statistics.median(prefill),
+                 decode_ms_per_token=1e3 * statistics.median(decode), new_tokens=n)
+
+
+class Shape(enum.Enum):
+  """Model shapes for the end-to-end benchmark."""
+  LLAMA2_7B = "llama-2-7b"
+  TINY = "tiny"
+
+
+_SHAPES = {
+    Shape.LLAMA2_7B: dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                          num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=32, max_position_embeddings=4096),
+    Shape.TINY: dict(vocab_size=512, hidden_size=128, intermediate_size=352,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                     max_position_embeddings=1024),
+}
+
+
+def shape_config(shape: Shape, layers: int | None = None) -> models.ModelConfig:
+  """A Llama `ModelConfig` of the given shape (optionally with fewer layers)."""
+  d = dict(_SHAPES[shape], model_type="llama", rms_norm_eps=1e-5, eos_token_id=2,
+           bos_token_id=1, tie_word_embeddings=False)
+  if layers is not None:
+    d["num_hidden_layers"] = layers
+  return models.config_from_hf(d)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
+def _normal(key, shape, scale, dtype):
+  return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def random_dense_params(cfg: models.ModelConfig, dtype=jnp.bfloat16, seed: int = 0):
+  """Random params on device (normal, std 1/sqrt(fan-in); norms 1)."""
+  abstract = models.decoder.abstract_params(cfg, dtype)
+  leaves, treedef = jax.tree_util.tree_flatten(abstract)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  out = []
+  for key, leaf in zip(keys, leaves):
+    if leaf.ndim == 1:
+      out.append(jnp.ones(leaf.shape, dtype))
+    else:
+      out.append(_normal(key, leaf.shape, float(leaf.shape[-1]) ** -0.5, dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "k", "planes", "precisions"))
+def _random_anyprec(key, *, n, k, planes, precisions):
+  kp, kl = jax.random.split(key)
+  words = fmt.num_words(k)
+  bits = jax.random.bits(kp, (planes, n, words), jnp.uint32)  # [P, N, W]
+  if k % fmt.WORD_BITS:  # Padding columns hold code 0.
+    valid = (jnp.uint32(1) << (k % fmt.WORD_BITS)) - jnp.uint32(1)
+    bits = bits.at[:, :, -1].set(bits[:, :, -1] & valid)
+  luts = {}
+  for b, key_b in zip(precisions, jax.random.split(kl, len(precisions))):
+    lut = jax.random.normal(key_b, (n, 1 << b), jnp.float32) * k ** -0.5
+    luts[b] = jnp.sort(lut, axis=1).astype(jnp.float16)  # [N, 2^b]
+  return bits, luts
+
+
+def random_anyprec_params(cfg: models.ModelConfig, dense_params,
+                          precisions: Sequence[int], seed: int = 1):
+  """`dense_params` with every decoder linear replaced by a random `AnyPrecWeight`.
+
+  Random parent codes and LUTs (fine for speed); only max(precisions) planes are
+  allocated. Unquantized leaves are shared with `dense_params`.
+  """
+  precisions = tuple(sorted(precisions))
+  names = models.linear_names(cfg)  # Decoder linears, in layer order.
+  keys = jax.random.split(jax.random.key(seed), len(names))
+  new = {}
+  for key, name in zip(keys, names):
+    n, k = models.get_param(dense_params, name).shape
+    planes, luts = _random_anyprec(key, n=n, k=k, planes=max(precisions),
+                                   precisions=precisions)
+    new[name] = AnyPrecWeight(planes=planes, luts=luts, in_features=k,
+                              bits=max(precisions))
+  return models.replace_params(dense_params, new)
+
+
+def require_matplotlib():
+  """matplotlib.pyplot (Agg backend); ImportError with the fix when missing."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError as e:
+    raise ImportError("--plot needs matplotlib (optional): pip install matplotlib") from e
+  return plt
+
+
+def plot_latency_and_ppl(latency_rows: Sequence[dict], eval_record: dict | None,
+                         out_png: str, dataset: str | None = None) -> None:
+  """PNG of decode ms/token (and perplexity, from an evaluate JSON) against bits.
+
+  Args:
+    latency_rows: [{"model", "bits", "decode_ms_per_token"}]; bits >= 16: unquantized.
+    eval_record: the `--output_json` of scripts/evaluate.py, or None.
+    out_png: output path.
+    dataset: corpus to plot (default: the first one in the record).
+
+  Raises:
+    ImportError: matplotlib is not installed (it is optional).
+  """
+  plt = require_matplotlib()
+  n_axes = 2 if eval_record else 1
+  fig, axes = plt.subplots(1, n_axes, figsize=(5 * n_axes, 4), squeeze=False)
+  quant = sorted((r["bits"], r["decode_ms_per_token"]) for r in latency_rows
+                 if r["bits"] < 16)
+  ax = axes[0, 0]
+  if quant:
+    ax.plot(*zip(*quant), "o-", label="any-precision")
+  for r in latency_rows:
+    if r["bits"] >= 16:
+      ax.axhline(r["decode_ms_per_token"], ls="--", color="gray",
+                 label=f"{r['model']} ({r['bits']}-bit)")
+  ax.set(xlabel="bits", ylabel="decode ms / token", title="latency")
+  ax.legend()
+  if eval_record:
+    rows = eval_record["rows"]
+    dataset = dataset or next(iter(rows[0]["results"]))
+    ax = axes[0, 1]
+    for method in sorted({r["method"] for r in rows if r["bits"] < 16}):
+      pts = sorted((r["bits"], r["results"][dataset]["ppl"]) for r in rows
+                   if r["method"] == method and dataset in r["results"])
+      ax.plot(*zip(*pts), "o-", label=method)
+    for r in rows:
+      if r["method"] == "original":
+        ax.axhline(r["results"][dataset]["ppl"], ls="--", color="gray", label="original")
+    ax.set(xlabel="bits", ylabel=f"perplexity ({dataset})", title="quality", yscale="log")
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=120)
+  plt.close(fig)
+
+
+def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len: int,
+              new_tokens: int, dtype=jnp.bfloat16, repeats: int = 3,
+              log: Callable[[str], None] = print) -> list[dict]:
+  """End-to-end batch-1 generation speed: dense baseline, then each precision.
+
+  Args:
+    cfg: model config (random weights are built on device).
+    precisions: any-precision widths to time (one random parent holds them all).
+    prompt_len, new_tokens: prompt length and tokens generated (never stopping early).
+    dtype: activation / dense weight dtype of every model.
+    repeats: timed runs per model (median).
+    log: progress printer.
+
+  Returns:
+    [{"model", "bits", "prefill_ms", "decode_ms_per_token", "tokens_per_s", "speedup"}],
+    the dense baseline first (bits = its dtype's width); speedup = decode tokens/s
+    over the baseline's.
+  """
+  precisions = sorted(precisions)
+  dense = random_dense_params(cfg, dtype)
+  quant = random_anyprec_params(cfg, dense, precisions)
+  ids = np.asarray(jax.random.randint(jax.random.key(2), (1, prompt_len), 3,
+                                      cfg.vocab_size), np.int32)
+
+  def run(params):
+    return models.timed_generate(cfg, params, ids, max_new_tokens=new_tokens,
+                                 eos_token_id=())
+
+  name = jnp.dtype(dtype).name
+  rows = []
+  runs = [(name, jnp.dtype(dtype).itemsize * 8)] + [("anyprec", b) for b in precisions]
+  for label, bits in runs:
+    params = dense if label == name else set_precision(quant, bits)
+    lat = time_generation(functools.partial(run, params), repeats)
+    rows.append({"model": label, "bits": bits, "prefill_ms": lat.prefill_ms,
+                 "decode_ms_per_token": lat.decode_ms_per_token,
+                 "tokens_per_s": lat.tokens_per_s, "new_tokens": lat.new_tokens})
+    log(f"{label} {bits}b: prefill {lat.prefill_ms:.1f} ms, decode "
+        f"{lat.decode_ms_per_token:.3f} ms/token ({lat.tokens_per_s:.1f} tokens/s)")
+  base = rows[0]["tokens_per_s"]
+  for r in rows:
+    r["speedup"] = r["tokens_per_s"] / base
+  return rows
+
+
+def latency_table(rows: Sequence[dict]) -> str:
+  """Markdown table of `bench_e2e` / demo rows."""
+  lines = ["| model | bits | prefill ms | decode ms/token | tokens/s | speed-up |",
+           "|---|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
+    lines.append(f"| {r['model']} | {r['bits']} | {r['prefill_ms']:.1f} | "
+                 f"{r['decode_ms_per_token']:.3f} | {r['tokens_per_s']:.1f} | {speed} |")
+  return "\n".join(lines)
+
+
+def demo_rows(prompt_ids: np.ndarray, *, new_tokens: int, original=None, anyprec=None,
+              precisions: Sequence[int] | None = None, repeats: int = 3,
+              log: Callable[[str], None] = print) -> list[dict]:
+  """Times generation of the original model and each precision of an any-precision one.
+
+  Args:
+    prompt_ids: [1, T] prompt.
+    new_tokens: tokens to generate (EOS ignored, so every run makes the same number).
+    original: (cfg, params) of the unquantized model, or None.
+    anyprec: an `AnyPrecisionForCausalLM`, or None.
+    precisions: its precisions to run (default all loaded).
+    repeats, log: see `bench_e2e`.
+
+  Returns:
+    [{"model", "bits", "prefill_ms", "decode_ms_per_token", "tokens_per_s", "tokens"}]
+    with the generated ids [new_tokens] of the last run.
+  """
+  runs = []
+  if original is not None:
+    cfg, params = original
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    runs.append(("original", jnp.dtype(dtype).itemsize * 8, cfg, params))
+  if anyprec is not None:
+    for b in precisions or anyprec.supported_precisions:
+      runs.append(("anyprec", b, anyprec.cfg, anyprec.params_at(b)))
+  rows = []
+  for label, bits, cfg, params in runs:
+    last = {}
+
+    def run(cfg=cfg, params=params, last=last):
+      out = models.timed_generate(cfg, params, prompt_ids, max_new_tokens=new_tokens,
+                                  eos_token_id=())
+      last["tokens"] = np.asarray(out[0].tokens[0])
+      return out
+
+    lat = time_generation(run, repeats)
+    rows.append({"model": label, "bits": bits, "prefill_ms": lat.prefill_ms,
+                 "decode_ms_per_token": lat.decode_ms_per_token,
+                 "tokens_per_s": lat.tokens_per_s, "tokens": last["tokens"].tolist()})
+    log(f"{label} {bits}b: {lat.decode_ms_per_token:.2f} ms/token")
+  return rows

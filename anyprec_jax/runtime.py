@@ -1,0 +1,187 @@
+"""The any-precision model a user runs (Park et al., ICML 2024, arXiv 2402.10517).
+
+One checkpoint holds an 8-bit parent as bitplanes; the top b planes plus the b-bit LUT
+give the b-bit model for every b in seed..parent. `AnyPrecisionForCausalLM` loads the
+precisions asked for (reading only the planes and LUTs they need), and runs the
+shared decoder of `models/` with `AnyPrecWeight` linears, which reach the kernels
+through `anyprec_jax.ops.linear` (GEMV for decode, dequantise + matmul for prefill).
+
+Precision is static pytree metadata (`AnyPrecWeight.bits`): the params tree at
+precision b has its own treedef, so each jitted function (forward, prefill, the decode
+loop, perplexity) compiles one program per precision on first use and caches it;
+switching precision costs nothing after that.
+
+    model = AnyPrecisionForCausalLM.from_quantized("out/smollm2-anyprec", precisions=[3, 4])
+    logits = model.forward(ids, precision=3)          # [B, T, V]
+    tokens = model.generate(ids, precision=4, max_new_tokens=32).tokens
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+
+import models
+from anyprec_jax import checkpoint_reader as reader
+from anyprec_jax import evaluation
+from anyprec_jax.weight import AnyPrecWeight, set_precision
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _forward(cfg: models.ModelConfig, params, input_ids, attention_mask):
+  return models.forward(cfg, params, input_ids, attention_mask)
+
+
+class AnyPrecisionForCausalLM:
+  """A causal LM whose quantized linears can run at any loaded precision.
+
+  Attributes:
+    cfg: the model config (`models.ModelConfig`).
+    supported_precisions: sorted precisions held in memory.
+    precision: the default precision of `forward` / `generate`.
+    model_dir: the checkpoint directory (tokenizer files live there), or None.
+  """
+
+  def __init__(self, cfg: models.ModelConfig, params, *, model_dir=None,
+               precision: int | None = None):
+    """Wraps a params tree holding `AnyPrecWeight`s (all with the same precisions).
+
+    Args:
+      cfg: model config.
+      params: params tree; its `AnyPrecWeight` leaves define the precisions.
+      model_dir: directory with tokenizer files (optional).
+      precision: default precision; None: the highest loaded.
+    """
+    weights = [x for x in jax.tree_util.tree_leaves(
+        params, is_leaf=lambda x: isinstance(x, AnyPrecWeight))
+               if isinstance(x, AnyPrecWeight)]
+    if not weights:
+      raise ValueError("params hold no AnyPrecWeight")
+    sets = {w.precisions for w in weights}
+    if len(sets) != 1:
+      raise ValueError(f"quantized weights disagree on their precisions: {sorted(sets)}")
+    self.cfg = cfg
+    self.model_dir = None if model_dir is None else pathlib.Path(model_dir)
+    self.supported_precisions: tuple[int, ...] = sets.pop()
+    self._base = params
+    self._at: dict[int, object] = {}
+    self._tokenizer = None
+    self.precision = self._check(max(self.supported_precisions)
+                                 if precision is None else precision)
+
+  @classmethod
+  def from_quantized(cls, path, precisions: Iterable[int] | int | None = None,
+                     dtype=jnp.float32) -> "AnyPrecisionForCausalLM":
+    """Loads an any-precision checkpoint directory (or hub id).
+
+    Args:
+      path: directory written by `scripts/quantize.py --method=anyprec`, or hub id.
+      precisions: precisions to load (subset of seed..parent); None: all. Only
+        `planes[:max(precisions)]` and those LUTs are read from disk.
+      dtype: dtype of the unquantized tensors and of the activations (e.g.
+        jnp.bfloat16 on GPU); LUTs keep their stored dtype.
+
+    Returns:
+      The model, active at max(precisions).
+
+    Raises:
+      ValueError: a precision outside the checkpoint's range (lists the supported).
+      QuantizedCheckpointError: not an any-precision checkpoint.
+    """
+    model_dir = models.resolve_model_dir(path)
+    config = reader.read_config(model_dir)
+    meta = reader.parse_meta(config, model_dir)
+    want = reader.check_precisions(meta, precisions)
+    cfg = models.config_from_hf(config)
+    params = reader.load_quantized_params(model_dir, cfg, meta, want, dtype)
+    return cls(cfg, params, model_dir=model_dir)
+
+  def _check(self, precision: int) -> int:
+    if precision not in self.supported_precisions:
+      raise ValueError(f"precision {precision!r} not supported; supported: "
+                       f"{list(self.supported_precisions)}")
+    return int(precision)
+
+  def set_precision(self, precision: int) -> None:
+    """Sets the default precision of `forward` / `generate` / `nll_fn`."""
+    self.precision = self._check(precision)
+
+  def params_at(self, precision: int | None = None):
+    """The params tree with every quantized weight active at `precision` (shared arrays)."""
+    b = self.precision if precision is None else self._check(precision)
+    if b not in self._at:
+      self._at[b] = set_precision(self._base, b)
+    return self._at[b]
+
+  def forward(self, input_ids, precision: int | None = None, attention_mask=None):
+    """Full-sequence logits (no cache).
+
+    Args:
+      input_ids: [B, T] int.
+      precision: bits to run at; None: `self.precision`.
+      attention_mask: [B, T], 1 = real token; None: all real.
+
+    Returns:
+      logits [B, T, V] float32.
+    """
+    ids = jnp.asarray(input_ids)
+    mask = jnp.ones(ids.shape, jnp.int32) if attention_mask is None else jnp.asarray(
+        attention_mask)
+    return _forward(self.cfg, self.params_at(precision), ids, mask)
+
+  def generate(self, input_ids, precision: int | None = None, attention_mask=None, *,
+               max_new_tokens: int, sampling: models.SamplingConfig | None = None,
+               rng=None, eos_token_id=None, pad_token_id: int | None = None
+               ) -> models.GenerationResult:
+    """Generates with the foundation's jitted prefill + on-device decode loop.
+
+    Args:
+      input_ids: [B, T] prompt ids.
+      precision: bits; None: `self.precision`.
+      attention_mask, max_new_tokens, rng, eos_token_id, pad_token_id: as
+        `models.generate`.
+      sampling: `models.SamplingConfig`; None: greedy.
+
+    Returns:
+      GenerationResult(tokens [B, max_new_tokens], lengths [B]).
+    """
+    return self.timed_generate(
+        input_ids, precision, attention_mask, max_new_tokens=max_new_tokens,
+        sampling=sampling, rng=rng, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id)[0]
+
+  def timed_generate(self, input_ids, precision: int | None = None, attention_mask=None,
+                     **kwargs) -> tuple[models.GenerationResult, models.Timing]:
+    """`generate` plus prefill / decode wall times (see `models.timed_generate`)."""
+    if kwargs.get("sampling") is None:
+      kwargs["sampling"] = models.SamplingConfig()
+    return models.timed_generate(self.cfg, self.params_at(precision), input_ids,
+                                 attention_mask, **kwargs)
+
+  def nll_fn(self, precision: int | None = None):
+    """input_ids [B, T] -> [B] mean next-token NLL at `precision` (for perplexity)."""
+    return evaluation.dense_nll_fn(self.cfg, self.params_at(precision))
+
+  @property
+  def tokenizer(self):
+    """The checkpoint's Hugging Face tokenizer (loaded on first use)."""
+    if self._tokenizer is None:
+      if self.model_dir is None:
+        raise ValueError("model has no directory to load a tokenizer from")
+      self._tokenizer = evaluation.load_tokenizer(self.model_dir)
+    return self._tokenizer
+
+  def memory_bytes(self) -> dict[str, int]:
+    """Bytes held on device: {"quantized": planes + LUTs, "other": everything else}."""
+    quant = other = 0
+    for leaf in jax.tree_util.tree_leaves(
+        self._base, is_leaf=lambda x: isinstance(x, AnyPrecWeight)):
+      if isinstance(leaf, AnyPrecWeight):
+        quant += leaf.planes.nbytes + sum(v.nbytes for v in leaf.luts.values())
+      else:
+        other += leaf.nbytes
+    return {"quantized": quant, "other": other}

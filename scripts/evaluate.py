@@ -1,0 +1,68 @@
+"""Perplexity (GPTQ style) of an original model, an any-precision model and baselines.
+
+  python scripts/evaluate.py --model=/tmp/smollm2-135m-instruct-hf \
+      --quantized=out/smollm2-anyprec --baselines=out/smollm2-independent,out/smollm2-rtn \
+      --datasets=wikitext2 --data_dir=../shared/data --seq_len=2048 --output_json=ppl.json
+
+Every precision of `--quantized` is evaluated; `--baselines` are directories written by
+`scripts/quantize.py --method=independent|rtn` (their `w{b}/` subdirectories). Without
+`--data_dir` the corpora come from the Hugging Face hub (needs `datasets`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import pathlib
+import platform
+import sys
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from anyprec_jax import eval_runner
+
+_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+
+_MODEL = flags.DEFINE_string("model", None, "Original model: HF dir, hub id or alias.")
+_QUANTIZED = flags.DEFINE_string("quantized", None, "Any-precision checkpoint dir.")
+_PRECISIONS = flags.DEFINE_list("precisions", None, "Subset of precisions (default all).")
+_BASELINES = flags.DEFINE_list("baselines", [], "Baseline dirs (independent / rtn).")
+_DATASETS = flags.DEFINE_list("datasets", ["wikitext2", "c4", "ptb"],
+                              "Corpora (wikitext2, c4, ptb, tinystories) or file paths.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Local corpus files (else the hub).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Tokens per chunk.")
+_MAX_CHUNKS = flags.DEFINE_integer("max_chunks", None, "First N chunks only.")
+_BATCH = flags.DEFINE_integer("batch_size", 1, "Chunks per forward pass.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", list(_DTYPES), "Activation dtype.")
+_OUTPUT = flags.DEFINE_string("output_json", None, "Write the results here.")
+
+
+def main(argv):
+  del argv
+  dtype = _DTYPES[_DTYPE.value]
+  sources = []
+  if _MODEL.value:
+    sources.append(eval_runner.original_entries(_MODEL.value, dtype))
+  if _QUANTIZED.value:
+    precisions = [int(b) for b in _PRECISIONS.value] if _PRECISIONS.value else None
+    sources.append(eval_runner.anyprec_entries(_QUANTIZED.value, precisions, dtype))
+  sources += [eval_runner.baseline_entries(b, dtype) for b in _BASELINES.value]
+  if not sources:
+    raise app.UsageError("give --model, --quantized and/or --baselines")
+  rows = eval_runner.evaluate_entries(
+      itertools.chain(*sources), _DATASETS.value, data_dir=_DATA_DIR.value,
+      seq_len=_SEQ_LEN.value, max_chunks=_MAX_CHUNKS.value, batch_size=_BATCH.value)
+  print("\nperplexity (lower is better)\n")
+  print(eval_runner.format_table(rows, _DATASETS.value))
+  if _OUTPUT.value:
+    record = {"command": " ".join(sys.argv), "device": str(jax.devices()[0]),
+              "jax": jax.__version__, "python": platform.python_version(),
+              "dtype": _DTYPE.value, "seq_len": _SEQ_LEN.value,
+              "max_chunks": _MAX_CHUNKS.value, "rows": rows}
+    pathlib.Path(_OUTPUT.value).write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)

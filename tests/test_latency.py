@@ -1,0 +1,82 @@
+"""Latency helpers: timing protocol, random any-precision models, the e2e bench driver."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest
+
+import models
+from anyprec_jax import format as fmt
+from anyprec_jax import latency
+from anyprec_jax.weight import AnyPrecWeight
+
+
+class TimingTest(absltest.TestCase):
+
+  def test_warm_up_excluded_and_median(self):
+    timings = iter([(100.0, 100.0), (0.01, 0.9), (0.03, 0.3), (0.02, 0.6)])
+    calls = []
+
+    def run():
+      prefill, decode = next(timings)
+      calls.append(1)
+      result = models.GenerationResult(tokens=np.zeros((1, 4)), lengths=np.array([4]))
+      return result, models.Timing(prefill_s=prefill, decode_s=decode)
+
+    lat = latency.time_generation(run, repeats=3)
+    self.assertLen(calls, 4)
+    self.assertAlmostEqual(lat.prefill_ms, 20.0)
+    self.assertAlmostEqual(lat.decode_ms_per_token, 200.0)  # 0.6 s / 3 steps.
+    self.assertAlmostEqual(lat.tokens_per_s, 5.0)
+
+
+class RandomModelTest(absltest.TestCase):
+
+  def test_random_anyprec_weight_padding_is_zero(self):
+    planes, luts = latency._random_anyprec(jax.random.key(0), n=6, k=40, planes=5,
+                                           precisions=(3, 5))
+    self.assertEqual(planes.shape, (5, 6, 2))
+    self.assertEqual({b: v.shape for b, v in luts.items()}, {3: (6, 8), 5: (6, 32)})
+    codes = fmt.unpack_codes_np(np.asarray(planes), 5, 64)  # Padding columns too.
+    self.assertTrue(np.all(codes[:, 40:] == 0))
+    self.assertGreater(len(np.unique(codes[:, :40])), 8)
+
+  def test_bench_e2e_smoke(self):
+    cfg = latency.shape_config(latency.Shape.TINY, layers=1)
+    dense = latency.random_dense_params(cfg, jnp.float32)
+    quant = latency.random_anyprec_params(cfg, dense, [3, 4])
+    w = models.get_param(quant, models.linear_names(cfg)[0])
+    self.assertIsInstance(w, AnyPrecWeight)
+    self.assertEqual(w.planes.shape[0], 4)
+    rows = latency.bench_e2e(cfg, [3], prompt_len=5, new_tokens=3, dtype=jnp.float32,
+                             repeats=1, log=lambda s: None)
+    self.assertEqual([(r["model"], r["bits"]) for r in rows],
+                     [("float32", 32), ("anyprec", 3)])
+    self.assertEqual(rows[0]["speedup"], 1.0)
+    self.assertTrue(all(r["new_tokens"] == 3 for r in rows))
+    self.assertIn("| anyprec | 3 |", latency.latency_table(rows))
+
+  def test_plot(self):
+    try:
+      latency.require_matplotlib()
+    except ImportError:
+      self.skipTest("matplotlib not installed")
+    rows = [{"model": "original", "bits": 32, "decode_ms_per_token": 2.0},
+            {"model": "anyprec", "bits": 3, "decode_ms_per_token": 1.0},
+            {"model": "anyprec", "bits": 4, "decode_ms_per_token": 1.2}]
+    record = {"rows": [{"method": m, "bits": b, "results": {"wikitext2": {"ppl": p}}}
+                       for m, b, p in [("original", 16, 10.0), ("anyprec", 3, 14.0),
+                                       ("anyprec", 4, 11.0), ("rtn", 3, 40.0)]]}
+    path = os.path.join(tempfile.mkdtemp(), "plot.png")
+    latency.plot_latency_and_ppl(rows, record, path)
+    with open(path, "rb") as f:
+      self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+
+if __name__ == "__main__":
+  absltest.main()

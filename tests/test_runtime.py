@@ -1,0 +1,237 @@
+"""AnyPrecisionForCausalLM: loading slices, precision switching, forward and generate."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import pathlib
+import shutil
+import tempfile
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+
+import models
+from anyprec_jax import checkpoint_reader, eval_runner, runtime
+from anyprec_jax.runtime import AnyPrecisionForCausalLM
+from anyprec_jax.weight import AnyPrecWeight
+from tests import shared_data
+from tests import synthetic_checkpoint as synth
+
+_dense_forward = jax.jit(models.forward, static_argnums=0)
+
+
+class _RecordingHandle:
+  """Wraps a safe_open handle and records every read (name, index or 'full')."""
+
+  def __init__(self, handle, log):
+    self._h, self._log = handle, log
+
+  def __enter__(self):
+    self._h.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    return self._h.__exit__(*exc)
+
+  def keys(self):
+    return self._h.keys()
+
+  def get_tensor(self, name):
+    self._log.append((name, "full"))
+    return self._h.get_tensor(name)
+
+  def get_slice(self, name):
+    log, sl = self._log, self._h.get_slice(name)
+
+    class _Slice:
+      def get_shape(self):
+        return sl.get_shape()
+
+      def __getitem__(self, index):
+        log.append((name, index))
+        return sl[index]
+
+    return _Slice()
+
+
+def _weights(params):
+  leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, AnyPrecWeight))
+  return [x for x in leaves if isinstance(x, AnyPrecWeight)]
+
+
+class RuntimeTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.dir, cls.quant, cls.dense = synth.write(seed=0)
+    cls.model = AnyPrecisionForCausalLM.from_quantized(cls.dir)
+    cls.ids = np.random.default_rng(1).integers(0, 97, (2, 9)).astype(np.int32)
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.dir, ignore_errors=True)
+    super().tearDownClass()
+
+  def setUp(self):
+    super().setUp()
+    # fp32 dense references on GPU would otherwise run their matmuls in TF32.
+    self.enter_context(jax.default_matmul_precision("highest"))
+
+  def test_supported_precisions(self):
+    self.assertEqual(self.model.supported_precisions, (3, 4, 5, 6, 7, 8))
+    self.assertEqual(self.model.precision, 8)
+
+  @parameterized.parameters(3, 5, 8)
+  def test_forward_matches_numpy_dequantized_model(self, bits):
+    ref_dir = synth.dense_reference_dir(self.quant, self.dense, bits)
+    cfg, params = models.load_pretrained(ref_dir)
+    ref = np.asarray(_dense_forward(cfg, params, jnp.asarray(self.ids)))
+    ours = np.asarray(self.model.forward(self.ids, precision=bits))
+    self.assertGreater(np.abs(ref).max(), 0.5)
+    np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=2e-4)
+
+  def test_precisions_differ(self):
+    """Different precisions really run different weights."""
+    a = np.asarray(self.model.forward(self.ids, precision=3))
+    b = np.asarray(self.model.forward(self.ids, precision=8))
+    self.assertGreater(np.abs(a - b).max(), 1e-2)
+
+  def test_generate_matches_dense_reference(self):
+    bits = 4
+    ref_dir = synth.dense_reference_dir(self.quant, self.dense, bits)
+    cfg, params = models.load_pretrained(ref_dir)
+    ref = models.generate(cfg, params, self.ids, max_new_tokens=6, eos_token_id=())
+    ours = self.model.generate(self.ids, precision=bits, max_new_tokens=6,
+                               eos_token_id=())
+    np.testing.assert_array_equal(np.asarray(ours.tokens), np.asarray(ref.tokens))
+    sampled = self.model.generate(
+        self.ids, precision=bits, max_new_tokens=6, eos_token_id=(),
+        sampling=models.SamplingConfig(temperature=1.0, top_k=5), rng=jax.random.key(0))
+    self.assertEqual(sampled.tokens.shape, (2, 6))
+
+  def test_one_program_per_precision(self):
+    model = AnyPrecisionForCausalLM.from_quantized(self.dir, precisions=[3, 4])
+    ids = self.ids[:1, :5]  # A shape no other test uses.
+    before = runtime._forward._cache_size()
+    model.forward(ids, precision=3)
+    model.forward(ids, precision=3)
+    self.assertEqual(runtime._forward._cache_size(), before + 1)
+    model.forward(ids, precision=4)
+    model.set_precision(3)
+    model.forward(ids)
+    self.assertEqual(runtime._forward._cache_size(), before + 2)
+
+  def test_unsupported_precision_lists_supported(self):
+    with self.assertRaisesRegex(ValueError, r"supported: \[3, 4, 5, 6, 7, 8\]"):
+      AnyPrecisionForCausalLM.from_quantized(self.dir, precisions=[2, 4])
+    model = AnyPrecisionForCausalLM.from_quantized(self.dir, precisions=[4, 6])
+    with self.assertRaisesRegex(ValueError, r"supported: \[4, 6\]"):
+      model.forward(self.ids, precision=5)
+    with self.assertRaisesRegex(ValueError, r"supported: \[4, 6\]"):
+      model.set_precision(8)
+    with self.assertRaisesRegex(ValueError, r"supported: \[4, 6\]"):
+      model.generate(self.ids, precision=3, max_new_tokens=2)
+
+  def test_subset_reads_only_needed_planes_and_luts(self):
+    log = []
+    real = checkpoint_reader.safe_open
+    with mock.patch.object(checkpoint_reader, "safe_open",
+                           lambda *a, **k: _RecordingHandle(real(*a, **k), log)):
+      model = AnyPrecisionForCausalLM.from_quantized(self.dir, precisions=[5, 3])
+    self.assertEqual(model.supported_precisions, (3, 5))
+    for w in _weights(model.params_at()):
+      self.assertEqual(w.planes.shape[0], 5)
+      self.assertEqual(sorted(w.luts), [3, 5])
+    reads = [(n, i) for n, i in log if n.endswith(".planes") or ".lut" in n]
+    self.assertNotEmpty(reads)
+    for name, index in reads:
+      self.assertNotEqual(index, "full", name)  # Never a whole-tensor read.
+      if name.endswith(".planes"):
+        self.assertEqual(index, slice(None, 5, None), name)
+      else:
+        self.assertRegex(name, r"\.lut[35]$")
+    self.assertLen([n for n, _ in reads if n.endswith(".planes")], len(synth.linear_names()))
+
+  def test_sharded_checkpoint(self):
+    out, quant, dense = synth.write(seed=2, shards=2)
+    try:
+      model = AnyPrecisionForCausalLM.from_quantized(out, precisions=[6])
+      ref_dir = synth.dense_reference_dir(quant, dense, 6)
+      cfg, params = models.load_pretrained(ref_dir)
+      ref = np.asarray(_dense_forward(cfg, params, jnp.asarray(self.ids)))
+      np.testing.assert_allclose(np.asarray(model.forward(self.ids)), ref,
+                                 atol=2e-4, rtol=2e-4)
+    finally:
+      shutil.rmtree(out, ignore_errors=True)
+
+  def test_bad_checkpoints(self):
+    tmp = pathlib.Path(tempfile.mkdtemp())
+    try:
+      for f in self.dir.iterdir():
+        shutil.copy(f, tmp / f.name)
+      config = json.loads((tmp / "config.json").read_text())
+      config["anyprec"] = {"format_version": 1, "method": "rtn", "bits": 4}
+      (tmp / "config.json").write_text(json.dumps(config))
+      with self.assertRaisesRegex(ValueError, "load_pretrained"):
+        AnyPrecisionForCausalLM.from_quantized(tmp)
+      config["anyprec"] = json.loads((self.dir / "config.json").read_text())["anyprec"]
+      config["anyprec"]["parent_bits"] = 7  # Planes on disk hold 8.
+      (tmp / "config.json").write_text(json.dumps(config))
+      with self.assertRaisesRegex(ValueError, "planes"):
+        AnyPrecisionForCausalLM.from_quantized(tmp)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+class RealQuantizedModelTest(absltest.TestCase):
+  """stories260K quantized by the real pipeline, loaded and evaluated end to end."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    from anyprec_jax import quantize
+    cls.src = shared_data.stories260k_dir()
+    calib = shared_data.shared_path("data/tinystories/tinystories_val_head.txt")
+    cls.tmp = pathlib.Path(tempfile.mkdtemp(prefix="anyprec_rt_"))
+    cls.dir = quantize.quantize_model(
+        str(cls.src), str(cls.tmp / "ap"), quantize.QuantConfig(),
+        quantize.CalibrationConfig(dataset=str(calib), num_samples=4, seq_len=128),
+        quantize.RunOptions(progress=False))
+    cls.data_dir = shared_data.shared_path("data")
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.tmp, ignore_errors=True)
+    super().tearDownClass()
+
+  def test_quality_follows_bits_and_table(self):
+    rows = eval_runner.evaluate_entries(
+        itertools.chain(eval_runner.original_entries(str(self.src)),
+                        eval_runner.anyprec_entries(str(self.dir), [3, 4, 8])),
+        ["tinystories"], data_dir=self.data_dir, seq_len=256, max_chunks=2,
+        batch_size=2, progress=False)
+    ppl = {(r["method"], r["bits"]): r["results"]["tinystories"]["ppl"] for r in rows}
+    self.assertGreater(ppl["anyprec", 3], ppl["anyprec", 4])
+    self.assertGreater(ppl["anyprec", 4], ppl["anyprec", 8])
+    self.assertLess(abs(ppl["anyprec", 8] / ppl["original", 32] - 1), 0.01)
+    table = eval_runner.format_table(rows, ["tinystories"])
+    self.assertIn("| anyprec | 3 |", table)
+    self.assertLen(table.splitlines(), 2 + 4)
+
+  def test_generate_at_8_bits_follows_original(self):
+    model = AnyPrecisionForCausalLM.from_quantized(self.dir)
+    tok = model.tokenizer
+    ids = np.asarray([tok("Once upon a time").input_ids], np.int32)
+    cfg, params = models.load_pretrained(self.src)
+    ref = models.generate(cfg, params, ids, max_new_tokens=8)
+    ours = model.generate(ids, precision=8, max_new_tokens=8)
+    np.testing.assert_array_equal(np.asarray(ours.tokens), np.asarray(ref.tokens))
+
+
+if __name__ == "__main__":
+  absltest.main()
