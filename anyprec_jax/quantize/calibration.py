@@ -1,0 +1,158 @@
+"""Calibration data for the Fisher pass (defaults of the original release).
+
+Two kinds of sources:
+- *documents* (C4, local .jsonl / .json / .parquet with a "text" field): as the
+  original, documents are drawn at random without replacement (fixed seed), those with
+  fewer than `seq_len` tokens are skipped, and the first `seq_len` tokens of each kept
+  document form one sample.
+- *running text* (WikiText-2, local .txt / .raw): the text is tokenized whole and
+  `num_samples` windows of `seq_len` tokens start at random offsets (GPTQ style), since
+  its lines are mostly shorter than a sample.
+
+Hub datasets ("c4", "wikitext2") need the `datasets` package and network access; local
+files are read with `datasets` when it is installed and with plain Python otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import random
+
+import numpy as np
+
+from anyprec_jax.quantize.config import CalibrationConfig
+
+C4_FILE = "en/c4-train.00000-of-01024.json.gz"
+TEXT_KEY = "text"
+_DOC_SUFFIXES = (".jsonl", ".json", ".parquet")
+_TEXT_SUFFIXES = (".txt", ".raw")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSource:
+  """Loaded calibration text: a list of documents, or one running text."""
+  documents: tuple[str, ...] = ()
+  running_text: str | None = None
+
+
+def _import_datasets():
+  try:
+    import datasets  # noqa: PLC0415 (optional dependency, absent on some machines)
+  except ImportError:
+    return None
+  return datasets
+
+
+def _hub(name: str) -> TextSource:
+  datasets = _import_datasets()
+  if datasets is None:
+    raise ValueError(
+        f"calibration dataset {name!r} needs the `datasets` package (not installed); "
+        "pass a local .jsonl / .txt / .parquet file instead")
+  try:
+    if name == "c4":
+      data = datasets.load_dataset("allenai/c4", data_files={"train": C4_FILE},
+                                   split="train")
+      return TextSource(documents=tuple(data[TEXT_KEY]))
+    data = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train")
+    return TextSource(running_text="\n\n".join(data[TEXT_KEY]))
+  except Exception as e:  # noqa: BLE001 (hub errors have many types)
+    raise ValueError(
+        f"could not load calibration dataset {name!r} from the Hugging Face hub "
+        f"({type(e).__name__}: {e}); offline? pass a local file, e.g. "
+        "--calibration=/path/to/c4_train_sample.jsonl") from e
+
+
+def _documents_plain(path: pathlib.Path) -> list[str]:
+  if path.suffix == ".parquet":
+    import pyarrow.parquet as pq  # noqa: PLC0415
+    return [str(t) for t in pq.read_table(path, columns=[TEXT_KEY]).column(TEXT_KEY)]
+  text = path.read_text(encoding="utf-8")
+  if path.suffix == ".json" and text.lstrip().startswith("["):
+    rows = json.loads(text)
+  else:
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+  return [row[TEXT_KEY] for row in rows]
+
+
+def _local(path: pathlib.Path) -> TextSource:
+  if path.suffix in _TEXT_SUFFIXES:
+    return TextSource(running_text=path.read_text(encoding="utf-8"))
+  if path.suffix not in _DOC_SUFFIXES:
+    raise ValueError(f"unsupported calibration file {path} (use one of "
+                     f"{', '.join(_DOC_SUFFIXES + _TEXT_SUFFIXES)})")
+  datasets = _import_datasets()
+  try:
+    if datasets is not None:
+      builder = "parquet" if path.suffix == ".parquet" else "json"
+      data = datasets.load_dataset(builder, data_files=str(path), split="train")
+      if TEXT_KEY not in data.column_names:
+        raise KeyError(TEXT_KEY)
+      docs = list(data[TEXT_KEY])
+    else:
+      docs = _documents_plain(path)
+  except KeyError as e:
+    raise ValueError(f"calibration file {path} has no {TEXT_KEY!r} field") from e
+  return TextSource(documents=tuple(docs))
+
+
+def load_source(dataset: str) -> TextSource:
+  """Loads "c4", "wikitext2" or a local file.
+
+  Raises:
+    ValueError: for an unknown name, a missing file, or an unreachable hub dataset.
+  """
+  if dataset in ("c4", "wikitext2"):
+    return _hub(dataset)
+  path = pathlib.Path(dataset).expanduser()
+  if not path.is_file():
+    raise ValueError(f"calibration dataset {dataset!r} is neither 'c4', 'wikitext2' "
+                     "nor an existing local file")
+  return _local(path)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+  return list(tokenizer(text, verbose=False)["input_ids"])
+
+
+def sample_documents(docs, tokenizer, cfg: CalibrationConfig) -> np.ndarray:
+  """First `seq_len` tokens of random documents with at least `seq_len` tokens."""
+  order = random.Random(cfg.seed).sample(range(len(docs)), len(docs))
+  samples = []
+  for i in order:
+    ids = _encode(tokenizer, docs[i])
+    if len(ids) >= cfg.seq_len:
+      samples.append(ids[:cfg.seq_len])
+      if len(samples) == cfg.num_samples:
+        return np.asarray(samples, np.int32)
+  raise ValueError(f"only {len(samples)} of {len(docs)} calibration documents have "
+                   f">= {cfg.seq_len} tokens; {cfg.num_samples} needed (lower "
+                   "--num_samples or --seq_len, or use a larger dataset)")
+
+
+def sample_windows(text: str, tokenizer, cfg: CalibrationConfig) -> np.ndarray:
+  """`num_samples` random windows of `seq_len` tokens of one tokenized text."""
+  ids = _encode(tokenizer, text)
+  if len(ids) < cfg.seq_len:
+    raise ValueError(f"calibration text has {len(ids)} tokens < seq_len {cfg.seq_len}")
+  rng = random.Random(cfg.seed)
+  starts = [rng.randint(0, len(ids) - cfg.seq_len) for _ in range(cfg.num_samples)]
+  return np.asarray([ids[s:s + cfg.seq_len] for s in starts], np.int32)
+
+
+def calibration_tokens(cfg: CalibrationConfig, tokenizer) -> np.ndarray:
+  """Token ids [num_samples, seq_len] (int32) of the calibration set.
+
+  Args:
+    cfg: CalibrationConfig.
+    tokenizer: a Hugging Face tokenizer (callable returning "input_ids").
+
+  Returns:
+    int32 [num_samples, seq_len].
+  """
+  source = load_source(cfg.dataset)
+  if source.running_text is not None:
+    return sample_windows(source.running_text, tokenizer, cfg)
+  return sample_documents(source.documents, tokenizer, cfg)

@@ -1,0 +1,95 @@
+"""Tests of calibration sampling (anyprec_jax/quantize/calibration.py)."""
+
+import json
+import pathlib
+import tempfile
+
+import numpy as np
+from absl.testing import absltest
+
+from anyprec_jax.quantize import calibration as calib
+from anyprec_jax.quantize.config import CalibrationConfig
+from tests.quantize import fixtures
+
+
+class CalibrationTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tempfile.TemporaryDirectory()
+    root = pathlib.Path(cls.tmp.name)
+    cls.files = fixtures.calibration_files(root)
+    fixtures.write_tokenizer(root)
+    from transformers import AutoTokenizer
+    cls.tok = AutoTokenizer.from_pretrained(root)
+
+  @classmethod
+  def tearDownClass(cls):
+    cls.tmp.cleanup()
+    super().tearDownClass()
+
+  def _docs(self):
+    return [json.loads(line)["text"] for line in self.files["jsonl"].read_text().splitlines()]
+
+  def test_documents_are_prefixes_of_distinct_long_documents(self):
+    cfg = CalibrationConfig(dataset=str(self.files["jsonl"]), num_samples=5, seq_len=64)
+    tokens = calib.calibration_tokens(cfg, self.tok)
+    self.assertEqual(tokens.shape, (5, 64))
+    self.assertEqual(tokens.dtype, np.int32)
+    encoded = [self.tok(d)["input_ids"] for d in self._docs()]
+    sources = []
+    for row in tokens:
+      hits = [i for i, ids in enumerate(encoded) if len(ids) >= 64 and ids[:64] == list(row)]
+      self.assertLen(hits, 1)
+      sources.append(hits[0])
+    self.assertLen(set(sources), 5)
+    again = calib.calibration_tokens(cfg, self.tok)
+    np.testing.assert_array_equal(tokens, again)
+    other = calib.calibration_tokens(CalibrationConfig(
+        dataset=str(self.files["jsonl"]), num_samples=5, seq_len=64, seed=1), self.tok)
+    self.assertFalse(np.array_equal(tokens, other))
+
+  def test_plain_file_fallback_matches_datasets(self):
+    cfg = CalibrationConfig(dataset=str(self.files["jsonl"]), num_samples=4, seq_len=32)
+    with_datasets = calib.calibration_tokens(cfg, self.tok)
+    original = calib._import_datasets
+    calib._import_datasets = lambda: None
+    try:
+      plain = calib.calibration_tokens(cfg, self.tok)
+      with self.assertRaisesRegex(ValueError, "needs the `datasets` package"):
+        calib.load_source("c4")
+    finally:
+      calib._import_datasets = original
+    np.testing.assert_array_equal(with_datasets, plain)
+
+  def test_running_text_gives_windows_of_the_tokenized_text(self):
+    cfg = CalibrationConfig(dataset=str(self.files["txt"]), num_samples=6, seq_len=50)
+    tokens = calib.calibration_tokens(cfg, self.tok)
+    self.assertEqual(tokens.shape, (6, 50))
+    ids = np.asarray(self.tok(self.files["txt"].read_text())["input_ids"])
+    for row in tokens:
+      starts = [s for s in range(len(ids) - 49) if np.array_equal(ids[s:s + 50], row)]
+      self.assertNotEmpty(starts)
+
+  def test_errors(self):
+    with self.assertRaisesRegex(ValueError, "neither 'c4', 'wikitext2' nor an existing"):
+      calib.load_source("/nonexistent/file.jsonl")
+    bad = pathlib.Path(self.tmp.name) / "calib.csv"
+    bad.write_text("a,b\n")
+    with self.assertRaisesRegex(ValueError, "unsupported calibration file"):
+      calib.load_source(str(bad))
+    cfg = CalibrationConfig(dataset=str(self.files["jsonl"]), num_samples=50, seq_len=150)
+    with self.assertRaisesRegex(ValueError, "documents have >= 150 tokens"):
+      calib.calibration_tokens(cfg, self.tok)
+    nokey = pathlib.Path(self.tmp.name) / "nokey.jsonl"
+    nokey.write_text(json.dumps({"body": "w1 w2"}) + "\n")
+    with self.assertRaisesRegex(ValueError, "no 'text' field"):
+      calib.load_source(str(nokey))
+    for kwargs in ({"num_samples": 0}, {"seq_len": 1}, {"dataset": ""}):
+      with self.assertRaises(ValueError):
+        CalibrationConfig(**kwargs)
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,116 @@
+"""Kill -9 and resume: the real stories260K model, quantized in subprocesses."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest
+
+import models
+from anyprec_jax import weight as wt
+from anyprec_jax.quantize import sensitivity, tensor_io
+from tests import shared_data
+
+SEED, PARENT = 3, 6
+_SCRIPT = """
+import sys
+from anyprec_jax.quantize import *
+quantize_model(sys.argv[1], sys.argv[2], QuantConfig(seed_bits={seed}, parent_bits={parent}),
+               CalibrationConfig(dataset=sys.argv[3], num_samples=4, seq_len=64),
+               RunOptions(cache_dir=sys.argv[4], progress=False))
+""".format(seed=SEED, parent=PARENT)
+
+
+class ResumeTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.src = shared_data.stories260k_dir()
+    cls.text = shared_data.shared_path("data/tinystories/tinystories_val_head.txt")
+    cls.tmp = tempfile.TemporaryDirectory()
+    cls.root = pathlib.Path(cls.tmp.name)
+    cls.env = dict(os.environ, PYTHONPATH=str(shared_data.REPO),
+                   JAX_COMPILATION_CACHE_DIR=str(cls.root / "jax_cache"),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PLATFORMS="cpu")
+
+  @classmethod
+  def tearDownClass(cls):
+    cls.tmp.cleanup()
+    super().tearDownClass()
+
+  def _args(self, name):
+    return [sys.executable, "-c", _SCRIPT, str(self.src), str(self.root / name),
+            str(self.text), str(self.root / f"{name}.cache")]
+
+  def _run(self, name):
+    subprocess.run(self._args(name), env=self.env, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=600)
+
+  def _kill_after_first_layer(self, name):
+    proc = subprocess.Popen(self._args(name), env=self.env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    cache = self.root / f"{name}.cache"
+    deadline = time.time() + 600
+    while not list(cache.glob("anyprec-*/layer_*.safetensors")):
+      self.assertIsNone(proc.poll(), "finished before it could be killed")
+      self.assertLess(time.time(), deadline)
+      time.sleep(0.001)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    self.assertEqual(proc.returncode, -signal.SIGKILL)
+
+  def test_killed_then_resumed_run_is_byte_identical(self):
+    self._run("full")
+    self._kill_after_first_layer("killed")
+    killed = self.root / "killed"
+    self.assertFalse((killed / "config.json").exists())
+    layers = list((self.root / "killed.cache").glob("anyprec-*/layer_*.safetensors"))
+    self.assertBetween(len(layers), 1, 4)  # some, not all 5 layers
+    self._run("killed")  # resume
+    full = self.root / "full"
+    names = sorted(p.name for p in full.iterdir())
+    self.assertEqual(names, sorted(p.name for p in killed.iterdir()))
+    for n in names:
+      self.assertEqual((full / n).read_bytes(), (killed / n).read_bytes(), n)
+    self._check_quality(full)
+
+  def _check_quality(self, out: pathlib.Path):
+    """The parent model is nearly lossless; the seed is worse but finite."""
+    cfg, params = models.load_pretrained(self.src)
+    from transformers import AutoTokenizer
+    ids = AutoTokenizer.from_pretrained(self.src)(self.text.read_text()[-20000:])["input_ids"]
+    tokens = jnp.asarray(np.asarray(ids[:2 * 256]).reshape(2, 256))
+
+    @jax.jit
+    def nll(p):
+      return sensitivity.causal_lm_loss(models.forward(cfg, p, tokens), tokens)
+
+    section = json.loads((out / "config.json").read_text())["anyprec"]
+    result = tensor_io.TensorIndex([out / "model.safetensors"])
+    base = float(nll(params))
+    losses = {}
+    for b in (SEED, PARENT):
+      new = {}
+      for m, shape in section["quantized_modules"].items():
+        w = wt.AnyPrecWeight(jnp.asarray(result.array(f"{m}.planes")),
+                             {b: jnp.asarray(result.array(f"{m}.lut{b}"))},
+                             in_features=shape["in_features"], bits=b)
+        new[m] = wt.dequantize(w, b)
+      losses[b] = float(nll(models.replace_params(params, new)))
+    self.assertLess(abs(losses[PARENT] - base), 0.01 * base)
+    self.assertTrue(np.isfinite(losses[SEED]))
+    self.assertGreater(losses[SEED], losses[PARENT])
+
+
+if __name__ == "__main__":
+  absltest.main()
