@@ -16,6 +16,7 @@ import json
 import platform
 
 import jax
+import numpy as np
 from absl import app, flags
 
 from anyprec_jax.quantize import bench
@@ -33,7 +34,27 @@ _SPLIT = flags.DEFINE_enum("split", SplitMethod.OPTIMAL.value, [m.value for m in
                            "Upscaling split rule.")
 _CHUNK = flags.DEFINE_list("chunk_elements", [], "Chunk sizes to compare (default: auto).")
 _BUDGET = flags.DEFINE_float("budget_s", 240.0, "Time budget of the 7B seed + upscale.")
+_COMPARE = flags.DEFINE_string(
+    "compare", None, "Weighted error of upscaled vs independent codes on 'random' rows "
+    "(Gaussian weights, random Fisher) or on the first layer's linears of a local HF dir "
+    "(uniform Fisher).")
+_COMPARE_ROWS = flags.DEFINE_integer("compare_rows", 64, "Rows per matrix compared.")
 _OUT = flags.DEFINE_string("out", None, "JSON lines output file.")
+
+
+def _compare_matrices(source: str, rows: int):
+  """(name, (w, f)) pairs: random rows, or the first layer's linears of a local model."""
+  if source == "random":
+    w, f = bench.random_matrix(jax.random.key(0), rows, 4096)
+    yield "random", (np.asarray(w), np.asarray(f))
+    return
+  from safetensors.numpy import load_file
+  import glob
+  for path in sorted(glob.glob(f"{source}/*.safetensors")):
+    for name, t in sorted(load_file(path).items()):
+      if ".layers.0." in name and t.ndim == 2:
+        w = t[:rows].astype(np.float32)
+        yield name, (w, np.ones_like(w))
 
 
 def main(argv):
@@ -58,6 +79,16 @@ def main(argv):
                                                                  log=log)})
   if _FISHER.value:
     log({"fisher_7b": bench.fisher_7b(_FISHER_SAMPLES.value, _SEQ_LEN.value, log=log)})
+  if _COMPARE.value:
+    for name, (w, f) in _compare_matrices(_COMPARE.value, _COMPARE_ROWS.value):
+      res = bench.upscale_vs_independent(w, f, _SEED_BITS.value, _PARENT_BITS.value)
+      log({"compare": name, "rows": int(w.shape[0]), "k": int(w.shape[1]),
+           "ratio_upscaled_over_independent": {b: round(r["ratio"], 4)
+                                                for b, r in res.items()},
+           "relative_error_upscaled": {b: float(f"{r['upscaled']:.3g}")
+                                       for b, r in res.items()},
+           "relative_error_independent": {b: float(f"{r['independent']:.3g}")
+                                          for b, r in res.items()}})
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in records)

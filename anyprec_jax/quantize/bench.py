@@ -6,6 +6,7 @@
   width as in the pipeline; random weights and sensitivities generated on the device.
 - `fisher_7b`: the Fisher pass of a Llama-2-7B-shaped model with random bf16 weights.
 - `precision_check`: the double-float prefix sums against float64 on this backend.
+- `upscale_vs_independent`: weighted error of upscaled vs independent codes per width.
 Random Fisher values are |N(0,1)|^3 * 1e-6: positive, heavy-tailed, like squared
 gradients.
 """
@@ -150,3 +151,33 @@ def precision_check(k: int = 11008, seed: int = 0) -> dict:
   return {"double_float_max_err": float(np.max(np.abs(got - (ref[j] - ref[i]))) / scale),
           "float32_max_err": float(np.max(np.abs((f32[j] - f32[i]) - (ref[j] - ref[i])))
                                    / scale)}
+
+
+def weighted_error(w, f, codes, lut) -> float:
+  """sum f * (w - lut[codes])^2 over a matrix (float64)."""
+  from anyprec_jax.quantize.baselines import dequantize_codes
+  d = np.asarray(w, np.float64) - dequantize_codes(codes, lut)
+  return float(np.sum(np.asarray(f, np.float64) * d * d))
+
+
+def upscale_vs_independent(w, f, seed_bits: int = 3, parent_bits: int = 8,
+                           key=None) -> dict[int, dict]:
+  """Weighted error of each upscaled width vs k-means run at that width alone.
+
+  The b-bit upscaled codes are the top b bits of the parent codes. A ratio above 1
+  is the price of the nesting constraint (each b-bit cluster is half of a (b-1)-bit
+  one); at the seed width both are the same k-means. Errors are relative to
+  sum f * w^2.
+  """
+  from anyprec_jax.quantize import baselines
+  key = jax.random.key(0) if key is None else key
+  up = upscaling.seed_and_upscale(w, f, seed_bits, parent_bits, key)
+  ind = baselines.independent(w, f, range(seed_bits, parent_bits + 1), key)
+  out = {}
+  energy = float(np.sum(np.asarray(f, np.float64) * np.asarray(w, np.float64) ** 2))
+  for b in range(seed_bits, parent_bits + 1):
+    e_up = weighted_error(w, f, np.asarray(up.codes) >> (parent_bits - b), up.luts[b])
+    e_ind = weighted_error(w, f, ind[b].codes, ind[b].lut)
+    out[b] = {"upscaled": e_up / energy, "independent": e_ind / energy,
+              "ratio": e_up / e_ind}
+  return out
