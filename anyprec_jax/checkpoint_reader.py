@@ -136,13 +136,6 @@ def _check_quantized(meta: AnyPrecMeta, tensors: dict) -> None:
       raise QuantizedCheckpointError(f"tensor {key!r} outside seed..parent bits")
 
 
-def _insert(tree: dict, path: str, value) -> None:
-  *parents, leaf = path.split("/")
-  for p in parents:
-    tree = tree.setdefault(p, {})
-  tree[leaf] = value
-
-
 def read_weight(get_slice, name: str, in_features: int,
                 precisions: tuple[int, ...]) -> AnyPrecWeight:
   """Reads one quantized module.
@@ -206,7 +199,7 @@ def load_quantized_params(model_dir: pathlib.Path, cfg: ModelConfig, meta: AnyPr
         value = jnp.asarray(handles[file].get_tensor(name))
         if jnp.issubdtype(value.dtype, jnp.floating):
           value = value.astype(dtype)
-      _insert(params, path, value)
+      hf_loader.insert_param(params, path, value)
   return params
 
 

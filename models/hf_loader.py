@@ -148,7 +148,8 @@ def _scan(files: list[pathlib.Path]) -> dict:
   return tensors
 
 
-def _insert(tree: dict, path: str, value) -> None:
+def insert_param(tree: dict, path: str, value) -> None:
+  """tree["a"]["b"]... = value for path "a/b/..." (creating the sub-dicts)."""
   *parents, leaf = path.split("/")
   for p in parents:
     tree = tree.setdefault(p, {})
@@ -179,7 +180,7 @@ def load_params(model_dir: pathlib.Path, cfg: ModelConfig, dtype=jnp.float32) ->
         arr = jnp.asarray(host)
         if jnp.issubdtype(arr.dtype, jnp.floating):
           arr = arr.astype(dtype)
-        _insert(params, path, arr)
+        insert_param(params, path, arr)
         del host
   return params
 

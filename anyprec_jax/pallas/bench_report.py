@@ -37,13 +37,50 @@ def best_tiles(results: dict, bits: int):
   """Fastest correct register/default-lookup tiles of the sweep for `bits`."""
   best = None
   for key, res in results.items():
-    if key[0] != "gemv" or key[2] != bits or key[5] is not None:
+    if key[0] != "gemv" or key[2] != bits or key[5:] != (None, None, None):
       continue
     if res["err"] is None or res["err"] > 1e-3:
       continue
     if best is None or res["us"] < best[1]:
       best = (key[4], res["us"])
   return None if best is None else best[0]
+
+
+# (prefetch, num_stages) variants of the GEMV timed by `variant_cases`.
+VARIANTS = ((True, None), (False, None), (False, 3))
+
+
+def variant_cases(shapes, bits_list, ms) -> list[bm.Case]:
+  """fp16 and every `VARIANTS` entry per shape, width and M (tuned tiles)."""
+  cases = []
+  for shape in shapes:
+    for m in ms:
+      cases.append(bm.fp16_case(shape, m))
+      for bits in bits_list:
+        for prefetch, stages in VARIANTS:
+          cases.append(bm.gemv_case(shape, bits, m, prefetch=prefetch, stages=stages))
+  return cases
+
+
+def format_variants(results, shapes, bits_list, ms) -> str:
+  """µs of each variant and its speed-up over fp16, one row per shape / M / width."""
+  names = [f"prefetch={p}, stages={s or 1}" for p, s in VARIANTS]
+  lines = ["| shape | M | b | fp16 µs | " + " | ".join(names) + " | best |",
+           "|---|---|---|---|" + "---|" * (len(names) + 1)]
+  for shape in shapes:
+    for m in ms:
+      base = results.get(("fp16", shape.name, m), {}).get("us", float("nan"))
+      for bits in bits_list:
+        cells, best = [], None
+        for (p, s), name in zip(VARIANTS, names):
+          res = results.get(("gemv", shape.name, bits, m, None, None, p, s), {})
+          us, ok = res.get("us", float("nan")), (res.get("err") or 0) <= 1e-3
+          cells.append(f"{us:.1f} ({base / us:.2f}×)" + ("" if ok else " WRONG"))
+          if ok and us == us and (best is None or us < best[0]):
+            best = (us, name)
+        lines.append(f"| {shape.name} | {m} | {bits} | {base:.1f} | " + " | ".join(cells)
+                     + f" | {best[1] if best else '-'} |")
+  return "\n".join(lines)
 
 
 def table_cases(shapes, bits_list, ms, tiles_by_bits) -> list[bm.Case]:
@@ -83,7 +120,7 @@ def format_table(results, shapes, bits_list, ms, copy_tbps, tiles_by_bits) -> st
                    f"| {100 * base.get('tbps', float('nan')) / copy_tbps:.0f} | | | | | | |")
       for bits in bits_list:
         tiles = tiles_by_bits.get(bits)
-        res = results.get(("gemv", shape.name, bits, m, tiles, None), {})
+        res = results.get(("gemv", shape.name, bits, m, tiles, None, None, None), {})
         us = res.get("us", float("nan"))
         speed = base.get("us", float("nan")) / us
         lines.append(

@@ -82,13 +82,18 @@ def _num_buffers(bytes_per_op: float) -> int:
   return int(min(MAX_BUFFERS, max(2, np.ceil(MIN_BYTES / bytes_per_op))))
 
 
-def gemv_case(shape: Shape, bits: int, m: int, tiles=None, lookup=None) -> Case:
-  """Case for the any-precision product (GEMV path for m <= 8) at `bits`."""
+def gemv_case(shape: Shape, bits: int, m: int, tiles=None, lookup=None, prefetch=None,
+              stages=None) -> Case:
+  """Case for the any-precision product (GEMV path for m <= 8) at `bits`.
+
+  tiles, lookup, prefetch, stages: overrides of `kernels.gemv_config` (None: tuned).
+  """
   words = -(-shape.k // 32)
   nbytes = (bits * shape.n * words * 4 + shape.n * (2 << bits) + m * shape.k * 2
             + m * shape.n * 4)
   r = _num_buffers(nbytes)
-  cfg = kernels.gemv_config(bits, shape.n, shape.k, m, tiles=tiles, lookup=lookup)
+  cfg = kernels.gemv_config(bits, shape.n, shape.k, m, tiles=tiles, lookup=lookup,
+                            prefetch=prefetch, stages=stages)
 
   def fn(xs, ws):
     return [gemv.gemv(x, w.planes, w.luts[bits], bits=bits, cfg=cfg)
@@ -107,7 +112,7 @@ def gemv_case(shape: Shape, bits: int, m: int, tiles=None, lookup=None) -> Case:
       return float("inf")
     return float(np.abs(got - want).max() / (np.abs(want).max() + 1e-30))
 
-  key = ("gemv", shape.name, bits, m, tiles, lookup and lookup.value)
+  key = ("gemv", shape.name, bits, m, tiles, lookup and lookup.value, prefetch, stages)
   return Case(key, fn, make_args, nbytes, r, check)
 
 

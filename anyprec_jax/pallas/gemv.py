@@ -35,14 +35,15 @@ class GemvConfig:
   block_w: words per chunk, 32 columns each (power of two).
   k_splits: S, programs along K, each owning a contiguous slice of the words.
   lookup: how codes become values (None: `decode.default_lookup(bits)`).
-  prefetch: load chunk j+1's planes before decoding chunk j (software pipelining).
+  prefetch: load chunk j+1's planes before decoding chunk j (software pipelining);
+    off by default (it raised register use and was slower on the H100).
   launch: warps / pipeline stages.
   """
   block_n: int = 16
   block_w: int = 32
   k_splits: int = 1
   lookup: decode.Lookup | None = None
-  prefetch: bool = True
+  prefetch: bool = False
   launch: backend.LaunchParams = backend.LaunchParams()
 
 

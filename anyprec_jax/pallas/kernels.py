@@ -19,11 +19,12 @@ from anyprec_jax.weight import AnyPrecWeight
 # Enough programs to cover 132 SMs about twice; split K when rows alone do not.
 TARGET_PROGRAMS = 264
 
-# (block_n, block_w, num_warps) per bit width for the GEMV at M = 1.
-# Sweep on an H100 (benchmarks/results/kernels.md), fastest at 4096 x 4096, M = 1.
+# (block_n, block_w, num_warps) per bit width for the GEMV at M = 1: the winners of
+# the tile sweep on an H100 (benchmarks/results/kernels.md; b4 and b8 had been left at
+# (32, 64, 8), up to 2x slower at b8 on the 7B shapes, see notes_kernels.md).
 _GEMV_TILES = {
-    1: (64, 32, 8), 2: (64, 32, 8), 3: (64, 32, 8), 4: (32, 64, 8),
-    5: (16, 32, 4), 6: (16, 32, 4), 7: (16, 32, 4), 8: (32, 64, 8),
+    1: (64, 32, 8), 2: (64, 32, 8), 3: (64, 32, 8), 4: (16, 32, 4),
+    5: (16, 32, 4), 6: (16, 32, 4), 7: (16, 32, 4), 8: (16, 32, 4),
 }
 
 
@@ -33,13 +34,18 @@ def _pow2_floor(v: int) -> int:
 
 def gemv_config(bits: int, n: int, k: int, m: int,
                 tiles: tuple[int, int, int] | None = None,
-                lookup: decode.Lookup | None = None) -> gemv.GemvConfig:
+                lookup: decode.Lookup | None = None,
+                prefetch: bool | None = None,
+                stages: int | None = None) -> gemv.GemvConfig:
   """The GEMV tiling for an [M, K] x [N, K]^T product at precision `bits`.
 
   Args:
     bits, n, k, m: precision and problem size.
     tiles: (block_n, block_w, num_warps) at M = 1 instead of the tuned table.
     lookup: value look-up path instead of `decode.default_lookup(bits)`.
+    prefetch: software pipelining of the plane loads (default off: slower or equal at
+      every width in the variant run of benchmarks/results/kernel_variants.md).
+    stages: Triton `num_stages` instead of 1.
   """
   # Same tiles for every M <= 8: more rows per thread let one x load serve more
   # weights (halving BN for M = 8 doubled the x loads and was 2x slower, run 1).
@@ -52,7 +58,9 @@ def gemv_config(bits: int, n: int, k: int, m: int,
     splits *= 2
   return gemv.GemvConfig(block_n=bn, block_w=bw, k_splits=splits,
                          lookup=lookup or decode.default_lookup(bits),
-                         launch=backend.LaunchParams(num_warps=warps))
+                         prefetch=bool(prefetch),
+                         launch=backend.LaunchParams(num_warps=warps,
+                                                     num_stages=stages or 1))
 
 
 def dequant_config(bits: int, n: int, k: int) -> dequant.DequantConfig:

@@ -87,9 +87,9 @@ class KernelTest(parameterized.TestCase):
     w = _random_weight(rng, 24, 40, zero_code_value=3e4).with_bits(bits)
     x = jnp.asarray(rng.standard_normal((2, 40)), jnp.float32)
     _assert_close(self, self._gemv(x, w), _reference(x, w))
-    no_prefetch = dataclasses.replace(
-        kernels.gemv_config(bits, 24, 40, 2), prefetch=False)
-    _assert_close(self, gemv.gemv(x, w.planes, w.luts[bits], bits=bits, cfg=no_prefetch,
+    prefetch = dataclasses.replace(  # the non-default pipelined variant
+        kernels.gemv_config(bits, 24, 40, 2), prefetch=True)
+    _assert_close(self, gemv.gemv(x, w.planes, w.luts[bits], bits=bits, cfg=prefetch,
                                   interpret=self.INTERPRET, poison=True), _reference(x, w))
     d = dequant.dequantize(w.planes, w.luts[bits], bits=bits, in_features=40,
                            interpret=self.INTERPRET, poison=True)
