@@ -12,12 +12,14 @@ random bf16 Llama-2-7B-shaped model (a few samples, extrapolated to 100 and labe
 from __future__ import annotations
 
 import datetime
+import glob
 import json
 import platform
 
 import jax
 import numpy as np
 from absl import app, flags
+from safetensors.numpy import load_file
 
 from anyprec_jax.quantize import bench
 from anyprec_jax.quantize.config import QuantConfig, SplitMethod
@@ -48,8 +50,6 @@ def _compare_matrices(source: str, rows: int):
     w, f = bench.random_matrix(jax.random.key(0), rows, 4096)
     yield "random", (np.asarray(w), np.asarray(f))
     return
-  from safetensors.numpy import load_file
-  import glob
   for path in sorted(glob.glob(f"{source}/*.safetensors")):
     for name, t in sorted(load_file(path).items()):
       if ".layers.0." in name and t.ndim == 2:
