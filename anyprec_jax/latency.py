@@ -63,6 +63,7 @@ def time_generation(run: Callable[[], tuple], repeats: int = 3) -> Latency:
 class Shape(enum.Enum):
   """Model shapes for the end-to-end benchmark."""
   LLAMA2_7B = "llama-2-7b"
+  LLAMA3_8B = "llama-3-8b"  # GQA 32/8 heads, MLP 14336, vocab 128256
   TINY = "tiny"
 
 
@@ -70,6 +71,9 @@ _SHAPES = {
     Shape.LLAMA2_7B: dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                           num_hidden_layers=32, num_attention_heads=32,
                           num_key_value_heads=32, max_position_embeddings=4096),
+    Shape.LLAMA3_8B: dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                          num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=8, max_position_embeddings=8192),
     Shape.TINY: dict(vocab_size=512, hidden_size=128, intermediate_size=352,
                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                      max_position_embeddings=1024),
@@ -196,7 +200,7 @@ def plot_latency_and_ppl(latency_rows: Sequence[dict], eval_record: dict | None,
 
 
 def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len: int,
-              new_tokens: int, dtype=jnp.bfloat16, repeats: int = 3,
+              new_tokens: int, dtype=jnp.bfloat16, repeats: int = 3, batch: int = 1,
               log: Callable[[str], None] = print) -> list[dict]:
   """End-to-end batch-1 generation speed: dense baseline, then each precision.
 
@@ -206,6 +210,7 @@ def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len:
     prompt_len, new_tokens: prompt length and tokens generated (never stopping early).
     dtype: activation / dense weight dtype of every model.
     repeats: timed runs per model (median).
+    batch: sequences decoded together (same prompt length).
     log: progress printer.
 
   Returns:
@@ -216,7 +221,7 @@ def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len:
   precisions = sorted(precisions)
   dense = random_dense_params(cfg, dtype)
   quant = random_anyprec_params(cfg, dense, precisions)
-  ids = np.asarray(jax.random.randint(jax.random.key(2), (1, prompt_len), 3,
+  ids = np.asarray(jax.random.randint(jax.random.key(2), (batch, prompt_len), 3,
                                       cfg.vocab_size), np.int32)
 
   def run(params):

@@ -1,9 +1,13 @@
 """End-to-end decode throughput: dense baseline vs any-precision 3..8 bits, one run.
 
   PYTHONPATH=. python3 scripts/bench_e2e.py                      # Llama-2-7B shape, GPU
+  PYTHONPATH=. python3 scripts/bench_e2e.py --shape=llama-3-8b --batch=8
   PYTHONPATH=. python scripts/bench_e2e.py --shape=tiny --new_tokens=16   # CPU smoke test
 
-Random weights built on device (no checkpoint): batch 1, `--prompt_len` prompt tokens,
+`ANYPREC_GPU_BACKEND=triton|mosaic` forces the GEMV lowering (default: Mosaic GPU on
+compute capability >= 9.0).
+
+Random weights built on device (no checkpoint): `--batch` sequences, `--prompt_len` prompt tokens,
 `--new_tokens` generated with the decode loop in one jitted program. Prints a table last
 and writes it as markdown (device, date, jax version, command) to `--output_md`.
 """
@@ -19,6 +23,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from anyprec_jax import latency, ops
+from anyprec_jax.pallas import backend as pallas_backend
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
@@ -30,6 +35,7 @@ _PROMPT = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens.")
 _NEW = flags.DEFINE_integer("new_tokens", 256, "Generated tokens.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", list(_DTYPES), "Baseline / activation dtype.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per model (median).")
+_BATCH = flags.DEFINE_integer("batch", 1, "Sequences decoded together.")
 _BACKEND = flags.DEFINE_enum("backend", "auto", [b.value for b in ops.Backend],
                              "Kernel backend of the quantized linears.")
 _OUTPUT = flags.DEFINE_string("output_md", "benchmarks/results/e2e.md",
@@ -42,15 +48,17 @@ def main(argv):
   with ops.use_backend(_BACKEND.value):
     rows = latency.bench_e2e(cfg, [int(b) for b in _PRECISIONS.value],
                              prompt_len=_PROMPT.value, new_tokens=_NEW.value,
-                             dtype=_DTYPES[_DTYPE.value], repeats=_REPEATS.value)
+                             dtype=_DTYPES[_DTYPE.value], repeats=_REPEATS.value,
+                             batch=_BATCH.value)
   table = latency.latency_table(rows)
   device = jax.devices()[0]
   with ops.use_backend(_BACKEND.value):
     backend = ops.get_backend().value
   header = (f"device: {getattr(device, 'device_kind', device.platform)} "
             f"({device.platform}); date: {datetime.date.today().isoformat()}; "
-            f"jax {jax.__version__}; kernel backend: {backend}\n"
-            f"shape: {_SHAPE.value}, layers {cfg.num_layers}; batch 1, prompt "
+            f"jax {jax.__version__}; kernel backend: {backend} (GEMV lowering: "
+            f"{pallas_backend.gemv_backend().value})\n"
+            f"shape: {_SHAPE.value}, layers {cfg.num_layers}; batch {_BATCH.value}, prompt "
             f"{_PROMPT.value} tokens, {_NEW.value} new tokens; median of {_REPEATS.value} "
             "runs after a warm-up; decode ms/token excludes prefill; speed-up = decode "
             "tokens/s over the dense baseline.\n"

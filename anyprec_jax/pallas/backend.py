@@ -1,4 +1,8 @@
-"""The one place that chooses the Pallas GPU backend (Triton today, Mosaic GPU later).
+"""The one place that chooses the Pallas GPU backend (Triton or Mosaic GPU).
+
+`gemv_backend()` picks the M = 1 GEMV's lowering: Mosaic GPU (`mosaic/`) on compute
+capability >= 9.0, Pallas-Triton before (A100 users), overridable with
+`ANYPREC_GPU_BACKEND`. The rest of this module is the Triton plumbing.
 
 Every kernel in this package builds its `pallas_call` through `pallas_call` below, so
 swapping the lowering (Pallas-Triton is deprecated from JAX 0.11; Mosaic GPU is its
@@ -13,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import os
 from typing import Any, Callable
 
 import jax
@@ -25,8 +30,51 @@ class GpuBackend(enum.Enum):
   MOSAIC = "mosaic"
 
 
-# The backend every kernel of this package is lowered with.
+# The backend the Triton-era kernels (gemv.py, dequant.py) are lowered with.
 ACTIVE = GpuBackend.TRITON
+
+# Environment override of the GEMV backend choice ("triton" or "mosaic").
+BACKEND_ENV = "ANYPREC_GPU_BACKEND"
+
+
+def compute_capability() -> tuple[int, int] | None:
+  """(major, minor) of the first GPU, None without one."""
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:
+    return None
+  cc = getattr(dev, "compute_capability", None)
+  if dev.platform != "gpu" or not cc:
+    return None
+  major, _, minor = str(cc).partition(".")
+  return int(major), int(minor or 0)
+
+
+# Widths whose M = 1 GEMV runs on Mosaic GPU by default on Hopper: the H200 gate
+# runs (benchmarks/notes_kernels.md) measured it 2.6-3.2x faster end to end than
+# the Triton GEMV at 5..8 bits, and not faster at 3 and 4.
+MOSAIC_DEFAULT_BITS = frozenset({5, 6, 7, 8})
+
+
+def gemv_backend(bits: int | None = None) -> GpuBackend:
+  """Backend of the M = 1 GEMV at precision `bits`.
+
+  Mosaic GPU on compute capability >= 9.0 for the widths in `MOSAIC_DEFAULT_BITS`
+  (all widths when `bits` is None), Triton otherwise and on older GPUs.
+  `ANYPREC_GPU_BACKEND=triton|mosaic` forces one for every width (read at trace time).
+  """
+  forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+  if forced:
+    try:
+      return GpuBackend(forced)
+    except ValueError:
+      raise ValueError(f"{BACKEND_ENV}={forced!r}: expected 'triton' or 'mosaic'") from None
+  cc = compute_capability()
+  if cc is None or cc < (9, 0):
+    return GpuBackend.TRITON
+  if bits is not None and bits not in MOSAIC_DEFAULT_BITS:
+    return GpuBackend.TRITON
+  return GpuBackend.MOSAIC
 
 
 @dataclasses.dataclass(frozen=True)

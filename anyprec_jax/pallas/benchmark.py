@@ -116,6 +116,51 @@ def gemv_case(shape: Shape, bits: int, m: int, tiles=None, lookup=None, prefetch
   return Case(key, fn, make_args, nbytes, r, check)
 
 
+def mosaic_gemv_case(shape: Shape, bits: int, cfg, label: str = "") -> Case:
+  """Case for the Mosaic GPU GEMV (M = 1) at `bits` with launch config `cfg`."""
+  from anyprec_jax.pallas.mosaic import gemv as mosaic_gemv
+  words = -(-shape.k // 32)
+  nbytes = bits * shape.n * words * 4 + shape.n * (2 << bits) + shape.k * 2 + shape.n * 4
+  r = _num_buffers(nbytes)
+
+  def fn(xs, ws):
+    return [mosaic_gemv.gemv(x, w.planes, w.luts[bits], bits=bits, cfg=cfg)
+            for x, w in zip(xs, ws)]
+
+  def make_args():
+    key = jax.random.PRNGKey(bits * 100 + 1)
+    return (_activations(key, 1, shape.k, r, jnp.bfloat16),
+            _weights(key, shape, bits, r))
+
+  def check(args, out):
+    x, w = args[0][0], args[1][0]
+    want = np.asarray(ops.anyprec_matmul_reference(x, w), np.float64)
+    got = np.asarray(out[0], np.float64)
+    if not np.isfinite(got).all():
+      return float("inf")
+    return float(np.abs(got - want).max() / (np.abs(want).max() + 1e-30))
+
+  return Case(("mosaic", shape.name, bits, label or str(cfg)), fn, make_args, nbytes, r,
+              check)
+
+
+def bf16_case(shape: Shape, m: int) -> Case:
+  """Case for XLA's bf16 `jnp.dot` on the same shape."""
+  nbytes = shape.n * shape.k * 2 + m * shape.k * 2 + m * shape.n * 2
+  r = _num_buffers(nbytes)
+
+  def fn(xs, ws):
+    return [jnp.dot(x, w.T) for x, w in zip(xs, ws)]
+
+  def make_args():
+    key = jax.random.PRNGKey(11 + m)
+    ws = [jax.random.normal(jax.random.fold_in(key, i), (shape.n, shape.k), jnp.bfloat16)
+          for i in range(r)]
+    return _activations(key, m, shape.k, r, jnp.bfloat16), ws
+
+  return Case(("bf16", shape.name, m), fn, make_args, nbytes, r)
+
+
 def fp16_case(shape: Shape, m: int) -> Case:
   """Case for XLA's fp16 `jnp.dot` on the same shape."""
   nbytes = shape.n * shape.k * 2 + m * shape.k * 2 + m * shape.n * 2

@@ -1,6 +1,7 @@
 """What `ops.py` calls: y = x @ W_b^T for any M through the Pallas kernels.
 
-M <= 8: the bitplane GEMV (`gemv.py`). M > 8 (prefill): the dequantisation kernel
+M = 1 on Hopper (compute capability >= 9.0): the Mosaic GPU GEMV (`mosaic/gemv.py`);
+M <= 8 otherwise: the Pallas-Triton bitplane GEMV (`gemv.py`). M > 8 (prefill): the dequantisation kernel
 (`dequant.py`) writes W_b in kernel column order in the activations' dtype and XLA's
 dot multiplies it with equally permuted activations (fp32 accumulation).
 
@@ -88,6 +89,9 @@ def anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, interpret: bool = False) -> 
   n = w.out_features
   if k != w.in_features:
     raise ValueError(f"x has {k} features, weight expects {w.in_features}")
+  if (m == 1 and not interpret and backend.gemv_backend(bits) is backend.GpuBackend.MOSAIC):
+    from anyprec_jax.pallas.mosaic import gemv as mosaic_gemv  # Hopper only.
+    return mosaic_gemv.gemv(x2, planes, lut, bits=bits, cfg=mosaic_gemv.config_for(bits, n, k))
   if m <= gemv.MAX_ROWS:
     return gemv.gemv(x2, planes, lut, bits=bits, cfg=gemv_config(bits, n, k, m),
                      interpret=interpret)

@@ -1,0 +1,272 @@
+"""Thread-level building blocks for Mosaic GPU kernels: MLIR arith plus inline PTX.
+
+The any-precision GEMV needs per-lane control (a LUT gather from shared memory at a
+computed address, byte permutes, warp shuffles) that Pallas Mosaic GPU's warpgroup
+arrays do not express. Kernels therefore run their inner loops inside
+`plgpu.inline_mgpu`, where code is emitted per thread; this module is the small
+vocabulary they use. Memory accesses are inline PTX with side effects, so LLVM keeps
+them in program order around barriers; ptxas still schedules them.
+
+All integers are signless i32 unless named otherwise; addresses into shared memory
+are 32-bit byte offsets, global addresses 64-bit.
+"""
+
+from __future__ import annotations
+
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith, llvm, scf
+
+
+def i32():
+  return ir.IntegerType.get_signless(32)
+
+
+def i64():
+  return ir.IntegerType.get_signless(64)
+
+
+def f32():
+  return ir.F32Type.get()
+
+
+def const(v: int, ty=None):
+  """An integer constant (i32 unless `ty`); values >= 2**31 wrap to signed."""
+  ty = ty or i32()
+  width = ir.IntegerType(ty).width
+  v &= (1 << width) - 1
+  if v >= 1 << (width - 1):
+    v -= 1 << width
+  return arith.constant(ty, v)
+
+
+def fconst(v: float):
+  return arith.constant(f32(), v)
+
+
+def _void():
+  return ir.Type.parse("!llvm.void")
+
+
+def asm(ret, args, text: str, constraints: str, side_effects: bool = False):
+  """One inline-PTX statement; `ret` None for no result."""
+  return llvm.inline_asm(ret if ret is not None else _void(), list(args), text,
+                         constraints, has_side_effects=side_effects)
+
+
+# --- integer helpers (i32) -------------------------------------------------------
+
+def add(a, b):
+  return arith.addi(a, b)
+
+
+def mul(a, b):
+  return arith.muli(a, b)
+
+
+def shr(a, n: int):
+  return arith.shrui(a, const(n)) if n else a
+
+
+def shl(a, n: int):
+  return arith.shli(a, const(n)) if n else a
+
+
+def band(a, m):
+  return arith.andi(a, m if isinstance(m, ir.Value) else const(m))
+
+
+def bor(a, b):
+  return arith.ori(a, b)
+
+
+def bxor(a, b):
+  return arith.xori(a, b)
+
+
+def umin(a, b):
+  return arith.minui(a, b if isinstance(b, ir.Value) else const(b))
+
+
+def lt(a, b):
+  return arith.cmpi(arith.CmpIPredicate.ult, a, b if isinstance(b, ir.Value) else const(b))
+
+
+def eq(a, b):
+  return arith.cmpi(arith.CmpIPredicate.eq, a, b if isinstance(b, ir.Value) else const(b))
+
+
+def select(c, a, b):
+  return arith.select(c, a, b)
+
+
+def to_i64(a):
+  return arith.extui(i64(), a)
+
+
+def to_index(a):
+  return arith.index_cast(ir.IndexType.get(), a)
+
+
+def from_index(a):
+  return arith.index_cast(i32(), a)
+
+
+def fma(a, b, c):
+  """a * b + c in one fp32 FMA."""
+  return asm(f32(), [a, b, c], "fma.rn.f32 $0, $1, $2, $3;", "=f,f,f,f")
+
+
+def fadd(a, b):
+  return arith.addf(a, b)
+
+
+def f32_bits(v):
+  return arith.bitcast(i32(), v)
+
+
+def bits_f32(v):
+  return arith.bitcast(f32(), v)
+
+
+# --- thread geometry --------------------------------------------------------------
+
+def thread_id():
+  return asm(i32(), [], "mov.u32 $0, %tid.x;", "=r")
+
+
+def block_id():
+  return asm(i32(), [], "mov.u32 $0, %ctaid.x;", "=r")
+
+
+# --- addresses ----------------------------------------------------------------------
+
+def gmem_address(ref):
+  """64-bit generic address of a global memref's first element."""
+  return llvm.ptrtoint(i64(), mgpu_utils.memref_ptr(ref))
+
+
+def smem_address(ref):
+  """32-bit shared-window address of a shared memref's first element."""
+  return llvm.ptrtoint(i32(), mgpu_utils.memref_ptr(ref))
+
+
+def gaddr(base64, offset32, scale: int = 1, extra: int = 0):
+  """base64 + offset32 * scale + extra (64-bit)."""
+  off = to_i64(offset32)
+  if scale != 1:
+    off = arith.muli(off, const(scale, i64()))
+  if extra:
+    off = arith.addi(off, const(extra, i64()))
+  return arith.addi(base64, off)
+
+
+# --- memory ---------------------------------------------------------------------------
+
+def ld_global_u32(addr64, imm: int = 0):
+  return asm(i32(), [addr64], f"ld.global.nc.b32 $0, [$1+{imm}];", "=r,l", True)
+
+
+def ld_global_u16(addr64):
+  """Zero-extended 16-bit load."""
+  return asm(i32(), [addr64],
+             "{ .reg .b16 h; ld.global.nc.b16 h, [$1]; cvt.u32.u16 $0, h; }",
+             "=r,l", True)
+
+
+def ld_global_f32(addr64):
+  return asm(f32(), [addr64], "ld.global.nc.f32 $0, [$1];", "=f,l", True)
+
+
+def st_global_f32(addr64, v):
+  asm(None, [addr64, v], "st.global.f32 [$0], $1;", "l,f", True)
+
+
+def ld_shared_f16_as_f32(addr32, imm: int = 0):
+  return asm(f32(), [addr32],
+             f"{{ .reg .b16 h; ld.shared.b16 h, [$1+{imm}]; cvt.f32.f16 $0, h; }}",
+             "=f,r", True)
+
+
+def ld_shared_f32(addr32, imm: int = 0):
+  return asm(f32(), [addr32], f"ld.shared.f32 $0, [$1+{imm}];", "=f,r", True)
+
+
+def ld_shared_v4_f32(addr32, imm: int = 0):
+  st = llvm.StructType.get_literal([f32()] * 4)
+  r = asm(st, [addr32], f"ld.shared.v4.f32 {{$0, $1, $2, $3}}, [$4+{imm}];",
+          "=f,=f,=f,=f,r", True)
+  return [llvm.extractvalue(f32(), r, [i]) for i in range(4)]
+
+
+def st_shared_b32(addr32, v, imm: int = 0):
+  asm(None, [addr32, v], f"st.shared.b32 [$0+{imm}], $1;", "r,r", True)
+
+
+def st_shared_f32(addr32, v, imm: int = 0):
+  asm(None, [addr32, v], f"st.shared.f32 [$0+{imm}], $1;", "r,f", True)
+
+
+def st_shared_v2_f32(addr32, a, b, imm: int = 0):
+  asm(None, [addr32, a, b], f"st.shared.v2.f32 [$0+{imm}], {{$1, $2}};", "r,f,f", True)
+
+
+# --- conversions ------------------------------------------------------------------------
+
+def f16_bits_to_f32(h32):
+  """Low 16 bits of an i32 as fp16 -> f32."""
+  return asm(f32(), [h32], "{ .reg .b16 l, h; mov.b32 {l, h}, $1; cvt.f32.f16 $0, l; }",
+             "=f,r")
+
+
+def f16_high_to_f32(h32):
+  return asm(f32(), [h32], "{ .reg .b16 l, h; mov.b32 {l, h}, $1; cvt.f32.f16 $0, h; }",
+             "=f,r")
+
+
+def bf16_bits_to_f32(h32):
+  """Low 16 bits of an i32 as bf16 -> f32 (a shift)."""
+  return bits_f32(shl(h32, 16))
+
+
+# --- synchronisation and shuffles -------------------------------------------------------
+
+def bar_sync(barrier_id, threads: int):
+  """Named barrier over `threads` threads (barrier 0 is __syncthreads)."""
+  asm(None, [barrier_id], f"bar.sync $0, {threads};", "r", True)
+
+
+def cta_sync():
+  asm(None, [], "bar.sync 0;", "", True)
+
+
+def shfl_bfly_f32(v, lane_mask: int):
+  r = asm(i32(), [f32_bits(v)],
+          f"shfl.sync.bfly.b32 $0, $1, {lane_mask}, 0x1f, 0xffffffff;", "=r,r", True)
+  return bits_f32(r)
+
+
+def warp_sum(v):
+  for m in (16, 8, 4, 2, 1):
+    v = fadd(v, shfl_bfly_f32(v, m))
+  return v
+
+
+# --- control flow ---------------------------------------------------------------------
+
+class If:
+  """`with If(cond):` emits an scf.if without results."""
+
+  def __init__(self, cond):
+    self._op = scf.IfOp(cond)
+    self._ip = None
+
+  def __enter__(self):
+    self._ip = ir.InsertionPoint(self._op.then_block)
+    self._ip.__enter__()
+
+  def __exit__(self, *exc):
+    if exc[0] is None:
+      scf.yield_([])
+    self._ip.__exit__(*exc)
+    return False
