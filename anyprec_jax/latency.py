@@ -24,6 +24,8 @@ import numpy as np
 
 import models
 from anyprec_jax import format as fmt
+from anyprec_jax import plane_layout
+from anyprec_jax.plane_layout import PlaneLayout
 from anyprec_jax.weight import AnyPrecWeight, set_precision
 
 
@@ -108,12 +110,14 @@ def random_dense_params(cfg: models.ModelConfig, dtype=jnp.bfloat16, seed: int =
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-@functools.partial(jax.jit, static_argnames=("n", "k", "planes", "precisions"))
-def _random_anyprec(key, *, n, k, planes, precisions):
+@functools.partial(jax.jit, static_argnames=("n", "k", "planes", "precisions", "layout"))
+def _random_anyprec(key, *, n, k, planes, precisions, layout):
   kp, kl = jax.random.split(key)
-  words = fmt.num_words(k)
+  words = plane_layout.words_for(layout, k)
   bits = jax.random.bits(kp, (planes, n, words), jnp.uint32)  # [P, N, W]
-  if k % fmt.WORD_BITS:  # Padding columns hold code 0.
+  if layout is PlaneLayout.TC and k % plane_layout.BLOCK:  # padding -> code 0
+    bits = plane_layout.to_tc(plane_layout.from_tc(bits, k), k)
+  elif k % fmt.WORD_BITS:  # Padding columns hold code 0.
     valid = (jnp.uint32(1) << (k % fmt.WORD_BITS)) - jnp.uint32(1)
     bits = bits.at[:, :, -1].set(bits[:, :, -1] & valid)
   luts = {}
@@ -124,11 +128,12 @@ def _random_anyprec(key, *, n, k, planes, precisions):
 
 
 def random_anyprec_params(cfg: models.ModelConfig, dense_params,
-                          precisions: Sequence[int], seed: int = 1):
+                          precisions: Sequence[int], seed: int = 1,
+                          layout: PlaneLayout = PlaneLayout.FORMAT):
   """`dense_params` with every decoder linear replaced by a random `AnyPrecWeight`.
 
   Random parent codes and LUTs (fine for speed); only max(precisions) planes are
-  allocated. Unquantized leaves are shared with `dense_params`.
+  allocated, in `layout`'s bit order. Unquantized leaves are shared with `dense_params`.
   """
   precisions = tuple(sorted(precisions))
   names = models.linear_names(cfg)  # Decoder linears, in layer order.
@@ -137,9 +142,9 @@ def random_anyprec_params(cfg: models.ModelConfig, dense_params,
   for key, name in zip(keys, names):
     n, k = models.get_param(dense_params, name).shape
     planes, luts = _random_anyprec(key, n=n, k=k, planes=max(precisions),
-                                   precisions=precisions)
+                                   precisions=precisions, layout=layout)
     new[name] = AnyPrecWeight(planes=planes, luts=luts, in_features=k,
-                              bits=max(precisions))
+                              bits=max(precisions), layout=layout)
   return models.replace_params(dense_params, new)
 
 
@@ -201,6 +206,7 @@ def plot_latency_and_ppl(latency_rows: Sequence[dict], eval_record: dict | None,
 
 def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len: int,
               new_tokens: int, dtype=jnp.bfloat16, repeats: int = 3, batch: int = 1,
+              layout: PlaneLayout = PlaneLayout.FORMAT,
               log: Callable[[str], None] = print) -> list[dict]:
   """End-to-end batch-1 generation speed: dense baseline, then each precision.
 
@@ -211,6 +217,7 @@ def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len:
     dtype: activation / dense weight dtype of every model.
     repeats: timed runs per model (median).
     batch: sequences decoded together (same prompt length).
+    layout: bit order of the random planes (kernels are chosen by it).
     log: progress printer.
 
   Returns:
@@ -220,7 +227,7 @@ def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len:
   """
   precisions = sorted(precisions)
   dense = random_dense_params(cfg, dtype)
-  quant = random_anyprec_params(cfg, dense, precisions)
+  quant = random_anyprec_params(cfg, dense, precisions, layout=layout)
   ids = np.asarray(jax.random.randint(jax.random.key(2), (batch, prompt_len), 3,
                                       cfg.vocab_size), np.int32)
 

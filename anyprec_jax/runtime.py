@@ -28,12 +28,27 @@ import jax.numpy as jnp
 import models
 from anyprec_jax import checkpoint_reader as reader
 from anyprec_jax import evaluation
+from anyprec_jax.plane_layout import PlaneLayout
 from anyprec_jax.weight import AnyPrecWeight, set_precision
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _forward(cfg: models.ModelConfig, params, input_ids, attention_mask):
   return models.forward(cfg, params, input_ids, attention_mask)
+
+
+def default_layout() -> PlaneLayout:
+  """TC where the Mosaic GPU kernels run, FORMAT elsewhere."""
+  from anyprec_jax.pallas import backend  # Local: no Pallas import on plain use.
+  return PlaneLayout.TC if backend.mosaic_available() else PlaneLayout.FORMAT
+
+
+def with_plane_layout(tree, layout):
+  """`tree` with every `AnyPrecWeight`'s planes re-ordered into `layout`."""
+  layout = PlaneLayout(layout)
+  return jax.tree_util.tree_map(
+      lambda x: x.with_layout(layout) if isinstance(x, AnyPrecWeight) else x,
+      tree, is_leaf=lambda x: isinstance(x, AnyPrecWeight))
 
 
 class AnyPrecisionForCausalLM:
@@ -75,7 +90,7 @@ class AnyPrecisionForCausalLM:
 
   @classmethod
   def from_quantized(cls, path, precisions: Iterable[int] | int | None = None,
-                     dtype=jnp.float32) -> "AnyPrecisionForCausalLM":
+                     dtype=jnp.float32, layout=None) -> "AnyPrecisionForCausalLM":
     """Loads an any-precision checkpoint directory (or hub id).
 
     Args:
@@ -84,6 +99,9 @@ class AnyPrecisionForCausalLM:
         `planes[:max(precisions)]` and those LUTs are read from disk.
       dtype: dtype of the unquantized tensors and of the activations (e.g.
         jnp.bfloat16 on GPU); LUTs keep their stored dtype.
+      layout: in-memory bit order of the planes (`PlaneLayout` or its value); None
+        picks TC where the Mosaic GPU kernels run (Hopper), FORMAT elsewhere. The
+        checkpoint stores FORMAT; TC is one re-ordering on the device at load.
 
     Returns:
       The model, active at max(precisions).
@@ -98,6 +116,7 @@ class AnyPrecisionForCausalLM:
     want = reader.check_precisions(meta, precisions)
     cfg = models.config_from_hf(config)
     params = reader.load_quantized_params(model_dir, cfg, meta, want, dtype)
+    params = with_plane_layout(params, default_layout() if layout is None else layout)
     return cls(cfg, params, model_dir=model_dir)
 
   def _check(self, precision: int) -> int:

@@ -16,22 +16,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from anyprec_jax import format as fmt
+from anyprec_jax import plane_layout
+from anyprec_jax.plane_layout import PlaneLayout
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["planes", "luts"],
-    meta_fields=["in_features", "bits"],
+    meta_fields=["in_features", "bits", "layout"],
 )
 @dataclasses.dataclass(frozen=True)
 class AnyPrecWeight:
   """A linear weight stored as bitplanes plus one LUT per precision.
 
   Invariant:
-    planes: uint32 [P, N, ceil(K/32)], plane 0 = MSB of the parent code (format.py).
+    planes: uint32 [P, N, W], plane 0 = MSB of the parent code, bits in `layout`'s
+      order: FORMAT (format.py, W = ceil(K/32)) or TC (plane_layout.py, W = 4 ceil(K/128)).
     luts:   {b: float [N, 2**b]} for every loaded precision b; max(luts) <= P.
     bits:   the active precision (static), one of the keys of `luts`.
     in_features: K (static).
+    layout: the planes' bit order (static; kernels are chosen by it).
   The dense weight at precision b is W_b[n, k] = luts[b][n, code_b(n, k)], where code_b
   is read from planes 0..b-1. Because `bits` is static metadata, a pytree holding
   weights at another precision has another treedef, so `jax.jit` compiles exactly one
@@ -42,6 +46,7 @@ class AnyPrecWeight:
   luts: Mapping[int, jax.Array]
   in_features: int
   bits: int
+  layout: PlaneLayout = PlaneLayout.FORMAT
 
   def __post_init__(self):
     if self.bits not in self.luts:
@@ -56,6 +61,19 @@ class AnyPrecWeight:
   def shape(self) -> tuple[int, int]:
     """Shape of the dense weight it stands for, [N, K]."""
     return (self.planes.shape[1], self.in_features)
+
+  def with_layout(self, layout: PlaneLayout) -> "AnyPrecWeight":
+    """The same weight with its planes re-ordered into `layout` (a device gather)."""
+    layout = PlaneLayout(layout)
+    if layout is self.layout:
+      return self
+    k = self.in_features
+    planes = self.planes
+    if self.layout is PlaneLayout.TC:
+      planes = plane_layout.from_tc(planes, k)
+    if layout is PlaneLayout.TC:
+      planes = plane_layout.to_tc(planes, k)
+    return dataclasses.replace(self, planes=planes, layout=layout)
 
   @property
   def precisions(self) -> tuple[int, ...]:
@@ -87,7 +105,10 @@ def dequantize(w: AnyPrecWeight, bits: int | None = None,
   if bits not in w.luts:
     raise ValueError(
         f"precision {bits} not supported; supported: {sorted(w.luts)}")
-  codes = fmt.unpack_codes(w.planes, bits, w.in_features)  # [N, K]
+  planes = w.planes
+  if w.layout is PlaneLayout.TC:
+    planes = plane_layout.from_tc(planes[:bits], w.in_features)
+  codes = fmt.unpack_codes(planes, bits, w.in_features)  # [N, K]
   lut = w.luts[bits].astype(dtype)  # [N, 2^b]
   return jnp.take_along_axis(lut, codes, axis=1)  # [N, K]
 

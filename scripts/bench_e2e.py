@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from anyprec_jax import latency, ops
+from anyprec_jax import latency, ops, runtime
+from anyprec_jax.plane_layout import PlaneLayout
 from anyprec_jax.pallas import backend as pallas_backend
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
@@ -36,6 +37,9 @@ _NEW = flags.DEFINE_integer("new_tokens", 256, "Generated tokens.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", list(_DTYPES), "Baseline / activation dtype.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per model (median).")
 _BATCH = flags.DEFINE_integer("batch", 1, "Sequences decoded together.")
+_LAYOUT = flags.DEFINE_enum("layout", "auto", ["auto", "format", "tc"],
+                            "Bit order of the planes (auto: tc where the Mosaic GPU "
+                            "kernels run, as from_quantized does).")
 _BACKEND = flags.DEFINE_enum("backend", "auto", [b.value for b in ops.Backend],
                              "Kernel backend of the quantized linears.")
 _OUTPUT = flags.DEFINE_string("output_md", "benchmarks/results/e2e.md",
@@ -45,19 +49,21 @@ _OUTPUT = flags.DEFINE_string("output_md", "benchmarks/results/e2e.md",
 def main(argv):
   del argv
   cfg = latency.shape_config(latency.Shape(_SHAPE.value), _LAYERS.value)
+  layout = (runtime.default_layout() if _LAYOUT.value == "auto"
+            else PlaneLayout(_LAYOUT.value))
   with ops.use_backend(_BACKEND.value):
     rows = latency.bench_e2e(cfg, [int(b) for b in _PRECISIONS.value],
                              prompt_len=_PROMPT.value, new_tokens=_NEW.value,
                              dtype=_DTYPES[_DTYPE.value], repeats=_REPEATS.value,
-                             batch=_BATCH.value)
+                             batch=_BATCH.value, layout=layout)
   table = latency.latency_table(rows)
   device = jax.devices()[0]
   with ops.use_backend(_BACKEND.value):
     backend = ops.get_backend().value
   header = (f"device: {getattr(device, 'device_kind', device.platform)} "
             f"({device.platform}); date: {datetime.date.today().isoformat()}; "
-            f"jax {jax.__version__}; kernel backend: {backend} (GEMV lowering: "
-            f"{pallas_backend.gemv_backend().value})\n"
+            f"jax {jax.__version__}; kernel backend: {backend} (Mosaic GPU kernels: "
+            f"{pallas_backend.mosaic_available()}; planes: {layout.value} order)\n"
             f"shape: {_SHAPE.value}, layers {cfg.num_layers}; batch {_BATCH.value}, prompt "
             f"{_PROMPT.value} tokens, {_NEW.value} new tokens; median of {_REPEATS.value} "
             "runs after a warm-up; decode ms/token excludes prefill; speed-up = decode "

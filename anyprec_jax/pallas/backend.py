@@ -56,6 +56,18 @@ def compute_capability() -> tuple[int, int] | None:
 MOSAIC_DEFAULT_BITS = frozenset({5, 6, 7, 8})
 
 
+def mosaic_available() -> bool:
+  """Whether the Mosaic GPU kernels run here: compute capability >= 9.0, or forced.
+
+  `ANYPREC_GPU_BACKEND=triton` turns them off, `=mosaic` on.
+  """
+  forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+  if forced:
+    return gemv_backend() is GpuBackend.MOSAIC
+  cc = compute_capability()
+  return cc is not None and cc >= (9, 0)
+
+
 def gemv_backend(bits: int | None = None) -> GpuBackend:
   """Backend of the M = 1 GEMV at precision `bits`.
 

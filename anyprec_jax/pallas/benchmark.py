@@ -144,6 +144,43 @@ def mosaic_gemv_case(shape: Shape, bits: int, cfg, label: str = "") -> Case:
               check)
 
 
+def tc_gemv_case(shape: Shape, bits: int, m: int, cfg, label: str = "") -> Case:
+  """Case for the tensor-core GEMV (b <= 4, M <= 8), planes in tensor-core order."""
+  from anyprec_jax import plane_layout as tc_layout
+  from anyprec_jax.pallas.mosaic import gemv_tc
+  words = tc_layout.num_words(shape.k)
+  nbytes = (bits * shape.n * words * 4 + shape.n * (2 << bits) + m * shape.k * 2
+            + m * shape.n * 4)
+  r = _num_buffers(nbytes)
+
+  def fn(xs, ws):
+    return [gemv_tc.gemv_tc(x, w.planes, w.luts[bits], bits=bits, cfg=cfg)
+            for x, w in zip(xs, ws)]
+
+  def make_args():
+    key = jax.random.PRNGKey(bits * 100 + m)
+    ws = []
+    for i in range(r):
+      kp, kl = jax.random.split(jax.random.fold_in(key, i))
+      planes = jax.random.bits(kp, (bits, shape.n, words), jnp.uint32)
+      lut = jax.random.normal(kl, (shape.n, 1 << bits), jnp.float16)
+      ws.append(AnyPrecWeight(planes, {bits: lut}, shape.k, bits))
+    return _activations(key, m, shape.k, r, jnp.bfloat16), ws
+
+  def check(args, out):
+    x, w = args[0][0], args[1][0]
+    want = np.asarray(gemv_tc.gemv_tc_reference(
+        x, w.planes, w.luts[bits].astype(jnp.bfloat16), bits=bits,
+        in_features=shape.k), np.float64)
+    got = np.asarray(out[0], np.float64)
+    if not np.isfinite(got).all():
+      return float("inf")
+    return float(np.abs(got - want).max() / (np.abs(want).max() + 1e-30))
+
+  return Case(("tc", shape.name, bits, m, label or str(cfg)), fn, make_args, nbytes, r,
+              check)
+
+
 def bf16_case(shape: Shape, m: int) -> Case:
   """Case for XLA's bf16 `jnp.dot` on the same shape."""
   nbytes = shape.n * shape.k * 2 + m * shape.k * 2 + m * shape.n * 2

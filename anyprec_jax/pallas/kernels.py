@@ -1,7 +1,11 @@
 """What `ops.py` calls: y = x @ W_b^T for any M through the Pallas kernels.
 
-M = 1 on Hopper (compute capability >= 9.0): the Mosaic GPU GEMV (`mosaic/gemv.py`);
-M <= 8 otherwise: the Pallas-Triton bitplane GEMV (`gemv.py`). M > 8 (prefill): the dequantisation kernel
+On Hopper (compute capability >= 9.0, `backend.mosaic_available`):
+  planes in the TC order, b <= 4, M <= 8: the tensor-core GEMV (`mosaic/gemv_tc.py`);
+  M = 1 otherwise (TC order, or format order at 5..8 bits): the Mosaic GPU GEMV
+  (`mosaic/gemv.py`).
+Everything else: the Pallas-Triton bitplane GEMV (`gemv.py`) for M <= 8; TC planes are
+read with activations gathered into the TC word order (`plane_layout.x_to_tc`). M > 8 (prefill): the dequantisation kernel
 (`dequant.py`) writes W_b in kernel column order in the activations' dtype and XLA's
 dot multiplies it with equally permuted activations (fp32 accumulation).
 
@@ -14,7 +18,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from anyprec_jax import plane_layout
 from anyprec_jax.pallas import backend, bitops, decode, dequant, gemv
+from anyprec_jax.plane_layout import PlaneLayout
 from anyprec_jax.weight import AnyPrecWeight
 
 # Enough programs to cover 132 SMs about twice; split K when rows alone do not.
@@ -89,9 +95,19 @@ def anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, interpret: bool = False) -> 
   n = w.out_features
   if k != w.in_features:
     raise ValueError(f"x has {k} features, weight expects {w.in_features}")
-  if (m == 1 and not interpret and backend.gemv_backend(bits) is backend.GpuBackend.MOSAIC):
-    from anyprec_jax.pallas.mosaic import gemv as mosaic_gemv  # Hopper only.
-    return mosaic_gemv.gemv(x2, planes, lut, bits=bits, cfg=mosaic_gemv.config_for(bits, n, k))
+  tc = w.layout is PlaneLayout.TC
+  if not interpret and backend.mosaic_available():
+    if tc and bits <= 4 and m <= gemv.MAX_ROWS and k % 2 == 0:
+      from anyprec_jax.pallas.mosaic import gemv_tc  # Hopper only.
+      return gemv_tc.gemv_tc(x2, planes, lut, bits=bits,
+                             cfg=gemv_tc.config_for(bits, m, n, k))
+    if m == 1 and (tc or backend.gemv_backend(bits) is backend.GpuBackend.MOSAIC):
+      from anyprec_jax.pallas.mosaic import gemv as mosaic_gemv  # Hopper only.
+      return mosaic_gemv.gemv(x2, planes, lut, bits=bits, tc_order=tc,
+                              cfg=mosaic_gemv.config_for(bits, n, k))
+  if tc:  # The Triton kernels read TC planes with activations in TC word order.
+    x2 = plane_layout.x_to_tc(x2, k)  # [M, 32 W_tc]
+    k = x2.shape[1]
   if m <= gemv.MAX_ROWS:
     return gemv.gemv(x2, planes, lut, bits=bits, cfg=gemv_config(bits, n, k, m),
                      interpret=interpret)

@@ -102,6 +102,17 @@ class MosaicGemvTest(parameterized.TestCase):
   def test_model_shapes(self, bits, shape):
     self._check(*shape, bits, mg.config_for(bits, *shape), seed=bits + 10)
 
+  @parameterized.parameters(5, 8)
+  def test_tc_order_planes(self, bits):
+    from anyprec_jax import plane_layout
+    n, k = 1001, 4000
+    x, pl, lut = _inputs(jax.random.PRNGKey(bits), n, k, bits)
+    tc = plane_layout.to_tc(pl, k)
+    got = np.asarray(mg.gemv(x, tc, lut, bits=bits, tc_order=True), np.float64)
+    want = np.asarray(mg.gemv_reference(x, pl, lut, bits=bits, in_features=k), np.float64)
+    err = np.abs(got - want).max() / (np.abs(want).max() + 1e-30)
+    self.assertLess(err, 1e-5)
+
   @parameterized.parameters(jnp.float32, jnp.float16)
   def test_activation_dtypes(self, x_dtype):
     self._check(257, 1000, 5, mg.MosaicGemvConfig(), x_dtype=x_dtype, seed=3)

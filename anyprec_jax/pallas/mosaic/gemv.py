@@ -76,6 +76,7 @@ class _Layout:
   lut_f32: bool
   prefetch: bool
   chains: int
+  tc_order: bool  # planes in the tensor-core bit order (plane_layout.PlaneLayout.TC)
 
   @property
   def esize(self) -> int:
@@ -116,10 +117,10 @@ def num_sms() -> int:
 
 
 def make_layout(bits: int, n: int, k: int, cfg: MosaicGemvConfig,
-                sms: int | None = None) -> _Layout:
+                sms: int | None = None, tc_order: bool = False) -> _Layout:
   if not 1 <= bits <= 8:
     raise ValueError(f"bits must be in 1..8, got {bits}")
-  words = -(-k // 32)
+  words = 4 * -(-k // 128) if tc_order else -(-k // 32)
   groups = -(-n // cfg.rows)
   ctas = cfg.ctas
   if ctas is None:
@@ -127,7 +128,7 @@ def make_layout(bits: int, n: int, k: int, cfg: MosaicGemvConfig,
   return _Layout(bits=bits, n=n, k=k, words=words,
                  passes=-(-words // WORDS_PER_PASS), groups=groups, ctas=max(ctas, 1),
                  rows=cfg.rows, warpgroups=cfg.warpgroups, lut_f32=cfg.lut_f32,
-                 prefetch=cfg.prefetch, chains=cfg.chains)
+                 prefetch=cfg.prefetch, chains=cfg.chains, tc_order=tc_order)
 
 
 def _transpose8(words):
@@ -153,6 +154,15 @@ def _transpose8(words):
       t_up = ptx.shl(t, k)
       rows[i] = t_up if lo is None else ptx.bxor(lo, t_up)
   return [ptx.const(0) if r is None else r for r in rows]
+
+
+def _tc_column(ptx, e):
+  """Column of bit e % 32 of word e // 32 in the TC order (`plane_layout.tc_column`)."""
+  w, pi = ptx.shr(e, 5), ptx.band(e, 31)
+  h, t, s = ptx.shr(pi, 4), ptx.band(ptx.shr(pi, 2), 3), ptx.band(pi, 3)
+  col = ptx.add(ptx.shl(ptx.shr(w, 2), 7), ptx.shl(ptx.band(w, 3), 1))
+  col = ptx.add(col, ptx.add(ptx.shl(s, 5), ptx.shl(h, 4)))
+  return ptx.add(col, ptx.add(ptx.band(t, 1), ptx.shl(ptx.shr(t, 1), 3)))
 
 
 def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout, x_dtype):
@@ -187,14 +197,15 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout, x_dtyp
     vals = []
     for i in range(-(-x_elems // nthreads)):
       e = ptx.add(tid, ptx.const(i * nthreads))
-      addr = ptx.gaddr(xg, ptx.umin(e, lay.k - 1), xsize)
+      col = _tc_column(ptx, e) if lay.tc_order else e  # activation meeting bit e
+      addr = ptx.gaddr(xg, ptx.umin(col, lay.k - 1), xsize)
       if x_dtype == jnp.float32:
         v = ptx.ld_global_f32(addr)
       elif x_dtype == jnp.bfloat16:
         v = ptx.bf16_bits_to_f32(ptx.ld_global_u16(addr))
       else:
         v = ptx.f16_bits_to_f32(ptx.ld_global_u16(addr))
-      vals.append((e, ptx.select(ptx.lt(e, lay.k), v, ptx.fconst(0.0)),
+      vals.append((e, ptx.select(ptx.lt(col, lay.k), v, ptx.fconst(0.0)),
                    (i + 1) * nthreads > x_elems))
     for e, v, ragged in vals:
       if ragged:
@@ -355,17 +366,18 @@ def arith_and(a, b):
 
 
 def gemv_reference(x: jax.Array, planes: jax.Array, lut: jax.Array, *, bits: int,
-                   in_features: int) -> jax.Array:
+                   in_features: int, tc_order: bool = False) -> jax.Array:
   """Pure-jnp twin: [M, K] x W_b^T -> [M, N] f32."""
-  from anyprec_jax.weight import AnyPrecWeight, dequantize
-  w = AnyPrecWeight(planes, {bits: lut}, in_features, bits)
+  from anyprec_jax.weight import AnyPrecWeight, PlaneLayout, dequantize
+  w = AnyPrecWeight(planes, {bits: lut}, in_features, bits,
+                    PlaneLayout.TC if tc_order else PlaneLayout.FORMAT)
   wd = dequantize(w, bits, jnp.float32)
   return jnp.dot(x.astype(jnp.float32), wd.T, precision=jax.lax.Precision.HIGHEST)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "cfg"))
+@functools.partial(jax.jit, static_argnames=("bits", "cfg", "tc_order"))
 def gemv(x: jax.Array, planes: jax.Array, lut: jax.Array, *, bits: int,
-         cfg: MosaicGemvConfig = MosaicGemvConfig()) -> jax.Array:
+         cfg: MosaicGemvConfig = MosaicGemvConfig(), tc_order: bool = False) -> jax.Array:
   """y = x @ W_b^T for one activation row on Mosaic GPU.
 
   Args:
@@ -374,6 +386,8 @@ def gemv(x: jax.Array, planes: jax.Array, lut: jax.Array, *, bits: int,
     lut: [N, 2^bits] (f16; other float dtypes are converted first).
     bits: precision b (static).
     cfg: launch shape (static).
+    tc_order: the planes are in the tensor-core bit order (`plane_layout`), with
+      4 ceil(K/128) words per row.
 
   Returns:
     [1, N] float32.
@@ -384,7 +398,8 @@ def gemv(x: jax.Array, planes: jax.Array, lut: jax.Array, *, bits: int,
   if m != 1:
     raise ValueError(f"the Mosaic GPU GEMV takes one activation row, got M={m}")
   p, n, words = planes.shape
-  if p < bits or words != -(-k // 32):
+  want = 4 * -(-k // 128) if tc_order else -(-k // 32)
+  if p < bits or words != want:
     raise ValueError(f"planes {planes.shape} do not hold {bits} planes of K={k}")
   if lut.shape != (n, 1 << bits):
     raise ValueError(f"LUT shape {lut.shape}, expected {(n, 1 << bits)}")
@@ -392,7 +407,7 @@ def gemv(x: jax.Array, planes: jax.Array, lut: jax.Array, *, bits: int,
     lut = lut.astype(jnp.float16)
   if x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
     x = x.astype(jnp.float32)
-  lay = make_layout(bits, n, k, cfg)
+  lay = make_layout(bits, n, k, cfg, tc_order=tc_order)
 
   def body(x_ref, planes_ref, lut_ref, out_ref, smem_ref):
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 5)

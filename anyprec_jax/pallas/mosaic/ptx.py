@@ -270,3 +270,50 @@ class If:
       scf.yield_([])
     self._ip.__exit__(*exc)
     return False
+
+
+# --- tensor-core GEMV helpers -------------------------------------------------------
+
+def udiv(a, d: int):
+  return arith.divui(a, const(d))
+
+
+def prmt(a, b, sel):
+  """PTX byte permute: byte i = byte (nibble i of sel, low 16 bits) of {b:a}."""
+  sel = sel if isinstance(sel, ir.Value) else const(sel)
+  return asm(i32(), [a, b, sel], "prmt.b32 $0, $1, $2, $3;", "=r,r,r,r")
+
+
+def ld_global_v4_u32(addr64):
+  st = llvm.StructType.get_literal([i32()] * 4)
+  r = asm(st, [addr64], "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];",
+          "=r,=r,=r,=r,l", True)
+  return [llvm.extractvalue(i32(), r, [i]) for i in range(4)]
+
+
+def st_shared_v4_f32(addr32, vals, imm: int = 0):
+  asm(None, [addr32, *vals], f"st.shared.v4.f32 [$0+{imm}], {{$1, $2, $3, $4}};",
+      "r,f,f,f,f", True)
+
+
+def f16x2_to_bf16x2(h2):
+  """Two fp16 in an i32 -> the same two values rounded to bf16, same halves."""
+  return asm(i32(), [h2],
+             "{ .reg .b16 l, h; .reg .f32 fl, fh; mov.b32 {l, h}, $1; "
+             "cvt.f32.f16 fl, l; cvt.f32.f16 fh, h; cvt.rn.bf16x2.f32 $0, fh, fl; }",
+             "=r,r")
+
+
+def mma_m16n8k16(a_regs, b_regs, c_vals, dtype: str):
+  """D = A @ B + C on the tensor cores; dtype 'bf16' or 'f16' operands, f32 C/D."""
+  st = llvm.StructType.get_literal([f32()] * 4)
+  r = asm(st, [*a_regs, *b_regs, *c_vals],
+          f"mma.sync.aligned.m16n8k16.row.col.f32.{dtype}.{dtype}.f32 "
+          "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
+          "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f")
+  return [llvm.extractvalue(f32(), r, [i]) for i in range(4)]
+
+
+def land(a, b):
+  """Logical and of two i1 values."""
+  return arith.andi(a, b)

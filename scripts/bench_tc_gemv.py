@@ -1,0 +1,86 @@
+r"""Tensor-core GEMV (b = 3, 4; M = 1 and 8) against XLA bf16 and the Triton GEMV.
+
+On the GPU machine: PYTHONPATH=. python3 scripts/bench_tc_gemv.py --out=$OUT
+Checks each case against the pure-jnp reference (LUT rounded to bf16, the kernel's
+operand precision), times it in the same run as bf16 `jnp.dot` and a device copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+
+flags.DEFINE_string("out", "", "directory for the JSON results")
+flags.DEFINE_string("bits", "3,4", "bit widths")
+flags.DEFINE_string("m", "1,8", "activation rows")
+flags.DEFINE_bool("triton", True, "also time the Triton GEMV")
+flags.DEFINE_integer("samples", 20, "timing samples per case")
+flags.DEFINE_string("variants", "", "comma list of variant names (default: all)")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  import jax
+  from anyprec_jax.pallas import benchmark as bm
+  from anyprec_jax.pallas.mosaic.gemv_tc import TcGemvConfig as C
+  print("jax", jax.__version__, jax.devices(), flush=True)
+  variants = {"rt2": C(), "rt1": C(row_tiles=1), "rt2_t1": C(warpgroups=1),
+              "rt4_t2": C(row_tiles=4, warpgroups=2)}
+  if FLAGS.variants:
+    variants = {k: v for k, v in variants.items() if k in FLAGS.variants.split(",")}
+  shapes = [bm.Shape("7b gate/up", 11008, 4096), bm.Shape("7b down", 4096, 11008),
+            bm.Shape("7b q/k/v/o", 4096, 4096)]
+  cases = [bm.copy_case()]
+  for s in shapes:
+    for m in (int(v) for v in FLAGS.m.split(",")):
+      cases.append(bm.bf16_case(s, m))
+      for bits in (int(b) for b in FLAGS.bits.split(",")):
+        for name, cfg in variants.items():
+          cases.append(bm.tc_gemv_case(s, bits, m, cfg, label=name))
+        if FLAGS.triton:
+          cases.append(bm.gemv_case(s, bits, m))
+  bm.compile_all(cases, threads=4)
+  res = {}
+  for c in cases:
+    try:
+      res[c.key] = bm.time_case(c, samples=FLAGS.samples)
+    except Exception as e:  # pylint: disable=broad-except
+      res[c.key] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+    print(c.key, res[c.key], flush=True)
+  copy = res[("copy",)]["tbps"]
+  lines = [f"copy bandwidth {copy:.2f} TB/s",
+           "| shape | M | bits | kernel | us | eff TB/s | % copy | vs bf16 | err |",
+           "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+  for key, r in res.items():
+    if key[0] not in ("tc", "gemv") or "error" in r:
+      if "error" in r:
+        lines.append(f"| {key} | error: {r['error'][:80]} |")
+      continue
+    shape = key[1]
+    m = key[3]
+    ref = res[("bf16", shape, m)]
+    kern = f"tc {key[4]}" if key[0] == "tc" else "triton"
+    lines.append(f"| {shape} | {m} | {key[2]} | {kern} | {r['us']:.1f} | {r['tbps']:.2f} | "
+                 f"{100 * r['tbps'] / copy:.0f}% | {ref['us'] / r['us']:.2f} | "
+                 f"{r['err']:.1e} |")
+  for s in shapes:
+    for m in (int(v) for v in FLAGS.m.split(",")):
+      r = res[("bf16", s.name, m)]
+      lines.append(f"| {s.name} | {m} | bf16 | xla | {r['us']:.1f} | {r['tbps']:.2f} | "
+                   f"{100 * r['tbps'] / copy:.0f}% | 1.00 | |")
+  table = "\n".join(lines)
+  if FLAGS.out:
+    os.makedirs(FLAGS.out, exist_ok=True)
+    with open(os.path.join(FLAGS.out, "tc_gemv.json"), "w") as f:
+      json.dump({"|".join(map(str, k)): v for k, v in res.items()}, f, indent=1,
+                default=str)
+    with open(os.path.join(FLAGS.out, "tc_gemv_table.md"), "w") as f:
+      f.write(table + "\n")
+  print(table)
+
+
+if __name__ == "__main__":
+  app.run(main)

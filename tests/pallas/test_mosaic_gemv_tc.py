@@ -1,0 +1,214 @@
+"""Tensor-core GEMV (b <= 4, M <= 8): bit order, lane-level decode, lowering, GPU runs.
+
+`TcLayoutTest` checks the plane re-ordering round trip. `TcDecodeEmulationTest` replays
+the kernel's per-lane decode (field words, `prmt` byte tables, A-register interleave) in
+numpy and checks every A-fragment element against the dense weight: the bit order, the
+selectors and the register order are verified on CPU. `TcLoweringTest` builds the
+kernel for CUDA on any machine; `TcGemvTest` runs it natively on Hopper.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+
+from anyprec_jax import format as fmt
+from anyprec_jax import ops
+from anyprec_jax import weight as wt
+from anyprec_jax.pallas import backend
+from anyprec_jax.plane_layout import PlaneLayout
+from anyprec_jax.pallas.mosaic import gemv_tc as gt
+from anyprec_jax import plane_layout as tc_layout
+
+
+def _prmt(a, b, sel):
+  """numpy prmt.b32 (default mode): byte i = byte (nibble i of sel) of {b:a}."""
+  a, b = np.asarray(a, np.uint32), np.asarray(b, np.uint32)
+  sel = np.broadcast_to(np.asarray(sel, np.uint32), a.shape)
+  table = np.stack([(a >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)]
+                   + [(b >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)])  # [8, ...]
+  out = np.zeros_like(a)
+  for i in range(4):
+    nib = (sel >> np.uint32(4 * i)) & np.uint32(0xF)
+    assert not (nib & 8).any(), "sign-replicate mode must not be used"
+    byte = np.take_along_axis(table, (nib & 7)[None].astype(np.int64), 0)[0]
+    out |= byte << np.uint32(8 * i)
+  return out
+
+
+def _field_words(words, bits):
+  out = []
+  for s in range(4):
+    acc = np.zeros_like(words[0])
+    for i, w in enumerate(words):
+      j = bits - 1 - i
+      v = (w >> np.uint32(s - j)) if s >= j else (w << np.uint32(j - s))
+      acc |= v & np.uint32((0x11111111 << j) & 0xFFFFFFFF)
+    out.append(acc & np.uint32(0xFFFFFFFF))
+  return out
+
+
+def _lookup(lo, hi, sel, bits):
+  if bits == 3:
+    l, h = _prmt(lo[0], lo[1], sel), _prmt(hi[0], hi[1], sel)
+  else:
+    sel = np.asarray(sel, np.uint32)
+    sl = sel & np.uint32(0x7777)
+    s2 = ((sel >> np.uint32(1)) & np.uint32(0x4444)) | np.uint32(0x3210)
+    l = _prmt(_prmt(lo[0], lo[1], sl), _prmt(lo[2], lo[3], sl), s2)
+    h = _prmt(_prmt(hi[0], hi[1], sl), _prmt(hi[2], hi[3], sl), s2)
+  return _prmt(l, h, 0x5140), _prmt(l, h, 0x7362)
+
+
+def _halves(reg):
+  reg = np.asarray(reg, np.uint32)
+  lo = (reg & np.uint32(0xFFFF)).astype(np.uint16).view(np.float16)
+  hi = (reg >> np.uint32(16)).astype(np.uint16).view(np.float16)
+  return lo, hi
+
+
+class TcLayoutTest(parameterized.TestCase):
+
+  @parameterized.parameters(64, 128, 1000, 4096)
+  def test_round_trip(self, k):
+    rng = np.random.default_rng(k)
+    codes = rng.integers(0, 256, size=(5, k))
+    planes = jnp.asarray(fmt.pack_bitplanes(codes, 8))
+    tc = tc_layout.to_tc(planes, k)
+    self.assertEqual(tc.shape, (8, 5, tc_layout.num_words(k)))
+    np.testing.assert_array_equal(np.asarray(tc_layout.from_tc(tc, k)), np.asarray(planes))
+
+  def test_block_columns_is_a_permutation(self):
+    cols = tc_layout.block_columns()
+    self.assertEqual(sorted(cols.ravel().tolist()), list(range(128)))
+
+
+class TcDecodeEmulationTest(parameterized.TestCase):
+
+  @parameterized.parameters(3, 4)
+  def test_a_fragments_equal_dense_weights(self, bits):
+    rng = np.random.default_rng(bits)
+    n, k = 16, 256
+    codes = rng.integers(0, 1 << bits, size=(n, k))
+    lut = rng.normal(size=(n, 1 << bits)).astype(np.float16)
+    dense = np.take_along_axis(lut, codes, 1)  # [N, K]
+    planes = fmt.pack_bitplanes(codes << (8 - bits), 8)  # parent 8, top b bits = code
+    tc = np.asarray(tc_layout.to_tc(jnp.asarray(planes), k))
+    lane = np.arange(32)
+    g, q = lane // 4, lane % 4
+    lut_bits = lut.view(np.uint16).astype(np.uint32)  # [N, 2^b]
+
+    def tables(row):
+      h = lut_bits[row]  # [32 lanes, 2^b]
+      pairs = [h[:, i] | (h[:, i + 1] << np.uint32(16)) for i in range(0, h.shape[1], 2)]
+      lo = [_prmt(pairs[i], pairs[i + 1], 0x6420) for i in range(0, len(pairs), 2)]
+      hi = [_prmt(pairs[i], pairs[i + 1], 0x7531) for i in range(0, len(pairs), 2)]
+      return lo, hi
+
+    tab = [tables(g), tables(g + 8)]
+    for blk in range(k // 128):
+      words = [[tc[p, r, 4 * blk + q] for p in range(bits)] for r in (g, g + 8)]
+      cw = [_field_words(w, bits) for w in words]
+      for st in range(8):
+        s, h = st // 2, st % 2
+        regs = []
+        for half in range(2):
+          sel = cw[half][s] if h == 0 else cw[half][s] >> np.uint32(16)
+          regs.append(_lookup(*tab[half], sel & np.uint32(0xFFFF), bits))
+        # A registers: (g, 2q..2q+1), (g+8, 2q..), (g, 2q+8..), (g+8, 2q+8..)
+        a = [regs[0][0], regs[1][0], regs[0][1], regs[1][1]]
+        base = 128 * blk + 16 * st + 2 * q
+        for reg, rows, cols in ((a[0], g, base), (a[1], g + 8, base),
+                                (a[2], g, base + 8), (a[3], g + 8, base + 8)):
+          lo, hi = _halves(reg)
+          np.testing.assert_array_equal(lo, dense[rows, cols])
+          np.testing.assert_array_equal(hi, dense[rows, cols + 1])
+
+
+class TcLoweringTest(parameterized.TestCase):
+
+  @parameterized.product(bits=(3, 4), m=(1, 8), dtype=("bfloat16", "float16"))
+  def test_lowers_for_cuda(self, bits, m, dtype):
+    n, k = 1000, 4000
+    fn = jax.jit(lambda x, p, l: gt.gemv_tc(x, p, l, bits=bits))
+    args = (jax.ShapeDtypeStruct((m, k), jnp.dtype(dtype)),
+            jax.ShapeDtypeStruct((bits, n, tc_layout.num_words(k)), jnp.uint32),
+            jax.ShapeDtypeStruct((n, 1 << bits), jnp.float16))
+    self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
+
+  def test_rejects_bad_inputs(self):
+    x = jnp.ones((1, 256), jnp.bfloat16)
+    lut = jnp.ones((16, 8), jnp.float16)
+    with self.assertRaisesRegex(ValueError, "tensor-core-order"):
+      gt.gemv_tc(x, jnp.ones((3, 16, 4), jnp.uint32), lut, bits=3)
+    with self.assertRaisesRegex(ValueError, "3 and 4 bits"):
+      gt.gemv_tc(x, jnp.ones((5, 16, 8), jnp.uint32), jnp.ones((16, 32), jnp.float16),
+                 bits=5)
+
+
+def _tc_weight(rng, n, k, bits):
+  codes = rng.integers(0, 256, size=(n, k))
+  luts = {b: rng.uniform(-2, 2, size=(n, 1 << b)).astype(np.float16) for b in range(3, 9)}
+  return wt.from_codes(codes, luts, 8, bits)
+
+
+class TcDispatchTest(parameterized.TestCase):
+  """`ops.linear` on TC-order planes equals the format-order reference."""
+  BACKEND = ops.Backend.INTERPRET
+  CASES = ((3, 1), (6, 3), (4, 12))
+
+  def setUp(self):
+    super().setUp()
+    if self.BACKEND is ops.Backend.PALLAS:
+      cc = backend.compute_capability()
+      if cc is None or cc < (9, 0):
+        self.skipTest("native TC dispatch is checked on Hopper")
+
+  def test_matches_format_reference(self):
+    rng = np.random.default_rng(7)
+    n, k = 40, 200
+    for bits, m in self.CASES:
+      w = _tc_weight(rng, n, k, bits)
+      x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+      with ops.use_backend(ops.Backend.REFERENCE):
+        want = np.asarray(ops.linear(x, w), np.float64)
+      with ops.use_backend(self.BACKEND):
+        got = np.asarray(ops.linear(x, w.with_layout(PlaneLayout.TC)), np.float64)
+      err = np.abs(got - want).max() / np.abs(want).max()
+      self.assertLess(err, 5e-3 if self.BACKEND is ops.Backend.PALLAS else 1e-5,
+                      f"b{bits} M={m}: {err:.3g}")
+
+
+class TcDispatchNativeTest(TcDispatchTest):
+  BACKEND = ops.Backend.PALLAS
+  CASES = ((3, 1), (3, 8), (4, 5), (6, 1), (6, 3), (8, 1), (4, 12))
+
+
+class TcGemvTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    cc = backend.compute_capability()
+    if cc is None or cc < (9, 0):
+      self.skipTest("the tensor-core GEMV needs a Hopper (sm_90+) GPU")
+
+  @parameterized.product(bits=(3, 4), m=(1, 3, 8), dtype=("bfloat16", "float16"),
+                         shape=((1000, 4000), (4096, 11008)))
+  def test_matches_reference(self, bits, m, dtype, shape):
+    n, k = shape
+    for trial in range(2):
+      kx, kp, kl = jax.random.split(jax.random.PRNGKey(100 * bits + 10 * m + trial), 3)
+      x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.dtype(dtype))
+      planes = tc_layout.to_tc(jax.random.bits(kp, (bits, n, -(-k // 32)), jnp.uint32), k)
+      lut = jax.random.normal(kl, (n, 1 << bits), jnp.float16)
+      got = np.asarray(gt.gemv_tc(x, planes, lut, bits=bits), np.float64)
+      lut_ref = lut.astype(jnp.bfloat16) if dtype == "bfloat16" else lut
+      want = np.asarray(gt.gemv_tc_reference(x, planes, lut_ref, bits=bits,
+                                             in_features=k), np.float64)
+      self.assertTrue(np.isfinite(got).all())
+      err = np.abs(got - want).max() / (np.abs(want).max() + 1e-30)
+      self.assertLess(err, 1e-4, f"b{bits} M={m} {dtype} {shape}: {err:.3g}")
+
+
+if __name__ == "__main__":
+  absltest.main()
