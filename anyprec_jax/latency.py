@@ -111,7 +111,7 @@ def random_dense_params(cfg: models.ModelConfig, dtype=jnp.bfloat16, seed: int =
 
 
 @functools.partial(jax.jit, static_argnames=("n", "k", "planes", "precisions", "layout"))
-def _random_anyprec(key, *, n, k, planes, precisions, layout):
+def _random_anyprec(key, *, n, k, planes, precisions, layout=PlaneLayout.FORMAT):
   kp, kl = jax.random.split(key)
   words = plane_layout.words_for(layout, k)
   bits = jax.random.bits(kp, (planes, n, words), jnp.uint32)  # [P, N, W]
