@@ -56,6 +56,12 @@ def compute_capability() -> tuple[int, int] | None:
 MOSAIC_DEFAULT_BITS = frozenset({5, 6, 7, 8})
 
 
+def is_hopper_or_newer() -> bool:
+  """Whether the first device is a GPU of compute capability >= 9.0."""
+  cc = compute_capability()
+  return cc is not None and cc >= (9, 0)
+
+
 def mosaic_available() -> bool:
   """Whether the Mosaic GPU kernels run here: compute capability >= 9.0, or forced.
 
@@ -64,8 +70,7 @@ def mosaic_available() -> bool:
   forced = os.environ.get(BACKEND_ENV, "").strip().lower()
   if forced:
     return gemv_backend() is GpuBackend.MOSAIC
-  cc = compute_capability()
-  return cc is not None and cc >= (9, 0)
+  return is_hopper_or_newer()
 
 
 def gemv_backend(bits: int | None = None) -> GpuBackend:
@@ -81,8 +86,7 @@ def gemv_backend(bits: int | None = None) -> GpuBackend:
       return GpuBackend(forced)
     except ValueError:
       raise ValueError(f"{BACKEND_ENV}={forced!r}: expected 'triton' or 'mosaic'") from None
-  cc = compute_capability()
-  if cc is None or cc < (9, 0):
+  if not is_hopper_or_newer():
     return GpuBackend.TRITON
   if bits is not None and bits not in MOSAIC_DEFAULT_BITS:
     return GpuBackend.TRITON

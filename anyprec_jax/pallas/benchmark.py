@@ -61,9 +61,13 @@ class Case:
   compiled: object = None
 
 
-def _weights(key, shape: Shape, bits: int, count: int) -> list[AnyPrecWeight]:
-  """`count` random weights holding exactly the b planes a b-bit kernel reads."""
-  words = -(-shape.k // 32)
+def _weights(key, shape: Shape, bits: int, count: int,
+             words: int | None = None) -> list[AnyPrecWeight]:
+  """`count` random weights holding exactly the b planes a b-bit kernel reads.
+
+  words: words per row (default: the format's ceil(K/32)).
+  """
+  words = words or -(-shape.k // 32)
   out = []
   for i in range(count):
     kp, kl = jax.random.split(jax.random.fold_in(key, i))
@@ -159,13 +163,8 @@ def tc_gemv_case(shape: Shape, bits: int, m: int, cfg, label: str = "") -> Case:
 
   def make_args():
     key = jax.random.PRNGKey(bits * 100 + m)
-    ws = []
-    for i in range(r):
-      kp, kl = jax.random.split(jax.random.fold_in(key, i))
-      planes = jax.random.bits(kp, (bits, shape.n, words), jnp.uint32)
-      lut = jax.random.normal(kl, (shape.n, 1 << bits), jnp.float16)
-      ws.append(AnyPrecWeight(planes, {bits: lut}, shape.k, bits))
-    return _activations(key, m, shape.k, r, jnp.bfloat16), ws
+    return (_activations(key, m, shape.k, r, jnp.bfloat16),
+            _weights(key, shape, bits, r, words=words))
 
   def check(args, out):
     x, w = args[0][0], args[1][0]

@@ -70,8 +70,7 @@ class MosaicLoweringTest(parameterized.TestCase):
       with self.assertRaisesRegex(ValueError, "ANYPREC_GPU_BACKEND"):
         backend.gemv_backend()
     with mock.patch.dict(os.environ, {backend.BACKEND_ENV: ""}):
-      cc = backend.compute_capability()
-      want = (backend.GpuBackend.MOSAIC if cc is not None and cc >= (9, 0)
+      want = (backend.GpuBackend.MOSAIC if backend.is_hopper_or_newer()
               else backend.GpuBackend.TRITON)
       self.assertIs(backend.gemv_backend(), want)
 
@@ -80,8 +79,7 @@ class MosaicGemvTest(parameterized.TestCase):
 
   def setUp(self):
     super().setUp()
-    cc = backend.compute_capability()
-    if cc is None or cc < (9, 0):
+    if not backend.is_hopper_or_newer():
       self.skipTest("the Mosaic GPU GEMV needs a Hopper (sm_90+) GPU")
 
   def _check(self, n, k, bits, cfg, x_dtype=jnp.bfloat16, seed=0):

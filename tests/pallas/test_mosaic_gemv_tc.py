@@ -15,37 +15,23 @@ from absl.testing import absltest, parameterized
 from anyprec_jax import format as fmt
 from anyprec_jax import ops
 from anyprec_jax import weight as wt
-from anyprec_jax.pallas import backend
+from anyprec_jax.pallas import backend, bitops
 from anyprec_jax.plane_layout import PlaneLayout
 from anyprec_jax.pallas.mosaic import gemv_tc as gt
 from anyprec_jax import plane_layout as tc_layout
 
 
 def _prmt(a, b, sel):
-  """numpy prmt.b32 (default mode): byte i = byte (nibble i of sel) of {b:a}."""
-  a, b = np.asarray(a, np.uint32), np.asarray(b, np.uint32)
-  sel = np.broadcast_to(np.asarray(sel, np.uint32), a.shape)
-  table = np.stack([(a >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)]
-                   + [(b >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)])  # [8, ...]
-  out = np.zeros_like(a)
-  for i in range(4):
-    nib = (sel >> np.uint32(4 * i)) & np.uint32(0xF)
-    assert not (nib & 8).any(), "sign-replicate mode must not be used"
-    byte = np.take_along_axis(table, (nib & 7)[None].astype(np.int64), 0)[0]
-    out |= byte << np.uint32(8 * i)
-  return out
+  """prmt.b32 as the hardware does it (`bitops` emulation), as numpy uint32."""
+  return np.asarray(bitops.prmt(np.asarray(a, np.uint32), np.asarray(b, np.uint32),
+                                np.asarray(sel, np.uint32), interpret=True), np.uint32)
 
 
 def _field_words(words, bits):
-  out = []
-  for s in range(4):
-    acc = np.zeros_like(words[0])
-    for i, w in enumerate(words):
-      j = bits - 1 - i
-      v = (w >> np.uint32(s - j)) if s >= j else (w << np.uint32(j - s))
-      acc |= v & np.uint32((0x11111111 << j) & 0xFFFFFFFF)
-    out.append(acc & np.uint32(0xFFFFFFFF))
-  return out
+  """The kernel's C_0..C_3 through the shared `bitops.field_words`."""
+  places = [bits - 1 - i for i in range(bits)]  # plane 0 is the code's MSB
+  return [np.asarray(bitops.field_words(list(words), places, s), np.uint32)
+          for s in range(4)]
 
 
 def _lookup(lo, hi, sel, bits):
@@ -160,8 +146,7 @@ class TcDispatchTest(parameterized.TestCase):
   def setUp(self):
     super().setUp()
     if self.BACKEND is ops.Backend.PALLAS:
-      cc = backend.compute_capability()
-      if cc is None or cc < (9, 0):
+      if not backend.is_hopper_or_newer():
         self.skipTest("native TC dispatch is checked on Hopper")
 
   def test_matches_format_reference(self):
@@ -188,8 +173,7 @@ class TcGemvTest(parameterized.TestCase):
 
   def setUp(self):
     super().setUp()
-    cc = backend.compute_capability()
-    if cc is None or cc < (9, 0):
+    if not backend.is_hopper_or_newer():
       self.skipTest("the tensor-core GEMV needs a Hopper (sm_90+) GPU")
 
   @parameterized.product(bits=(3, 4), m=(1, 3, 8), dtype=("bfloat16", "float16"),

@@ -305,7 +305,6 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout, x_dtyp
   ptx.bar_sync(bar_id, WARPGROUP)
   x_resident = x_for(0) if lay.passes == 1 else None
 
-  idx = ir.IndexType.get()
   loop = scf.ForOp(ptx.to_index(gw), ptx.to_index(ptx.const(lay.groups)),
                    ptx.to_index(ptx.const(total_wgs)), [ptx.const(0)] + flat0)
   with ir.InsertionPoint(loop.body):
@@ -339,7 +338,7 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout, x_dtyp
       for r in range(r_rows):
         ptx.st_shared_f32(wslot, acc[r], imm=4 * r)
     ptx.bar_sync(bar_id, WARPGROUP)
-    with ptx.If(arith_and(ptx.eq(warp, 0), ptx.lt(lane, r_rows))):
+    with ptx.If(ptx.land(ptx.eq(warp, 0), ptx.lt(lane, r_rows))):
       tot = None
       for v in range(4):
         part = ptx.ld_shared_f32(ptx.add(redp, ptx.shl(lane, 2)), imm=v * r_rows * 4)
@@ -349,7 +348,6 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout, x_dtyp
         ptx.st_global_f32(ptx.gaddr(og, row, 4), tot)
     nxt_flat = [v for row in cur for v in row] if lay.prefetch else []
     scf.YieldOp([ptx.bxor(par, ptx.const(1))] + nxt_flat)
-  del idx
 
 
 def _tree_sum(vals):
@@ -358,11 +356,6 @@ def _tree_sum(vals):
     vals = [ptx.fadd(vals[i], vals[i + 1]) if i + 1 < len(vals) else vals[i]
             for i in range(0, len(vals), 2)]
   return vals[0]
-
-
-def arith_and(a, b):
-  from jaxlib.mlir.dialects import arith
-  return arith.andi(a, b)
 
 
 def gemv_reference(x: jax.Array, planes: jax.Array, lut: jax.Array, *, bits: int,
