@@ -1,4 +1,5 @@
-r"""Tensor-core GEMV (b = 3, 4; M = 1 and 8) against XLA bf16 and the Triton GEMV.
+r"""Tensor-core GEMV (b = 3..8; M = 1 and 8) against XLA bf16, the Mosaic LUT GEMV (M = 1)
+and the Triton GEMV.
 
 On the GPU machine: PYTHONPATH=. python3 scripts/bench_tc_gemv.py --out=$OUT
 Checks each case against the pure-jnp reference (LUT rounded to bf16, the kernel's
@@ -16,6 +17,8 @@ flags.DEFINE_string("out", "", "directory for the JSON results")
 flags.DEFINE_string("bits", "3,4", "bit widths")
 flags.DEFINE_string("m", "1,8", "activation rows")
 flags.DEFINE_bool("triton", True, "also time the Triton GEMV")
+flags.DEFINE_string("triton_m", "", "rows M at which to time Triton (default: all of --m)")
+flags.DEFINE_bool("lut_gemv", False, "also time the Mosaic LUT GEMV (M = 1, b >= 5)")
 flags.DEFINE_integer("samples", 20, "timing samples per case")
 flags.DEFINE_string("variants", "", "comma list of variant names (default: all)")
 FLAGS = flags.FLAGS
@@ -28,7 +31,11 @@ def main(argv):
   from anyprec_jax.pallas.mosaic.gemv_tc import TcGemvConfig as C
   print("jax", jax.__version__, jax.devices(), flush=True)
   variants = {"rt2": C(), "rt1": C(row_tiles=1), "rt2_t1": C(warpgroups=1),
-              "rt4_t2": C(row_tiles=4, warpgroups=2)}
+              "rt2_t2": C(warpgroups=2), "rt4_t1": C(row_tiles=4, warpgroups=1),
+              "rt4_t2": C(row_tiles=4, warpgroups=2),
+              "rt2_t1_s3": C(warpgroups=1, stages=3), "rt2_t1_s4": C(warpgroups=1, stages=4),
+              "rt2_t2_s3": C(warpgroups=2, stages=3), "rt2_t2_s4": C(warpgroups=2, stages=4),
+              "rt2_t4_s2": C(warpgroups=4, stages=2)}
   if FLAGS.variants:
     variants = {k: v for k, v in variants.items() if k in FLAGS.variants.split(",")}
   shapes = [bm.Shape("7b gate/up", 11008, 4096), bm.Shape("7b down", 4096, 11008),
@@ -39,8 +46,15 @@ def main(argv):
       cases.append(bm.bf16_case(s, m))
       for bits in (int(b) for b in FLAGS.bits.split(",")):
         for name, cfg in variants.items():
+          if bits >= 5 and cfg.row_tiles % 2:
+            continue  # two tiles share a shared-memory table
           cases.append(bm.tc_gemv_case(s, bits, m, cfg, label=name))
-        if FLAGS.triton:
+        if FLAGS.lut_gemv and m == 1 and bits >= 5:
+          from anyprec_jax.pallas.mosaic import gemv as mg
+          cases.append(bm.mosaic_gemv_case(s, bits, mg.config_for(bits, s.n, s.k),
+                                           label="lut"))
+        triton_m = FLAGS.triton_m or FLAGS.m
+        if FLAGS.triton and str(m) in triton_m.split(","):
           cases.append(bm.gemv_case(s, bits, m))
   bm.compile_all(cases, threads=4)
   res = {}
@@ -55,14 +69,14 @@ def main(argv):
            "| shape | M | bits | kernel | us | eff TB/s | % copy | vs bf16 | err |",
            "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
   for key, r in res.items():
-    if key[0] not in ("tc", "gemv") or "error" in r:
+    if key[0] not in ("tc", "gemv", "mosaic") or "error" in r:
       if "error" in r:
         lines.append(f"| {key} | error: {r['error'][:80]} |")
       continue
     shape = key[1]
-    m = key[3]
+    m = 1 if key[0] == "mosaic" else key[3]
     ref = res[("bf16", shape, m)]
-    kern = f"tc {key[4]}" if key[0] == "tc" else "triton"
+    kern = {"tc": f"tc {key[-1]}", "mosaic": "lut gemv"}.get(key[0], "triton")
     lines.append(f"| {shape} | {m} | {key[2]} | {kern} | {r['us']:.1f} | {r['tbps']:.2f} | "
                  f"{100 * r['tbps'] / copy:.0f}% | {ref['us'] / r['us']:.2f} | "
                  f"{r['err']:.1e} |")

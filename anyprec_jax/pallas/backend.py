@@ -55,6 +55,11 @@ def compute_capability() -> tuple[int, int] | None:
 # the Triton GEMV at 5..8 bits, and not faster at 3 and 4.
 MOSAIC_DEFAULT_BITS = frozenset({5, 6, 7, 8})
 
+# Widths whose M = 1 product on tensor-core-order planes takes the tensor-core GEMV
+# (`mosaic/gemv_tc.py`) rather than the LUT GEMV (`mosaic/gemv.py`); M = 2..8 take the
+# tensor-core GEMV at every width 3..8.
+TC_GEMV_M1_BITS = frozenset({3, 4, 5, 6, 7, 8})
+
 
 def is_hopper_or_newer() -> bool:
   """Whether the first device is a GPU of compute capability >= 9.0."""

@@ -1,8 +1,9 @@
 """What `ops.py` calls: y = x @ W_b^T for any M through the Pallas kernels.
 
 On Hopper (compute capability >= 9.0, `backend.mosaic_available`):
-  planes in the TC order, b <= 4, M <= 8: the tensor-core GEMV (`mosaic/gemv_tc.py`);
-  M = 1 otherwise (TC order, or format order at 5..8 bits): the Mosaic GPU GEMV
+  planes in the TC order, 3..8 bits, M = 2..8 (M = 1 at `backend.TC_GEMV_M1_BITS`):
+  the tensor-core GEMV (`mosaic/gemv_tc.py`);
+  M = 1 otherwise (TC order, or format order at 5..8 bits): the Mosaic GPU LUT GEMV
   (`mosaic/gemv.py`).
 Everything else: the Pallas-Triton bitplane GEMV (`gemv.py`) for M <= 8; TC planes are
 read with activations gathered into the TC word order (`plane_layout.x_to_tc`). M > 8 (prefill): the dequantisation kernel
@@ -97,7 +98,8 @@ def anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, interpret: bool = False) -> 
     raise ValueError(f"x has {k} features, weight expects {w.in_features}")
   tc = w.layout is PlaneLayout.TC
   if not interpret and backend.mosaic_available():
-    if tc and bits <= 4 and m <= gemv.MAX_ROWS and k % 2 == 0:
+    tc_bits = backend.TC_GEMV_M1_BITS if m == 1 else range(3, 9)
+    if tc and bits in tc_bits and m <= gemv.MAX_ROWS and k % 2 == 0:
       from anyprec_jax.pallas.mosaic import gemv_tc  # Hopper only.
       return gemv_tc.gemv_tc(x2, planes, lut, bits=bits,
                              cfg=gemv_tc.config_for(bits, m, n, k))

@@ -111,9 +111,69 @@ class TcDecodeEmulationTest(parameterized.TestCase):
           np.testing.assert_array_equal(hi, dense[rows, cols + 1])
 
 
+class SharedTableDecodeEmulationTest(parameterized.TestCase):
+  """b >= 5: transpose, `prmt` addresses into the shared tables, slot layout, packing."""
+
+  @parameterized.parameters(5, 6, 8)
+  def test_a_fragments_equal_dense_weights(self, bits):
+    rng = np.random.default_rng(bits)
+    rt_n, k = 2, 256
+    n = 16 * rt_n
+    codes = rng.integers(0, 1 << bits, size=(n, k))
+    lut = rng.normal(size=(n, 1 << bits)).astype(np.float16)
+    dense = np.take_along_axis(lut, codes, 1)  # [N, K]
+    planes = fmt.pack_bitplanes(codes << (8 - bits), 8)
+    tc = np.asarray(tc_layout.to_tc(jnp.asarray(planes), k))
+    lut_bits = lut.view(np.uint16).astype(np.uint32)
+    # The shared image as the fill writes it: slot (tile, e, lane) = (row g, row g + 8).
+    smem = np.zeros(gt.table_bytes(bits, rt_n) // 4, np.uint32)
+    for tile in range(rt_n):
+      for e in range(1 << bits):
+        for ln in range(32):
+          r = 16 * tile + ln // 4
+          smem[gt.slot_offset(bits, tile, e, ln) // 4] = (
+              lut_bits[r, e] | (lut_bits[r + 8, e] << np.uint32(16)))
+    lane = np.arange(32)
+    g, q = lane // 4, lane % 4
+    for rt in range(rt_n):
+      lane_base = (4 * lane + 128 * (rt % 2)).astype(np.uint32)
+      pair_base = (rt // 2) * (1 << bits) * gt.SLOT_STRIDE
+      for blk in range(k // 128):
+        cw = []
+        for r in (16 * rt + g, 16 * rt + g + 8):
+          words = [jnp.asarray(tc[p, r, 4 * blk + q]) for p in range(bits)]
+          cw.append([np.asarray(w, np.uint32) for w in bitops.transpose8(words)])
+        for st in range(8):
+          vals = []
+          for half in range(2):
+            v = []
+            for t in range(4):
+              sw, tb = gt.code_place(st, t)
+              off = _prmt(cw[half][sw], lane_base, gt.address_selector(tb))
+              v.append(smem[(pair_base + off) // 4])
+            vals.append(v)
+          a = [_prmt(vals[0][0], vals[0][1], gt.PACK_LOW),
+               _prmt(vals[1][0], vals[1][1], gt.PACK_HIGH),
+               _prmt(vals[0][2], vals[0][3], gt.PACK_LOW),
+               _prmt(vals[1][2], vals[1][3], gt.PACK_HIGH)]
+          base = 128 * blk + 16 * st + 2 * q
+          for reg, rows, cols in ((a[0], g, base), (a[1], g + 8, base),
+                                  (a[2], g, base + 8), (a[3], g + 8, base + 8)):
+            lo, hi = _halves(reg)
+            np.testing.assert_array_equal(lo, dense[16 * rt + rows, cols])
+            np.testing.assert_array_equal(hi, dense[16 * rt + rows, cols + 1])
+
+  def test_every_lane_reads_its_own_bank(self):
+    for bits in (5, 8):
+      for tile in range(4):
+        for e in (0, 1, (1 << bits) - 1):
+          banks = [(gt.slot_offset(bits, tile, e, ln) // 4) % 32 for ln in range(32)]
+          self.assertEqual(banks, list(range(32)))
+
+
 class TcLoweringTest(parameterized.TestCase):
 
-  @parameterized.product(bits=(3, 4), m=(1, 8), dtype=("bfloat16", "float16"))
+  @parameterized.product(bits=(3, 4, 5, 8), m=(1, 8), dtype=("bfloat16", "float16"))
   def test_lowers_for_cuda(self, bits, m, dtype):
     n, k = 1000, 4000
     fn = jax.jit(lambda x, p, l: gt.gemv_tc(x, p, l, bits=bits))
@@ -127,9 +187,12 @@ class TcLoweringTest(parameterized.TestCase):
     lut = jnp.ones((16, 8), jnp.float16)
     with self.assertRaisesRegex(ValueError, "tensor-core-order"):
       gt.gemv_tc(x, jnp.ones((3, 16, 4), jnp.uint32), lut, bits=3)
-    with self.assertRaisesRegex(ValueError, "3 and 4 bits"):
+    with self.assertRaisesRegex(ValueError, "3..8 bits"):
+      gt.gemv_tc(x, jnp.ones((2, 16, 8), jnp.uint32), jnp.ones((16, 4), jnp.float16),
+                 bits=2)
+    with self.assertRaisesRegex(ValueError, "row_tiles must be even"):
       gt.gemv_tc(x, jnp.ones((5, 16, 8), jnp.uint32), jnp.ones((16, 32), jnp.float16),
-                 bits=5)
+                 bits=5, cfg=gt.TcGemvConfig(row_tiles=1))
 
 
 def _tc_weight(rng, n, k, bits):
@@ -166,7 +229,8 @@ class TcDispatchTest(parameterized.TestCase):
 
 class TcDispatchNativeTest(TcDispatchTest):
   BACKEND = ops.Backend.PALLAS
-  CASES = ((3, 1), (3, 8), (4, 5), (6, 1), (6, 3), (8, 1), (4, 12))
+  CASES = ((3, 1), (3, 8), (4, 5), (5, 3), (6, 1), (6, 3), (7, 8), (8, 1), (8, 6),
+           (4, 12))
 
 
 class TcGemvTest(parameterized.TestCase):
@@ -176,7 +240,8 @@ class TcGemvTest(parameterized.TestCase):
     if not backend.is_hopper_or_newer():
       self.skipTest("the tensor-core GEMV needs a Hopper (sm_90+) GPU")
 
-  @parameterized.product(bits=(3, 4), m=(1, 3, 8), dtype=("bfloat16", "float16"),
+  @parameterized.product(bits=(3, 4, 5, 6, 7, 8), m=(1, 8),
+                         dtype=("bfloat16", "float16"),
                          shape=((1000, 4000), (4096, 11008)))
   def test_matches_reference(self, bits, m, dtype, shape):
     n, k = shape
@@ -192,6 +257,20 @@ class TcGemvTest(parameterized.TestCase):
       self.assertTrue(np.isfinite(got).all())
       err = np.abs(got - want).max() / (np.abs(want).max() + 1e-30)
       self.assertLess(err, 1e-4, f"b{bits} M={m} {dtype} {shape}: {err:.3g}")
+
+  @parameterized.product(bits=(3, 5, 8), m=(1, 8), stages=(2, 4))
+  def test_plane_ring_matches_reference(self, bits, m, stages):
+    n, k = 1000, 4000  # ragged N and K; warps of 1 or 2 blocks and idle ones
+    cfg = gt.TcGemvConfig(warpgroups=1 if stages == 4 else None, stages=stages)
+    kx, kp, kl = jax.random.split(jax.random.PRNGKey(bits + 10 * m + stages), 3)
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    planes = tc_layout.to_tc(jax.random.bits(kp, (bits, n, -(-k // 32)), jnp.uint32), k)
+    lut = jax.random.normal(kl, (n, 1 << bits), jnp.float16)
+    got = np.asarray(gt.gemv_tc(x, planes, lut, bits=bits, cfg=cfg), np.float64)
+    want = np.asarray(gt.gemv_tc_reference(x, planes, lut.astype(jnp.bfloat16), bits=bits,
+                                           in_features=k), np.float64)
+    err = np.abs(got - want).max() / (np.abs(want).max() + 1e-30)
+    self.assertLess(err, 1e-4, f"b{bits} M={m} S={stages}: {err:.3g}")
 
 
 if __name__ == "__main__":

@@ -131,31 +131,6 @@ def make_layout(bits: int, n: int, k: int, cfg: MosaicGemvConfig,
                  prefetch=cfg.prefetch, chains=cfg.chains, tc_order=tc_order)
 
 
-def _transpose8(words):
-  """MLIR twin of `bitops.transpose8`: byte t of out[s] = code of column 8t + s."""
-  from anyprec_jax.pallas.mosaic import ptx
-  b = len(words)
-  rows = [words[b - 1 - i] if i < b else None for i in range(8)]
-  for k, mask in ((4, 0x0F0F0F0F), (2, 0x33333333), (1, 0x55555555)):
-    for i in range(8):
-      if i & k:
-        continue
-      lo, hi = rows[i], rows[i + k]
-      if lo is None and hi is None:
-        continue
-      lo_s = None if lo is None else ptx.shr(lo, k)
-      if lo_s is None:
-        t = ptx.band(hi, mask)
-      elif hi is None:
-        t = ptx.band(lo_s, mask)
-      else:
-        t = ptx.band(ptx.bxor(lo_s, hi), mask)
-      rows[i + k] = t if hi is None else ptx.bxor(hi, t)
-      t_up = ptx.shl(t, k)
-      rows[i] = t_up if lo is None else ptx.bxor(lo, t_up)
-  return [ptx.const(0) if r is None else r for r in rows]
-
-
 def _tc_column(ptx, e):
   """Column of bit e % 32 of word e // 32 in the TC order (`plane_layout.tc_column`)."""
   w, pi = ptx.shr(e, 5), ptx.band(e, 31)
@@ -280,7 +255,7 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout, x_dtyp
     """
     for r in range(r_rows):
       slot = ptx.add(buf, ptx.const(r * lay.slot))
-      rows8 = _transpose8(words[r])
+      rows8 = ptx.transpose8(words[r])
       vals = []
       for s in range(8):
         for t in range(4):

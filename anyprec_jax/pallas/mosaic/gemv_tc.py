@@ -1,14 +1,23 @@
-"""Tensor-core bitplane GEMV for b <= 4 and M = 1..8 on Pallas Mosaic GPU (issue 15).
+"""Tensor-core bitplane GEMV for M = 1..8 on Pallas Mosaic GPU (issue 15), 3..8 bits.
 
 y[m, n] = sum_k x[m, k] * LUT_b[n, code_b(n, k)], planes in the tensor-core bit order
-of `tc_layout.py`.
+of `plane_layout.py`.
 
 * A CTA owns RT tiles of 16 rows; its 4T warps split the K blocks (128 columns each).
-* Lane (g, q) keeps the LUTs of its rows g and g + 8 of every tile in registers as byte
-  tables (low bytes and high bytes of the 2^b 16-bit values), so a look-up of four codes
-  is one `prmt` per byte table (b = 3; b = 4 adds one `prmt` to pick between the two
-  halves of 8 entries) and two `prmt` interleave the bytes into the two A registers of
-  a k16 step (`tc_layout` puts the codes there in register order).
+* Lane (g, q) decodes the codes of its rows g and g + 8 of every tile (one plane word
+  per plane, row and block) straight into the A registers of `mma.sync.m16n8k16`:
+  - b <= 4, register tables: the lane keeps its rows' LUTs as byte tables (low and
+    high bytes of the 2^b 16-bit values), a look-up of four codes is one `prmt` per
+    byte table (b = 4 adds one to pick between the two halves of 8 entries) and two
+    `prmt` interleave the bytes into the two A registers of a k16 step.
+  - b >= 5, shared-memory tables: the codes come out of the 8x8 bit transpose
+    (`ptx.transpose8`, byte t' of word s' = code of word bit 8t' + s'); one `prmt`
+    turns a code byte into a shared address (code in bits 8..15, the lane in bits
+    2..6, the tile's parity in bit 7), one `ld.shared.b32` fetches the slot, one `prmt`
+    packs two looked-up halves into an A register. Each slot holds the pair (row g,
+    row g + 8) of one entry, copied for the 4 lanes q that share row g, so every lane
+    reads its own bank: no bank conflicts whatever the codes. The tables of the CTA's
+    tiles (2^b * 256 bytes per two tiles) are written once at the start.
 * Per block a lane loads one word per plane and row and its B fragments (activations;
   rows g >= M are zero) straight from global memory, both one block ahead.
 * The products run on `mma.sync.m16n8k16` with f32 accumulators: the activations are
@@ -32,6 +41,42 @@ from anyprec_jax import plane_layout as tc_layout
 WARPGROUP = 128
 MAX_M = 8
 TARGET_WARPS = 132 * 32
+MAX_BITS = 8
+SMEM_TABLE_BITS = 5  # from this width on the LUTs live in shared memory
+SLOT_STRIDE = 256  # bytes between consecutive entries of a shared table
+
+
+# --- shared-memory tables (b >= 5): the index arithmetic, shared with the tests ---
+
+def code_place(st: int, t: int) -> tuple[int, int]:
+  """(word s', byte t') of `ptx.transpose8`'s output that holds the code of A element
+  t (0..3: columns 2q, 2q + 1, 2q + 8, 2q + 9) of k16 step st of a lane's row.
+
+  Word bit pi = 16h + 4t + s holds step 2s + h, element t (`plane_layout`); the
+  transpose puts bit pi into word pi % 8, byte pi // 8.
+  """
+  s, h = st // 2, st % 2
+  return s + 4 * (t & 1), 2 * h + (t >> 1)
+
+
+def address_selector(tbyte: int) -> int:
+  """`prmt` selector: byte 1 = code byte `tbyte` of the transposed word, bytes 0, 2, 3
+  from the lane base (lane * 4 + tile parity * 128)."""
+  return 0x7604 | (tbyte << 4)
+
+
+def table_bytes(bits: int, row_tiles: int) -> int:
+  """Shared bytes of the tables of `row_tiles` tiles (two tiles per 2^b slots)."""
+  return (row_tiles // 2) * (1 << bits) * SLOT_STRIDE
+
+
+def slot_offset(bits: int, tile: int, e: int, lane: int) -> int:
+  """Byte offset of lane `lane`'s copy of entry e of tile `tile`'s table pair."""
+  return (tile // 2) * (1 << bits) * SLOT_STRIDE + e * SLOT_STRIDE + (tile % 2) * 128 + 4 * lane
+
+
+PACK_LOW = 0x5410  # low halves of two words (row g's value of a slot)
+PACK_HIGH = 0x7632  # high halves (row g + 8's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +87,14 @@ class TcGemvConfig:
   warpgroups: T, warpgroups per CTA (4T warps split K); None = from the shape.
   prefetch: load the next block's plane words and activations before decoding the
     current one (software pipelining through registers).
+  stages: S >= 2: each warp streams its plane words through a ring of S blocks in
+    shared memory with `cp.async` (S - 1 blocks in flight, no registers held), read
+    back with `ld.shared`; 0: plane words go straight to registers (`prefetch`).
   """
   row_tiles: int = 2
   warpgroups: int | None = None
   prefetch: bool = True
+  stages: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,14 +109,28 @@ class _Layout:
   ctas: int
   prefetch: bool
   mma_dtype: str
+  stages: int
 
   @property
   def warps(self) -> int:
     return 4 * self.warpgroups
 
   @property
+  def table_bytes(self) -> int:
+    return table_bytes(self.bits, self.row_tiles) if self.bits >= SMEM_TABLE_BITS else 0
+
+  @property
+  def red_bytes(self) -> int:
+    return self.warps * self.row_tiles * 32 * 16
+
+  @property
+  def stage_bytes(self) -> int:  # one block of one warp's plane words: [b][16 RT][16 B]
+    return self.bits * 16 * self.row_tiles * 16
+
+  @property
   def smem_bytes(self) -> int:
-    return self.warps * self.row_tiles * 32 * 16 + 16
+    return (self.table_bytes + self.red_bytes
+            + self.warps * self.stages * self.stage_bytes)
 
 
 def config_for(bits: int, m: int, n: int, k: int) -> TcGemvConfig:
@@ -79,8 +142,11 @@ def config_for(bits: int, m: int, n: int, k: int) -> TcGemvConfig:
 
 def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
                 x_dtype) -> _Layout:
-  if bits not in (3, 4):
-    raise ValueError(f"the tensor-core GEMV handles 3 and 4 bits, got {bits}")
+  if not 3 <= bits <= MAX_BITS:
+    raise ValueError(f"the tensor-core GEMV handles 3..{MAX_BITS} bits, got {bits}")
+  if bits >= SMEM_TABLE_BITS and cfg.row_tiles % 2:
+    raise ValueError(f"row_tiles must be even from {SMEM_TABLE_BITS} bits on (two tiles "
+                     f"share a table), got {cfg.row_tiles}")
   if not 1 <= m <= MAX_M:
     raise ValueError(f"the tensor-core GEMV takes 1..{MAX_M} activation rows, got {m}")
   blocks = -(-k // tc_layout.BLOCK)
@@ -89,8 +155,11 @@ def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
   if t is None:
     t = max(1, min(4, -(-TARGET_WARPS // (4 * ctas)), max(1, blocks // 4)))
   mma = "f16" if jnp.dtype(x_dtype) == jnp.float16 else "bf16"
+  if cfg.stages == 1 or cfg.stages < 0:
+    raise ValueError(f"stages must be 0 (no ring) or >= 2, got {cfg.stages}")
   return _Layout(bits=bits, m=m, n=n, k=k, blocks=blocks, row_tiles=cfg.row_tiles,
-                 warpgroups=t, ctas=ctas, prefetch=cfg.prefetch, mma_dtype=mma)
+                 warpgroups=t, ctas=ctas, prefetch=cfg.prefetch, mma_dtype=mma,
+                 stages=cfg.stages)
 
 
 def _field_words(ptx, words, bits):
@@ -123,38 +192,17 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout):
   q = ptx.band(lane, 3)
   cta = ptx.block_id()
   xg, pg, lg, og = (ptx.gmem_address(r) for r in (x_ref, planes_ref, lut_ref, out_ref))
-  red = ptx.band(ptx.add(ptx.smem_address(smem_ref), ptx.const(15)), ~15 & 0xFFFFFFFF)
+  smem = ptx.smem_address(smem_ref)  # 1024-aligned (Pallas scratch)
+  red = ptx.add(smem, ptx.const(lay.table_bytes))
   row0 = ptx.mul(cta, ptx.const(16 * rt_n))
   rows = []  # per tile: (row g, row g + 8), clamped
   for rt in range(rt_n):
     ra = ptx.add(row0, ptx.add(g, ptx.const(16 * rt)))
     rows.append((ptx.umin(ra, n - 1), ptx.umin(ptx.add(ra, ptx.const(8)), n - 1)))
-
-  # Byte tables of each row's LUT (lo bytes, hi bytes), 2 (b=3) or 4 (b=4) regs each.
-  def tables(row):
-    addr = ptx.gaddr(lg, row, 2 << b)
-    h = ptx.ld_global_v4_u32(addr)
-    if b == 4:
-      h += ptx.ld_global_v4_u32(ptx.gaddr(lg, row, 2 << b, extra=16))
-    if lay.mma_dtype == "bf16":
-      h = [ptx.f16x2_to_bf16x2(v) for v in h]
-    lo = [ptx.prmt(h[i], h[i + 1], 0x6420) for i in range(0, len(h), 2)]
-    hi = [ptx.prmt(h[i], h[i + 1], 0x7531) for i in range(0, len(h), 2)]
-    return lo, hi
-
-  tabs = [(tables(ra), tables(rb)) for ra, rb in rows]
-
-  def lookup(tab, sel):
-    lo, hi = tab
-    if b == 3:
-      l = ptx.prmt(lo[0], lo[1], sel)
-      hh = ptx.prmt(hi[0], hi[1], sel)
-    else:
-      sl = ptx.band(sel, 0x7777)
-      s2 = ptx.bor(ptx.band(ptx.shr(sel, 1), 0x4444), ptx.const(0x3210))
-      l = ptx.prmt(ptx.prmt(lo[0], lo[1], sl), ptx.prmt(lo[2], lo[3], sl), s2)
-      hh = ptx.prmt(ptx.prmt(hi[0], hi[1], sl), ptx.prmt(hi[2], hi[3], sl), s2)
-    return ptx.prmt(l, hh, 0x5140), ptx.prmt(l, hh, 0x7362)
+  if b < SMEM_TABLE_BITS:
+    tile_a_regs = _register_tables(ptx, lay, lg, rows)
+  else:
+    tile_a_regs = _shared_tables(ptx, lay, lg, smem, row0, tid, lane)
 
   def words_for(blk):
     """[RT][2][b] plane words of block `blk` for this lane's rows."""
@@ -197,8 +245,16 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout):
   flat = lambda ws: [v for tile in ws for pair in tile for v in pair]
   flat_b = lambda bf: [v for st in bf for v in st]
   first = ptx.umin(start, lay.blocks - 1)
-  pre0 = (flat(words_for(first)) + flat_b(b_frags(first))) if lay.prefetch else []
-  nwords = rt_n * 2 * b
+  ring = lay.stages >= 2
+  if ring:
+    ring_issue, ring_read = _plane_ring(ptx, lay, pg, red, row0, warp, lane, g, q,
+                                        start, end, last)
+    for i in range(lay.stages - 1):
+      ring_issue(ptx.add(start, ptx.const(i)), i)
+  pre_words = lay.prefetch and not ring
+  pre0 = flat(words_for(first)) if pre_words else []
+  pre0 += flat_b(b_frags(first)) if lay.prefetch else []
+  nwords = rt_n * 2 * b if pre_words else 0
 
   loop = scf.ForOp(ptx.to_index(start), ptx.to_index(end), ptx.to_index(ptx.const(1)),
                    acc0 + pre0)
@@ -206,31 +262,36 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout):
     blk = ptx.from_index(loop.induction_variable)
     carried = list(loop.inner_iter_args)
     acc = carried[:4 * rt_n]
-    if lay.prefetch:
+    following = ptx.umin(ptx.add(blk, ptx.const(1)), last)
+    nxt = []
+    if ring:
+      i = ptx.add(blk, ptx.mul(start, ptx.const(-1)))
+      ptx.cp_async_wait(lay.stages - 2)
+      ptx.warp_sync()  # block i landed for all lanes; slot (i - 1) % S was read by all
+      ring_issue(ptx.add(blk, ptx.const(lay.stages - 1)),
+                 ptx.urem(ptx.add(i, ptx.const(lay.stages - 1)), lay.stages))
+      cur = ring_read(ptx.urem(i, lay.stages))
+    elif pre_words:
       it = iter(carried[4 * rt_n:4 * rt_n + nwords])
       cur = [[[next(it) for _ in range(b)] for _ in range(2)] for _ in range(rt_n)]
-      itb = iter(carried[4 * rt_n + nwords:])
-      bf = [[next(itb), next(itb)] for _ in range(8)]
-      following = ptx.umin(ptx.add(blk, ptx.const(1)), last)
-      nxt = words_for(following)
-      nxt_b = b_frags(following)
+      nxt = flat(words_for(following))
     else:
       cur = words_for(blk)
+    if lay.prefetch:
+      itb = iter(carried[4 * rt_n + nwords:])
+      bf = [[next(itb), next(itb)] for _ in range(8)]
+      nxt += flat_b(b_frags(following))
+    else:
       bf = b_frags(blk)
     for rt in range(rt_n):
-      cw = [_field_words(ptx, cur[rt][0], b), _field_words(ptx, cur[rt][1], b)]
       a_acc = acc[4 * rt:4 * rt + 4]
-      for st in range(8):
-        s, h = st // 2, st % 2
-        regs = []
-        for half in range(2):  # row g, row g + 8
-          sel = cw[half][s] if h == 0 else ptx.shr(cw[half][s], 16)
-          regs.append(lookup(tabs[rt][half], sel))
-        a_regs = [regs[0][0], regs[1][0], regs[0][1], regs[1][1]]
+      for st, a_regs in enumerate(tile_a_regs(rt, cur[rt])):
         a_acc = ptx.mma_m16n8k16(a_regs, bf[st], a_acc, lay.mma_dtype)
       acc[4 * rt:4 * rt + 4] = a_acc
-    scf.YieldOp(acc + ((flat(nxt) + flat_b(nxt_b)) if lay.prefetch else []))
+    scf.YieldOp(acc + nxt)
   acc = list(loop.results[:4 * rt_n])
+  if ring:
+    ptx.cp_async_wait(0)  # the ring's last (empty) copies land before the CTA ends
 
   # Cross-warp sum through shared memory: red[warp][rt][lane][4].
   for rt in range(rt_n):
@@ -258,6 +319,160 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout):
         ptx.st_global_f32(ptx.gaddr(og, ptx.add(ptx.mul(mm, ptx.const(n)), row), 4), tot)
 
 
+
+def _plane_ring(ptx, lay: _Layout, pg, red, row0, warp, lane, g, q, start, end, last):
+  """Per-warp ring of S blocks of plane words in shared memory, filled by `cp.async`.
+
+  Slot layout [plane][row of the CTA (16 RT)][4 words] (16 bytes per row and plane:
+  the 4 words of one block); copy c = lane + 32 j moves (plane c // R, row c % R).
+  Returns issue(blk, slot) (one commit group; blocks >= end read nothing) and
+  read(slot) -> [RT][2][b] words of this lane's rows (word q of rows g, g + 8).
+  """
+  b, n, rt_n = lay.bits, lay.n, lay.row_tiles
+  rows = 16 * rt_n
+  w_tc = 4 * lay.blocks
+  ring = ptx.add(ptx.add(red, ptx.const(lay.red_bytes)),
+                 ptx.mul(warp, ptx.const(lay.stages * lay.stage_bytes)))
+  copies = []
+  for c0 in range(0, rows * b, 32):
+    c = ptx.add(lane, ptx.const(c0))
+    p, r = ptx.udiv(c, rows), ptx.urem(c, rows)
+    src_row = ptx.umin(ptx.add(row0, r), n - 1)
+    ok = ptx.lt(c, rows * b) if c0 + 32 > rows * b else None
+    copies.append((ptx.add(ptx.mul(p, ptx.const(n)), src_row), ptx.shl(c, 4), ok))
+
+  def issue(blk, slot):
+    valid = ptx.lt(blk, end)
+    blk_c = ptx.umin(blk, last)
+    base = ptx.add(ring, ptx.mul(slot if not isinstance(slot, int) else ptx.const(slot),
+                                 ptx.const(lay.stage_bytes)))
+    for prow, dst, ok in copies:
+      v = valid if ok is None else ptx.land(valid, ok)
+      src = ptx.gaddr(pg, ptx.add(ptx.mul(prow, ptx.const(w_tc)), ptx.shl(blk_c, 2)), 4)
+      ptx.cp_async_16(ptx.add(base, dst), src, ptx.select(v, ptx.const(16), ptx.const(0)))
+    ptx.cp_async_commit()
+
+  lane_off = ptx.add(ptx.shl(g, 4), ptx.shl(q, 2))
+
+  def read(slot):
+    base = ptx.add(ptx.add(ring, ptx.mul(slot, ptx.const(lay.stage_bytes))), lane_off)
+    out = []
+    for rt in range(rt_n):
+      pair = []
+      for half in range(2):
+        row = 16 * rt + 8 * half
+        pair.append([ptx.ld_shared_b32(base, imm=(pi * rows + row) * 16)
+                     for pi in range(b)])
+      out.append(pair)
+    return out
+
+  return issue, read
+
+
+def _register_tables(ptx, lay: _Layout, lg, rows):
+  """b <= 4: byte tables of each row's LUT in registers; returns the per-tile decoder
+  (tile, [2][b] plane words) -> 8 steps x 4 A registers."""
+  b = lay.bits
+
+  def tables(row):  # (lo bytes, hi bytes), 2 (b = 3) or 4 (b = 4) registers each
+    addr = ptx.gaddr(lg, row, 2 << b)
+    h = ptx.ld_global_v4_u32(addr)
+    if b == 4:
+      h += ptx.ld_global_v4_u32(ptx.gaddr(lg, row, 2 << b, extra=16))
+    if lay.mma_dtype == "bf16":
+      h = [ptx.f16x2_to_bf16x2(v) for v in h]
+    lo = [ptx.prmt(h[i], h[i + 1], 0x6420) for i in range(0, len(h), 2)]
+    hi = [ptx.prmt(h[i], h[i + 1], 0x7531) for i in range(0, len(h), 2)]
+    return lo, hi
+
+  tabs = [(tables(ra), tables(rb)) for ra, rb in rows]
+
+  def lookup(tab, sel):
+    lo, hi = tab
+    if b == 3:
+      l = ptx.prmt(lo[0], lo[1], sel)
+      hh = ptx.prmt(hi[0], hi[1], sel)
+    else:
+      sl = ptx.band(sel, 0x7777)
+      s2 = ptx.bor(ptx.band(ptx.shr(sel, 1), 0x4444), ptx.const(0x3210))
+      l = ptx.prmt(ptx.prmt(lo[0], lo[1], sl), ptx.prmt(lo[2], lo[3], sl), s2)
+      hh = ptx.prmt(ptx.prmt(hi[0], hi[1], sl), ptx.prmt(hi[2], hi[3], sl), s2)
+    return ptx.prmt(l, hh, 0x5140), ptx.prmt(l, hh, 0x7362)
+
+  def tile_a_regs(rt, words):
+    cw = [_field_words(ptx, words[0], b), _field_words(ptx, words[1], b)]
+    for st in range(8):
+      s, h = st // 2, st % 2
+      regs = []
+      for half in range(2):  # row g, row g + 8
+        sel = cw[half][s] if h == 0 else ptx.shr(cw[half][s], 16)
+        regs.append(lookup(tabs[rt][half], sel))
+      yield [regs[0][0], regs[1][0], regs[0][1], regs[1][1]]
+
+  return tile_a_regs
+
+
+def _shared_tables(ptx, lay: _Layout, lg, smem, row0, tid, lane):
+  """b >= 5: writes the tiles' tables to shared memory (layout `slot_offset`), then
+  returns the per-tile decoder (tile, [2][b] plane words) -> 8 steps x 4 A registers."""
+  b, n, rt_n = lay.bits, lay.n, lay.row_tiles
+  # Fill: chunk c = (tile, g, 8 entries); a thread loads 16 bytes of row g and of row
+  # g + 8, pairs them per entry and stores each pair for the 4 lanes of row g.
+  chunks = rt_n << b
+  nthreads = WARPGROUP * lay.warpgroups
+  for base in range(0, chunks, nthreads):
+    c = ptx.add(tid, ptx.const(base))
+
+    def fill(c=c):
+      tile = ptx.shr(c, b)
+      g = ptx.band(ptx.shr(c, b - 3), 7)
+      e0 = ptx.shl(ptx.band(c, (1 << (b - 3)) - 1), 3)
+      ra = ptx.add(row0, ptx.add(ptx.shl(tile, 4), g))
+      h = []
+      for r in (ptx.umin(ra, n - 1), ptx.umin(ptx.add(ra, ptx.const(8)), n - 1)):
+        v = ptx.ld_global_v4_u32(ptx.gaddr(lg, ptx.add(ptx.shl(r, b), e0), 2))
+        h.append([ptx.f16x2_to_bf16x2(x) for x in v] if lay.mma_dtype == "bf16" else v)
+      slot = ptx.add(ptx.mul(ptx.shr(tile, 1), ptx.const((1 << b) * SLOT_STRIDE)),
+                     ptx.add(ptx.shl(e0, 8), ptx.add(ptx.shl(ptx.band(tile, 1), 7),
+                                                     ptx.shl(g, 4))))
+      addr = ptx.add(smem, slot)
+      for i in range(4):
+        for j, sel in enumerate((PACK_LOW, PACK_HIGH)):  # entry e0 + 2i + j
+          w = ptx.prmt(h[0][i], h[1][i], sel)
+          ptx.st_shared_v4_b32(addr, [w] * 4, imm=(2 * i + j) * SLOT_STRIDE)
+
+    if base + nthreads <= chunks:
+      fill()
+    else:
+      with ptx.If(ptx.lt(c, chunks)):
+        fill()
+  ptx.cta_sync()
+
+  lane4 = ptx.shl(lane, 2)
+  lane_base = [lane4, ptx.bor(lane4, ptx.const(128))]  # tile parity in bit 7
+  pair_base = [ptx.add(smem, ptx.const(p * (1 << b) * SLOT_STRIDE))
+               for p in range(rt_n // 2)]
+
+  def tile_a_regs(rt, words):
+    cw = [ptx.transpose8(words[0]), ptx.transpose8(words[1])]
+    for st in range(8):
+      vals = []
+      for half in range(2):  # row g, row g + 8
+        v = []
+        for t in range(4):
+          sw, tb = code_place(st, t)
+          off = ptx.prmt(cw[half][sw], lane_base[rt % 2], address_selector(tb))
+          v.append(ptx.ld_shared_b32(ptx.add(off, pair_base[rt // 2])))
+        vals.append(v)
+      g01 = ptx.prmt(vals[0][0], vals[0][1], PACK_LOW)
+      g23 = ptx.prmt(vals[0][2], vals[0][3], PACK_LOW)
+      h01 = ptx.prmt(vals[1][0], vals[1][1], PACK_HIGH)
+      h23 = ptx.prmt(vals[1][2], vals[1][3], PACK_HIGH)
+      yield [g01, h01, g23, h23]
+
+  return tile_a_regs
+
+
 def gemv_tc_reference(x, planes_tc, lut, *, bits: int, in_features: int):
   """Pure-jnp twin: planes in tensor-core order -> [M, N] f32."""
   from anyprec_jax.pallas.mosaic.gemv import gemv_reference
@@ -268,13 +483,13 @@ def gemv_tc_reference(x, planes_tc, lut, *, bits: int, in_features: int):
 @functools.partial(jax.jit, static_argnames=("bits", "cfg"))
 def gemv_tc(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, *, bits: int,
             cfg: TcGemvConfig = TcGemvConfig()) -> jax.Array:
-  """y = x @ W_b^T on the tensor cores, b in {3, 4}.
+  """y = x @ W_b^T on the tensor cores, b in 3..8.
 
   Args:
     x: [M, K] activations, M <= 8 (bf16 or f16; others are cast to bf16).
     planes_tc: uint32 [P, N, tc_layout.num_words(K)] in tensor-core order, P >= bits.
     lut: [N, 2^bits] f16 (other dtypes are converted first).
-    bits: 3 or 4 (static).
+    bits: 3..8 (static); from 5 on the LUTs live in shared memory.
     cfg: launch shape (static).
 
   Returns:

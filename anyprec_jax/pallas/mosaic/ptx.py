@@ -317,3 +317,66 @@ def mma_m16n8k16(a_regs, b_regs, c_vals, dtype: str):
 def land(a, b):
   """Logical and of two i1 values."""
   return arith.andi(a, b)
+
+
+def transpose8(words):
+  """MLIR twin of `bitops.transpose8`: byte t of out[s] = code of column 8t + s.
+
+  `words` are b <= 8 plane words, plane 0 the code's MSB; returns 8 words.
+  """
+  b = len(words)
+  rows = [words[b - 1 - i] if i < b else None for i in range(8)]
+  for k, mask in ((4, 0x0F0F0F0F), (2, 0x33333333), (1, 0x55555555)):
+    for i in range(8):
+      if i & k:
+        continue
+      lo, hi = rows[i], rows[i + k]
+      if lo is None and hi is None:
+        continue
+      lo_s = None if lo is None else shr(lo, k)
+      if lo_s is None:
+        t = band(hi, mask)
+      elif hi is None:
+        t = band(lo_s, mask)
+      else:
+        t = band(bxor(lo_s, hi), mask)
+      rows[i + k] = t if hi is None else bxor(hi, t)
+      t_up = shl(t, k)
+      rows[i] = t_up if lo is None else bxor(lo, t_up)
+  return [const(0) if r is None else r for r in rows]
+
+
+def ld_shared_b32(addr32, imm: int = 0):
+  return asm(i32(), [addr32], f"ld.shared.b32 $0, [$1+{imm}];", "=r,r", True)
+
+
+def st_shared_v4_b32(addr32, vals, imm: int = 0):
+  asm(None, [addr32, *vals], f"st.shared.v4.b32 [$0+{imm}], {{$1, $2, $3, $4}};",
+      "r,r,r,r,r", True)
+
+
+# --- asynchronous copies (cp.async, sm_80+) ----------------------------------------------
+
+def cp_async_16(dst32, src64, src_bytes):
+  """16-byte global -> shared copy; `src_bytes` (16 or 0, i32) bytes are read, the rest
+  zero-filled (0: nothing is read)."""
+  asm(None, [dst32, src64, src_bytes], "cp.async.cg.shared.global [$0], [$1], 16, $2;",
+      "r,l,r", True)
+
+
+def cp_async_commit():
+  asm(None, [], "cp.async.commit_group;", "", True)
+
+
+def cp_async_wait(pending: int):
+  """Waits until at most `pending` of this thread's committed groups are in flight."""
+  asm(None, [], f"cp.async.wait_group {pending};", "", True)
+
+
+def warp_sync():
+  """Barrier and memory ordering among the 32 lanes of a warp."""
+  asm(None, [], "bar.warp.sync -1;", "", True)
+
+
+def urem(a, d: int):
+  return arith.remui(a, const(d))
