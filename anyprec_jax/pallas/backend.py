@@ -55,10 +55,16 @@ def compute_capability() -> tuple[int, int] | None:
 # the Triton GEMV at 5..8 bits, and not faster at 3 and 4.
 MOSAIC_DEFAULT_BITS = frozenset({5, 6, 7, 8})
 
-# Widths whose M = 1 product on tensor-core-order planes takes the tensor-core GEMV
-# (`mosaic/gemv_tc.py`) rather than the LUT GEMV (`mosaic/gemv.py`); M = 2..8 take the
-# tensor-core GEMV at every width 3..8.
-TC_GEMV_M1_BITS = frozenset({3, 4, 5, 6, 7, 8})
+def tc_gemv_at_m1(bits: int, n: int, k: int) -> bool:
+  """Whether an M = 1 product on tensor-core-order planes takes the tensor-core GEMV
+  (`mosaic/gemv_tc.py`) rather than the LUT GEMV (`mosaic/gemv.py`); M = 2..8 take the
+  tensor-core GEMV at every width 3..8.
+
+  H200 runs of 2026-12-03 (benchmarks/results/kernels_tc.md, step 3): at 5..8 bits the
+  tensor-core GEMV wins where K > N (7B down: 24-37 us against 35-44 us) and loses
+  where K <= N (7B gate/up: 28-53 against 25-35 us; 4096^2 even to slightly behind).
+  """
+  return bits <= 4 or k > n
 
 
 def is_hopper_or_newer() -> bool:

@@ -1,7 +1,7 @@
 """What `ops.py` calls: y = x @ W_b^T for any M through the Pallas kernels.
 
 On Hopper (compute capability >= 9.0, `backend.mosaic_available`):
-  planes in the TC order, 3..8 bits, M = 2..8 (M = 1 at `backend.TC_GEMV_M1_BITS`):
+  planes in the TC order, 3..8 bits, M = 2..8 (M = 1 where `backend.tc_gemv_at_m1`):
   the tensor-core GEMV (`mosaic/gemv_tc.py`);
   M = 1 otherwise (TC order, or format order at 5..8 bits): the Mosaic GPU LUT GEMV
   (`mosaic/gemv.py`).
@@ -98,8 +98,8 @@ def anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, interpret: bool = False) -> 
     raise ValueError(f"x has {k} features, weight expects {w.in_features}")
   tc = w.layout is PlaneLayout.TC
   if not interpret and backend.mosaic_available():
-    tc_bits = backend.TC_GEMV_M1_BITS if m == 1 else range(3, 9)
-    if tc and bits in tc_bits and m <= gemv.MAX_ROWS and k % 2 == 0:
+    use_tc = 3 <= bits <= 8 and (m > 1 or backend.tc_gemv_at_m1(bits, n, k))
+    if tc and use_tc and m <= gemv.MAX_ROWS and k % 2 == 0:
       from anyprec_jax.pallas.mosaic import gemv_tc  # Hopper only.
       return gemv_tc.gemv_tc(x2, planes, lut, bits=bits,
                              cfg=gemv_tc.config_for(bits, m, n, k))

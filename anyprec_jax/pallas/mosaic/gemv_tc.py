@@ -134,10 +134,14 @@ class _Layout:
 
 
 def config_for(bits: int, m: int, n: int, k: int) -> TcGemvConfig:
-  """Launch shape of the model path (H200 run 5, benchmarks/results/kernels_mosaic.md):
-  one warpgroup per CTA for N > 8192 (many CTAs), else the shape's default."""
-  del bits, m, k
-  return TcGemvConfig(warpgroups=1) if n > 8192 else TcGemvConfig()
+  """Launch shape of the model path (H200 runs: benchmarks/results/kernels_mosaic.md run
+  5 for 3-4 bits, kernels_tc.md step 3 for 5-8 bits): one warpgroup per CTA for
+  N > 8192 (many CTAs; from 7 bits with a 3-block cp.async plane ring, 8-14 % faster
+  at 8 bits), else the shape's default at 3-4 bits and two warpgroups at 5-8."""
+  del m, k
+  if n > 8192:
+    return TcGemvConfig(warpgroups=1, stages=3 if bits >= 7 else 0)
+  return TcGemvConfig(warpgroups=2) if bits >= SMEM_TABLE_BITS else TcGemvConfig()
 
 
 def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
