@@ -240,9 +240,10 @@ class TcGemvTest(parameterized.TestCase):
     if not backend.is_hopper_or_newer():
       self.skipTest("the tensor-core GEMV needs a Hopper (sm_90+) GPU")
 
-  @parameterized.product(bits=(3, 4, 5, 6, 7, 8), m=(1, 8),
-                         dtype=("bfloat16", "float16"),
-                         shape=((1000, 4000), (4096, 11008)))
+  @parameterized.parameters(
+      [(b, m, "bfloat16", s) for b in range(3, 9) for m in (1, 8)
+       for s in ((1000, 4000), (4096, 11008))]
+      + [(b, 3, "float16", (1000, 4000)) for b in (3, 4, 5, 8)])
   def test_matches_reference(self, bits, m, dtype, shape):
     n, k = shape
     for trial in range(2):
@@ -258,7 +259,7 @@ class TcGemvTest(parameterized.TestCase):
       err = np.abs(got - want).max() / (np.abs(want).max() + 1e-30)
       self.assertLess(err, 1e-4, f"b{bits} M={m} {dtype} {shape}: {err:.3g}")
 
-  @parameterized.product(bits=(3, 5, 8), m=(1, 8), stages=(2, 4))
+  @parameterized.product(bits=(3, 5, 8), m=(8,), stages=(2, 4))
   def test_plane_ring_matches_reference(self, bits, m, stages):
     n, k = 1000, 4000  # ragged N and K; warps of 1 or 2 blocks and idle ones
     cfg = gt.TcGemvConfig(warpgroups=1 if stages == 4 else None, stages=stages)
