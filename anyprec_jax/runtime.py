@@ -37,6 +37,13 @@ def _forward(cfg: models.ModelConfig, params, input_ids, attention_mask):
   return models.forward(cfg, params, input_ids, attention_mask)
 
 
+def default_dtype():
+  """Activation dtype of `from_quantized` and `scripts/generate.py` when none is given:
+  bfloat16 on accelerators (the kernels' operand precision), float32 on CPU (where
+  bfloat16 arithmetic is emulated and slower)."""
+  return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
 def default_layout() -> PlaneLayout:
   """TC where the Mosaic GPU kernels run, FORMAT elsewhere."""
   from anyprec_jax.pallas import backend  # Local: no Pallas import on plain use.
@@ -90,15 +97,16 @@ class AnyPrecisionForCausalLM:
 
   @classmethod
   def from_quantized(cls, path, precisions: Iterable[int] | int | None = None,
-                     dtype=jnp.float32, layout=None) -> "AnyPrecisionForCausalLM":
+                     dtype=None, layout=None) -> "AnyPrecisionForCausalLM":
     """Loads an any-precision checkpoint directory (or hub id).
 
     Args:
       path: directory written by `scripts/quantize.py --method=anyprec`, or hub id.
       precisions: precisions to load (subset of seed..parent); None: all. Only
         `planes[:max(precisions)]` and those LUTs are read from disk.
-      dtype: dtype of the unquantized tensors and of the activations (e.g.
-        jnp.bfloat16 on GPU); LUTs keep their stored dtype.
+      dtype: dtype of the unquantized tensors and of the activations; None:
+        `default_dtype()` (bfloat16 on GPU, float32 on CPU), the same default as
+        `scripts/generate.py`. LUTs keep their stored dtype.
       layout: in-memory bit order of the planes (`PlaneLayout` or its value); None
         picks TC where the Mosaic GPU kernels run (Hopper), FORMAT elsewhere. The
         checkpoint stores FORMAT; TC is one re-ordering on the device at load.
@@ -110,6 +118,7 @@ class AnyPrecisionForCausalLM:
       ValueError: a precision outside the checkpoint's range (lists the supported).
       QuantizedCheckpointError: not an any-precision checkpoint.
     """
+    dtype = default_dtype() if dtype is None else dtype
     model_dir = models.resolve_model_dir(path)
     config = reader.read_config(model_dir)
     meta = reader.parse_meta(config, model_dir)

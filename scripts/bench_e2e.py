@@ -20,7 +20,9 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
+
+from anyprec_jax import cli
 
 from anyprec_jax import latency, ops, runtime
 from anyprec_jax.plane_layout import PlaneLayout
@@ -78,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

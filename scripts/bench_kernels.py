@@ -9,7 +9,9 @@ speed-up over fp16 `jnp.dot` for M in {1, 4, 8} and b in 3..8 (logic in
 
 import sys
 
-from absl import app, flags
+from absl import flags
+
+from anyprec_jax import cli
 
 from anyprec_jax.pallas import bench_report as br
 from anyprec_jax.pallas import benchmark as bm
@@ -57,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -18,7 +18,9 @@ import platform
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
+
+from anyprec_jax import cli
 from safetensors.numpy import load_file
 
 from anyprec_jax.quantize import bench
@@ -95,4 +97,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

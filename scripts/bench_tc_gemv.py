@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import flags
+
+from anyprec_jax import cli
 
 flags.DEFINE_string("out", "", "directory for the JSON results")
 flags.DEFINE_string("bits", "3,4", "bit widths")
@@ -97,4 +99,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,4 +1,4 @@
-"""Generate from one prompt at every precision (and with the original model), timed.
+r"""Generate from one prompt at every precision (and with the original model), timed.
 
   python scripts/demo.py --quantized=out/smollm2-anyprec \
       --model=/tmp/smollm2-135m-instruct-hf --prompt="The capital of France is" \
@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+
+from anyprec_jax import cli
 
 import models
 from anyprec_jax import evaluation, latency
@@ -66,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

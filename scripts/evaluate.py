@@ -1,4 +1,4 @@
-"""Perplexity (GPTQ style) of an original model, an any-precision model and baselines.
+r"""Perplexity (GPTQ style) of an original model, an any-precision model and baselines.
 
   python scripts/evaluate.py --model=/tmp/smollm2-135m-instruct-hf \
       --quantized=out/smollm2-anyprec --baselines=out/smollm2-independent,out/smollm2-rtn \
@@ -20,6 +20,8 @@ import sys
 import jax
 import jax.numpy as jnp
 from absl import app, flags
+
+from anyprec_jax import cli
 
 from anyprec_jax import eval_runner
 
@@ -65,4 +67,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

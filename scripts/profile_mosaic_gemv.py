@@ -9,7 +9,9 @@ r"""One launch of a Mosaic GPU GEMV per width, for `ncu` or `MOSAIC_GPU_DUMP_*` 
 
 import dataclasses
 
-from absl import app, flags
+from absl import flags
+
+from anyprec_jax import cli
 
 flags.DEFINE_string("bits", "3,8", "bit widths")
 flags.DEFINE_integer("n", 11008, "rows")
@@ -51,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,4 +1,4 @@
-"""Quantize a Hugging Face Llama / Mistral / OPT model into an any-precision checkpoint.
+r"""Quantize a Hugging Face Llama / Mistral / OPT model into an any-precision checkpoint.
 
   python scripts/quantize.py --model=mistral-7b          # writes out/mistral-7b-anyprec
   python scripts/quantize.py --model=/tmp/smollm2-135m-instruct-hf \
@@ -7,12 +7,15 @@
 
 --method=anyprec writes one checkpoint holding every precision seed_bits..parent_bits;
 --method=independent|rtn write one dense (fake-quantized) HF directory per width,
-<output_dir>/w{b}/. A killed run resumes from --cache_dir (default <output_dir>.cache).
+<output_dir>/w{b}/. A killed run resumes from --cache_dir (default <output_dir>.cache,
+removed once the run succeeds unless --keep_cache).
 """
 
 from __future__ import annotations
 
 from absl import app, flags
+
+from anyprec_jax import cli
 
 from anyprec_jax.quantize import (CalibrationConfig, LutDtype, Method, QuantConfig,
                                   RunOptions, SplitMethod, quantize_model)
@@ -37,7 +40,12 @@ _SPLIT = flags.DEFINE_enum("split", SplitMethod.OPTIMAL.value, [m.value for m in
                            "Upscaling split: exact 2-means, or the original's bisection.")
 _LUT_DTYPE = flags.DEFINE_enum("lut_dtype", LutDtype.FLOAT16.value,
                                [d.value for d in LutDtype], "LUT storage dtype.")
-_CACHE = flags.DEFINE_string("cache_dir", None, "Resumable cache (default <output>.cache).")
+_CACHE = flags.DEFINE_string(
+    "cache_dir", None, "Resumable cache (default <output>.cache, removed after a "
+    "successful run unless --keep_cache; a cache_dir you name is kept).")
+_KEEP_CACHE = flags.DEFINE_boolean("keep_cache", None,
+                                   "Keep the cache after success (default: only when "
+                                   "--cache_dir is given).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float16", "float32"],
                            "Fisher pass dtype (default: bf16 on GPU, fp32 on CPU).")
 _BLOCK = flags.DEFINE_integer("fisher_block_size", 1, "Samples per jitted Fisher call.")
@@ -65,11 +73,11 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   options = RunOptions(cache_dir=_CACHE.value, dtype=_DTYPE.value,
                        max_shard_bytes=int(_SHARD_GB.value * 1024 ** 3),
-                       fisher_block_size=_BLOCK.value)
+                       fisher_block_size=_BLOCK.value, keep_cache=_KEEP_CACHE.value)
   output_dir = _OUTPUT.value or default_output_dir(_MODEL.value, config.method)
   out = quantize_model(_MODEL.value, output_dir, config, calibration, options)
-  print(f"wrote {out}")
+  print(f"wrote {out} ({cli.human_bytes(cli.dir_size(out))})")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,4 +1,4 @@
-"""Fisher-weighted error of an any-precision checkpoint vs independent k-means, per width.
+r"""Fisher-weighted error of an any-precision checkpoint vs independent k-means, per width.
 
   python scripts/upscale_gap.py --original=/tmp/smollm2-135m-instruct-hf \
       --anyprec=/tmp/q/smol-anyprec --independent=/tmp/q/smol-independent \
@@ -17,7 +17,9 @@ import json
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import flags
+
+from anyprec_jax import cli
 from safetensors.numpy import load_file
 
 from anyprec_jax import format as fmt
@@ -66,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -15,11 +15,13 @@ deterministic for a fixed seed, the output is byte-identical to an uninterrupted
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import pathlib
+import shutil
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -53,6 +55,10 @@ class RunOptions:
     chunk_elements: weights per jitted k-means call (None: by backend).
     fisher_block_size: calibration samples per jitted Fisher call.
     progress: show progress bars.
+    keep_cache: keep this run's cache entries after a successful run; None: keep them
+      when `cache_dir` was given (a cache shared between runs, e.g. one Fisher pass
+      for several methods), remove them from the default `<output_dir>.cache`. An
+      interrupted run always leaves them, so a rerun resumes.
   """
   cache_dir: str | None = None
   dtype: str | None = None
@@ -60,6 +66,7 @@ class RunOptions:
   chunk_elements: int | None = None
   fisher_block_size: int = 1
   progress: bool = True
+  keep_cache: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,4 +335,11 @@ def quantize_model(model_path: str, output_dir: str, config: QuantConfig = Quant
   results = tensor_io.TensorIndex([_layer_file(quant_dir, layer) for layer in layers])
   _write_outputs(output_dir, model_dir, hf_config, source, results, config, calibration,
                  layers, model_path, options)
+  keep = options.keep_cache if options.keep_cache is not None else bool(options.cache_dir)
+  if not keep:
+    for d in (quant_dir, fisher_dir):
+      if d is not None:
+        shutil.rmtree(d, ignore_errors=True)
+    with contextlib.suppress(OSError):
+      cache.rmdir()  # only when nothing else is cached there
   return output_dir

@@ -55,7 +55,7 @@ class PipelineTest(absltest.TestCase):
     out = self.root / "anyprec"
     config = QuantConfig(seed_bits=3, parent_bits=8, lut_dtype=LutDtype.FLOAT32)
     quantize_model(str(self.src), str(out), config, self.calib,
-                   RunOptions(progress=False, max_shard_bytes=100_000))
+                   RunOptions(progress=False, max_shard_bytes=100_000, keep_cache=True))
     cfg_json = json.loads((out / "config.json").read_text())
     section = cfg_json.pop("anyprec")
     source_cfg = json.loads((self.src / "config.json").read_text())
@@ -107,6 +107,13 @@ class PipelineTest(absltest.TestCase):
     out = self.root / "fp16"
     quantize_model(str(self.src), str(out), QuantConfig(seed_bits=3, parent_bits=4),
                    self.calib, OPTS)
+    # The default cache goes once the run has succeeded; a named one stays.
+    self.assertFalse(pathlib.Path(f"{out}.cache").exists())
+    named = self.root / "named-cache"
+    quantize_model(str(self.src), str(self.root / "fp16-b"),
+                   QuantConfig(seed_bits=3, parent_bits=4), self.calib,
+                   RunOptions(progress=False, cache_dir=str(named)))
+    self.assertTrue(list(named.glob("fisher-*")) and list(named.glob("anyprec-*")))
     result = tensors_of(out)
     self.assertEqual(json.loads((out / "config.json").read_text())["anyprec"]["lut_dtype"],
                      "float16")
