@@ -49,8 +49,9 @@ def dir_size(path) -> int:
 
 
 def human_bytes(n: float) -> str:
-  for unit in ("B", "KB", "MB", "GB"):
-    if n < 1024 or unit == "GB":
-      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+  """1536 -> '1.5 KB' (binary units, B up to GB)."""
+  for unit in ("B", "KB", "MB"):
+    if n < 1024:
+      return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
     n /= 1024
   return f"{n:.1f} GB"

@@ -149,7 +149,7 @@ def mosaic_gemv_case(shape: Shape, bits: int, cfg, label: str = "") -> Case:
 
 
 def tc_gemv_case(shape: Shape, bits: int, m: int, cfg, label: str = "") -> Case:
-  """Case for the tensor-core GEMV (b <= 4, M <= 8), planes in tensor-core order."""
+  """Case for the tensor-core GEMV (3..8 bits, M <= 8), planes in tensor-core order."""
   from anyprec_jax import plane_layout as tc_layout
   from anyprec_jax.pallas.mosaic import gemv_tc
   words = tc_layout.num_words(shape.k)

@@ -91,6 +91,41 @@ def field_words(planes: list, places: list[int], s: int) -> jax.Array:
   return acc
 
 
+def transpose8_with(planes: list, shr, shl, band, bxor) -> list:
+  """The delta-swap rounds of `transpose8` over any word type.
+
+  Args:
+    planes: b <= 8 words (plane 0 = MSB of the code).
+    shr, shl: (word, static amount) -> word; band: (word, static mask) -> word;
+    bxor: (word, word) -> word. jnp tiles here, MLIR values in `mosaic/ptx.py`.
+
+  Returns:
+    8 words B_0..B_7 (byte t of B_s = code of column 8t + s); None for a word that
+    stays zero (only when b is small).
+  """
+  b = len(planes)
+  # Word i carries code bit i (LSB first); missing high bits are zero words (None).
+  rows = [planes[b - 1 - i] if i < b else None for i in range(8)]
+  for k, mask in ((4, 0x0F0F0F0F), (2, 0x33333333), (1, 0x55555555)):
+    for i in range(8):
+      if i & k:
+        continue
+      lo, hi = rows[i], rows[i + k]
+      if lo is None and hi is None:
+        continue
+      lo_s = None if lo is None else shr(lo, k)
+      if lo_s is None:
+        t = band(hi, mask)
+      elif hi is None:
+        t = band(lo_s, mask)
+      else:
+        t = band(bxor(lo_s, hi), mask)
+      rows[i + k] = t if hi is None else bxor(hi, t)
+      t_up = shl(t, k)
+      rows[i] = t_up if lo is None else bxor(lo, t_up)
+  return rows
+
+
 def transpose8(planes: list) -> list:
   """Byte-field codes from up to 8 planes (plane 0 = MSB of the code).
 
@@ -100,27 +135,9 @@ def transpose8(planes: list) -> list:
   Returns:
     8 uint32 tiles B_0..B_7: byte t of B_s is the b-bit code of column 8t + s.
   """
-  b = len(planes)
-  # Word i carries code bit i (LSB first); missing high bits are zero words.
-  rows = [planes[b - 1 - i] if i < b else None for i in range(8)]
-  for k, mask in ((4, 0x0F0F0F0F), (2, 0x33333333), (1, 0x55555555)):
-    for i in range(8):
-      if i & k:
-        continue
-      lo, hi = rows[i], rows[i + k]
-      if lo is None and hi is None:
-        continue
-      lo_s = None if lo is None else lo >> jnp.uint32(k)
-      if lo_s is None:
-        t = hi & jnp.uint32(mask)
-      elif hi is None:
-        t = lo_s & jnp.uint32(mask)
-      else:
-        t = (lo_s ^ hi) & jnp.uint32(mask)
-      rows[i + k] = t if hi is None else hi ^ t
-      t_up = t << jnp.uint32(k)
-      rows[i] = t_up if lo is None else lo ^ t_up
-  return rows
+  return transpose8_with(planes, lambda v, k: v >> jnp.uint32(k),
+                         lambda v, k: v << jnp.uint32(k),
+                         lambda v, m: v & jnp.uint32(m), lambda a, b: a ^ b)
 
 
 def _prmt_emulated(a, b, c):

@@ -324,25 +324,8 @@ def transpose8(words):
 
   `words` are b <= 8 plane words, plane 0 the code's MSB; returns 8 words.
   """
-  b = len(words)
-  rows = [words[b - 1 - i] if i < b else None for i in range(8)]
-  for k, mask in ((4, 0x0F0F0F0F), (2, 0x33333333), (1, 0x55555555)):
-    for i in range(8):
-      if i & k:
-        continue
-      lo, hi = rows[i], rows[i + k]
-      if lo is None and hi is None:
-        continue
-      lo_s = None if lo is None else shr(lo, k)
-      if lo_s is None:
-        t = band(hi, mask)
-      elif hi is None:
-        t = band(lo_s, mask)
-      else:
-        t = band(bxor(lo_s, hi), mask)
-      rows[i + k] = t if hi is None else bxor(hi, t)
-      t_up = shl(t, k)
-      rows[i] = t_up if lo is None else bxor(lo, t_up)
+  from anyprec_jax.pallas import bitops
+  rows = bitops.transpose8_with(words, shr, shl, band, bxor)
   return [const(0) if r is None else r for r in rows]
 
 
