@@ -115,8 +115,10 @@ def _random_anyprec(key, *, n, k, planes, precisions, layout=PlaneLayout.FORMAT)
   kp, kl = jax.random.split(key)
   words = plane_layout.words_for(layout, k)
   bits = jax.random.bits(kp, (planes, n, words), jnp.uint32)  # [P, N, W]
-  if layout is PlaneLayout.TC and k % plane_layout.BLOCK:  # padding -> code 0
+  if layout is not PlaneLayout.FORMAT and k % plane_layout.BLOCK:  # padding -> code 0
     bits = plane_layout.to_tc(plane_layout.from_tc(bits, k), k)
+  if layout is PlaneLayout.TC_TILED:  # random bits: only the padding needs care
+    bits = plane_layout.tile(bits)
   elif k % fmt.WORD_BITS:  # Padding columns hold code 0.
     valid = (jnp.uint32(1) << (k % fmt.WORD_BITS)) - jnp.uint32(1)
     bits = bits.at[:, :, -1].set(bits[:, :, -1] & valid)
@@ -141,10 +143,12 @@ def random_anyprec_params(cfg: models.ModelConfig, dense_params,
   new = {}
   for key, name in zip(keys, names):
     n, k = models.get_param(dense_params, name).shape
+    lay = (PlaneLayout.TC if layout is PlaneLayout.TC_TILED
+           and not plane_layout.tileable(n) else layout)  # as `with_layout` does
     planes, luts = _random_anyprec(key, n=n, k=k, planes=max(precisions),
-                                   precisions=precisions, layout=layout)
+                                   precisions=precisions, layout=lay)
     new[name] = AnyPrecWeight(planes=planes, luts=luts, in_features=k,
-                              bits=max(precisions), layout=layout)
+                              bits=max(precisions), layout=lay)
   return models.replace_params(dense_params, new)
 
 

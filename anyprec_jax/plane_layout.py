@@ -3,6 +3,8 @@
 `PlaneLayout.FORMAT` is the checkpoint format's order (format.py: bit j of word w =
 column 32w + j). `PlaneLayout.TC` is the order the Mosaic GPU kernels read best
 (`pallas/mosaic/gemv_tc.py`); checkpoints are converted to it once, at load time.
+`PlaneLayout.TC_TILED` is the TC bit order with the rows of each 16-row tile interleaved
+(`tile`), so that one warp load of the tensor-core GEMV reads 256 contiguous bytes.
 
 The m16n8k16 MMA gives lane (g, q) = (lane // 4, lane % 4) the A elements of rows g and
 g + 8 at columns 16 s + 2q + {0, 1, 8, 9} of each k16 step s. Over a block of 128
@@ -29,6 +31,7 @@ import numpy as np
 class PlaneLayout(enum.Enum):
   FORMAT = "format"
   TC = "tc"
+  TC_TILED = "tc_tiled"
 
 
 BLOCK = 128  # columns per block
@@ -94,9 +97,40 @@ def tc_column(word, bit):
 
 def words_for(layout: PlaneLayout, in_features: int) -> int:
   """Words per row of planes in `layout`."""
-  if layout is PlaneLayout.TC:
+  if layout in (PlaneLayout.TC, PlaneLayout.TC_TILED):
     return num_words(in_features)
   return -(-in_features // WORD_BITS)
+
+
+TILE_ROWS = 16  # rows of one MMA tile
+
+
+def tile(planes_tc: jnp.ndarray) -> jnp.ndarray:
+  """TC planes [P, N, W_tc] -> TC_TILED planes of the same shape (N % 16 == 0).
+
+  Per plane, the words are stored in the order [N/16 tile][KB block][8 g][4 q][2 h]:
+  word 4 * block + q of row 16 * tile + 8 h + g. Lane 4 g + q of a warp then finds its
+  two words of a (tile, block) - rows g and g + 8, word q - side by side, and the 32
+  lanes' 64 words are one contiguous 256-byte run.
+  """
+  p, n, w = planes_tc.shape
+  if n % TILE_ROWS or w % 4:
+    raise ValueError(f"tiled planes need N % {TILE_ROWS} == 0 and whole blocks, got "
+                     f"{planes_tc.shape}")
+  t = planes_tc.reshape(p, n // TILE_ROWS, 2, 8, w // 4, 4)  # [P, T, h, g, KB, q]
+  return t.transpose(0, 1, 4, 3, 5, 2).reshape(p, n, w)
+
+
+def untile(planes_tiled: jnp.ndarray) -> jnp.ndarray:
+  """Inverse of `tile`: TC_TILED planes -> TC planes [P, N, W_tc]."""
+  p, n, w = planes_tiled.shape
+  t = planes_tiled.reshape(p, n // TILE_ROWS, w // 4, 8, 4, 2)  # [P, T, KB, g, q, h]
+  return t.transpose(0, 1, 5, 3, 2, 4).reshape(p, n, w)
+
+
+def tileable(out_features: int) -> bool:
+  """Whether a weight with N rows can take the TC_TILED layout."""
+  return out_features % TILE_ROWS == 0
 
 
 def x_to_tc(x: jnp.ndarray, in_features: int) -> jnp.ndarray:

@@ -31,7 +31,8 @@ class AnyPrecWeight:
 
   Invariant:
     planes: uint32 [P, N, W], plane 0 = MSB of the parent code, bits in `layout`'s
-      order: FORMAT (format.py, W = ceil(K/32)) or TC (plane_layout.py, W = 4 ceil(K/128)).
+      order: FORMAT (format.py, W = ceil(K/32)), TC or TC_TILED (plane_layout.py,
+      W = 4 ceil(K/128)).
     luts:   {b: float [N, 2**b]} for every loaded precision b; max(luts) <= P.
     bits:   the active precision (static), one of the keys of `luts`.
     in_features: K (static).
@@ -63,16 +64,26 @@ class AnyPrecWeight:
     return (self.planes.shape[1], self.in_features)
 
   def with_layout(self, layout: PlaneLayout) -> "AnyPrecWeight":
-    """The same weight with its planes re-ordered into `layout` (a device gather)."""
+    """The same weight with its planes re-ordered into `layout` (a device gather).
+
+    TC_TILED needs N % 16 == 0; other weights get TC (the same bit order, rows not
+    interleaved), which every kernel also reads.
+    """
     layout = PlaneLayout(layout)
+    if layout is PlaneLayout.TC_TILED and not plane_layout.tileable(self.out_features):
+      layout = PlaneLayout.TC
     if layout is self.layout:
       return self
     k = self.in_features
     planes = self.planes
-    if self.layout is PlaneLayout.TC:
+    if self.layout is PlaneLayout.TC_TILED:
+      planes = plane_layout.untile(planes)
+    if self.layout is not PlaneLayout.FORMAT:
       planes = plane_layout.from_tc(planes, k)
-    if layout is PlaneLayout.TC:
+    if layout is not PlaneLayout.FORMAT:
       planes = plane_layout.to_tc(planes, k)
+    if layout is PlaneLayout.TC_TILED:
+      planes = plane_layout.tile(planes)
     return dataclasses.replace(self, planes=planes, layout=layout)
 
   @property
@@ -106,7 +117,9 @@ def dequantize(w: AnyPrecWeight, bits: int | None = None,
     raise ValueError(
         f"precision {bits} not supported; supported: {sorted(w.luts)}")
   planes = w.planes
-  if w.layout is PlaneLayout.TC:
+  if w.layout is PlaneLayout.TC_TILED:
+    planes = plane_layout.untile(planes[:bits])
+  if w.layout is not PlaneLayout.FORMAT:
     planes = plane_layout.from_tc(planes[:bits], w.in_features)
   codes = fmt.unpack_codes(planes, bits, w.in_features)  # [N, K]
   lut = w.luts[bits].astype(dtype)  # [N, 2^b]

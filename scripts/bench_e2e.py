@@ -39,7 +39,7 @@ _NEW = flags.DEFINE_integer("new_tokens", 256, "Generated tokens.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", list(_DTYPES), "Baseline / activation dtype.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per model (median).")
 _BATCH = flags.DEFINE_integer("batch", 1, "Sequences decoded together.")
-_LAYOUT = flags.DEFINE_enum("layout", "auto", ["auto", "format", "tc"],
+_LAYOUT = flags.DEFINE_enum("layout", "auto", ["auto", "format", "tc", "tc_tiled"],
                             "Bit order of the planes (auto: tc where the Mosaic GPU "
                             "kernels run, as from_quantized does).")
 _BACKEND = flags.DEFINE_enum("backend", "auto", [b.value for b in ops.Backend],

@@ -22,7 +22,10 @@ flags.DEFINE_bool("triton", True, "also time the Triton GEMV")
 flags.DEFINE_string("triton_m", "", "rows M at which to time Triton (default: all of --m)")
 flags.DEFINE_bool("lut_gemv", False, "also time the Mosaic LUT GEMV (M = 1, b >= 5)")
 flags.DEFINE_integer("samples", 20, "timing samples per case")
-flags.DEFINE_string("variants", "", "comma list of variant names (default: all)")
+flags.DEFINE_string("variants", "", "comma list of variant names, each optionally "
+                    "@layout (default: all, on every layout of --layouts)")
+flags.DEFINE_string("layouts", "tc", "comma list of plane layouts: tc, tc_tiled")
+flags.DEFINE_string("shapes", "", "comma list of gate/up, down, q/k/v/o (default: all)")
 FLAGS = flags.FLAGS
 
 
@@ -37,20 +40,34 @@ def main(argv):
               "rt4_t2": C(row_tiles=4, warpgroups=2),
               "rt2_t1_s3": C(warpgroups=1, stages=3), "rt2_t1_s4": C(warpgroups=1, stages=4),
               "rt2_t2_s3": C(warpgroups=2, stages=3), "rt2_t2_s4": C(warpgroups=2, stages=4),
-              "rt2_t4_s2": C(warpgroups=4, stages=2)}
-  if FLAGS.variants:
-    variants = {k: v for k, v in variants.items() if k in FLAGS.variants.split(",")}
+              "rt2_t4_s2": C(warpgroups=4, stages=2),
+              # Shared-memory activations (B fragments by 16-byte loads).
+              "rt2_t1_xs": C(warpgroups=1, x_smem=True),
+              "rt2_t2_xs": C(warpgroups=2, x_smem=True),
+              "rt2_t1_s3_xs": C(warpgroups=1, stages=3, x_smem=True),
+              "rt2_t2_s3_xs": C(warpgroups=2, stages=3, x_smem=True),
+              "rt2_t1_s2_xs": C(warpgroups=1, stages=2, x_smem=True),
+              "rt4_t1_s2_xs": C(row_tiles=4, warpgroups=1, stages=2, x_smem=True)}
+  # A variant "name@tc_tiled" runs `name` on TC_TILED planes; plain names run on each
+  # layout of --layouts.
+  wanted = (FLAGS.variants.split(",") if FLAGS.variants
+            else [f"{v}@{lay}" for v in variants for lay in FLAGS.layouts.split(",")])
+  wanted = [w if "@" in w else f"{w}@{lay}" for w in wanted
+            for lay in ([None] if "@" in w else FLAGS.layouts.split(","))]
+  runs = [(w, variants[w.split("@")[0]], w.split("@")[1] == "tc_tiled") for w in wanted]
   shapes = [bm.Shape("7b gate/up", 11008, 4096), bm.Shape("7b down", 4096, 11008),
             bm.Shape("7b q/k/v/o", 4096, 4096)]
+  if FLAGS.shapes:
+    shapes = [s for s in shapes if s.name.split()[1] in FLAGS.shapes.split(",")]
   cases = [bm.copy_case()]
   for s in shapes:
     for m in (int(v) for v in FLAGS.m.split(",")):
       cases.append(bm.bf16_case(s, m))
       for bits in (int(b) for b in FLAGS.bits.split(",")):
-        for name, cfg in variants.items():
+        for label, cfg, tiled in runs:
           if bits >= 5 and cfg.row_tiles % 2:
             continue  # two tiles share a shared-memory table
-          cases.append(bm.tc_gemv_case(s, bits, m, cfg, label=name))
+          cases.append(bm.tc_gemv_case(s, bits, m, cfg, tiled=tiled, label=label))
         if FLAGS.lut_gemv and m == 1 and bits >= 5:
           from anyprec_jax.pallas.mosaic import gemv as mg
           cases.append(bm.mosaic_gemv_case(s, bits, mg.config_for(bits, s.n, s.k),

@@ -20,6 +20,8 @@ flags.DEFINE_enum("kernel", "lut", ["lut", "tc"], "which GEMV")
 flags.DEFINE_integer("m", 1, "activation rows (tc only)")
 flags.DEFINE_integer("stages", None, "tc: cp.async ring stages (default: config_for)")
 flags.DEFINE_integer("warpgroups", None, "tc: warpgroups per CTA (default: config_for)")
+flags.DEFINE_bool("tiled", False, "tc: planes in the TC_TILED layout")
+flags.DEFINE_bool("x_smem", None, "tc: activations staged in shared memory")
 FLAGS = flags.FLAGS
 
 
@@ -41,9 +43,10 @@ def main(argv):
     if FLAGS.kernel == "tc":
       cfg = gt.config_for(bits, m, n, k)
       over = {k_: v for k_, v in (("stages", FLAGS.stages),
-                                   ("warpgroups", FLAGS.warpgroups)) if v is not None}
+                                   ("warpgroups", FLAGS.warpgroups),
+                                   ("x_smem", FLAGS.x_smem)) if v is not None}
       cfg = dataclasses.replace(cfg, **over)
-      run = lambda: gt.gemv_tc(x, planes, lut, bits=bits, cfg=cfg)
+      run = lambda: gt.gemv_tc(x, planes, lut, bits=bits, cfg=cfg, tiled=FLAGS.tiled)
     else:
       cfg = mg.config_for(bits, n, k)
       run = lambda: mg.gemv(x, planes, lut, bits=bits, cfg=cfg)

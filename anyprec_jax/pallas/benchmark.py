@@ -148,8 +148,10 @@ def mosaic_gemv_case(shape: Shape, bits: int, cfg, label: str = "") -> Case:
               check)
 
 
-def tc_gemv_case(shape: Shape, bits: int, m: int, cfg, label: str = "") -> Case:
-  """Case for the tensor-core GEMV (3..8 bits, M <= 8), planes in tensor-core order."""
+def tc_gemv_case(shape: Shape, bits: int, m: int, cfg, label: str = "",
+                 tiled: bool = False) -> Case:
+  """Case for the tensor-core GEMV (3..8 bits, M <= 8), planes in tensor-core order
+  (random bits, so the same arrays stand for TC_TILED planes when `tiled`)."""
   from anyprec_jax import plane_layout as tc_layout
   from anyprec_jax.pallas.mosaic import gemv_tc
   words = tc_layout.num_words(shape.k)
@@ -158,7 +160,7 @@ def tc_gemv_case(shape: Shape, bits: int, m: int, cfg, label: str = "") -> Case:
   r = _num_buffers(nbytes)
 
   def fn(xs, ws):
-    return [gemv_tc.gemv_tc(x, w.planes, w.luts[bits], bits=bits, cfg=cfg)
+    return [gemv_tc.gemv_tc(x, w.planes, w.luts[bits], bits=bits, cfg=cfg, tiled=tiled)
             for x, w in zip(xs, ws)]
 
   def make_args():
@@ -168,8 +170,9 @@ def tc_gemv_case(shape: Shape, bits: int, m: int, cfg, label: str = "") -> Case:
 
   def check(args, out):
     x, w = args[0][0], args[1][0]
+    planes = tc_layout.untile(w.planes) if tiled else w.planes
     want = np.asarray(gemv_tc.gemv_tc_reference(
-        x, w.planes, w.luts[bits].astype(jnp.bfloat16), bits=bits,
+        x, planes, w.luts[bits].astype(jnp.bfloat16), bits=bits,
         in_features=shape.k), np.float64)
     got = np.asarray(out[0], np.float64)
     if not np.isfinite(got).all():

@@ -1,12 +1,13 @@
 """What `ops.py` calls: y = x @ W_b^T for any M through the Pallas kernels.
 
 On Hopper (compute capability >= 9.0, `backend.mosaic_available`):
-  planes in the TC order, 3..8 bits, M = 2..8 (M = 1 where `backend.tc_gemv_at_m1`):
-  the tensor-core GEMV (`mosaic/gemv_tc.py`);
+  planes in the TC order, 3..8 bits, M = 2..8 (M = 1 where `backend.tc_gemv_at_m1`, or
+  always for TC_TILED planes): the tensor-core GEMV (`mosaic/gemv_tc.py`);
   M = 1 otherwise (TC order, or format order at 5..8 bits): the Mosaic GPU LUT GEMV
   (`mosaic/gemv.py`).
 Everything else: the Pallas-Triton bitplane GEMV (`gemv.py`) for M <= 8; TC planes are
-read with activations gathered into the TC word order (`plane_layout.x_to_tc`). M > 8 (prefill): the dequantisation kernel
+read with activations gathered into the TC word order (`plane_layout.x_to_tc`); TC_TILED
+planes are first transposed back to TC by XLA. M > 8 (prefill): the dequantisation kernel
 (`dequant.py`) writes W_b in kernel column order in the activations' dtype and XLA's
 dot multiplies it with equally permuted activations (fp32 accumulation).
 
@@ -96,13 +97,17 @@ def anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, interpret: bool = False) -> 
   n = w.out_features
   if k != w.in_features:
     raise ValueError(f"x has {k} features, weight expects {w.in_features}")
-  tc = w.layout is PlaneLayout.TC
+  tiled = w.layout is PlaneLayout.TC_TILED
+  tc = w.layout is not PlaneLayout.FORMAT
   if not interpret and backend.mosaic_available():
-    use_tc = 3 <= bits <= 8 and (m > 1 or backend.tc_gemv_at_m1(bits, n, k))
+    use_tc = 3 <= bits <= 8 and (m > 1 or tiled or backend.tc_gemv_at_m1(bits, n, k))
     if tc and use_tc and m <= gemv.MAX_ROWS and k % 2 == 0:
       from anyprec_jax.pallas.mosaic import gemv_tc  # Hopper only.
-      return gemv_tc.gemv_tc(x2, planes, lut, bits=bits,
-                             cfg=gemv_tc.config_for(bits, m, n, k))
+      return gemv_tc.gemv_tc(x2, planes, lut, bits=bits, tiled=tiled,
+                             cfg=gemv_tc.config_for(bits, m, n, k, tiled=tiled))
+  if tiled:  # Every other kernel reads TC planes row by row: an XLA transpose first.
+    planes = plane_layout.untile(planes[:bits])
+  if not interpret and backend.mosaic_available():
     if m == 1 and (tc or backend.gemv_backend(bits) is backend.GpuBackend.MOSAIC):
       from anyprec_jax.pallas.mosaic import gemv as mosaic_gemv  # Hopper only.
       return mosaic_gemv.gemv(x2, planes, lut, bits=bits, tc_order=tc,

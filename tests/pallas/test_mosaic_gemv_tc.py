@@ -64,6 +64,31 @@ class TcLayoutTest(parameterized.TestCase):
     self.assertEqual(tc.shape, (8, 5, tc_layout.num_words(k)))
     np.testing.assert_array_equal(np.asarray(tc_layout.from_tc(tc, k)), np.asarray(planes))
 
+  def test_tile_puts_a_lanes_two_words_side_by_side(self):
+    p, n, k = 2, 48, 384  # 3 tiles, 3 blocks
+    tc = jnp.asarray(np.random.default_rng(0).integers(0, 2**32, (p, n, 12), np.uint32))
+    tiled = tc_layout.tile(tc)
+    np.testing.assert_array_equal(np.asarray(tc_layout.untile(tiled)), np.asarray(tc))
+    flat = np.asarray(tiled).reshape(p, -1)
+    kb = k // 128
+    for t, blk, lane, h in ((0, 0, 0, 0), (2, 1, 13, 1), (1, 2, 31, 0), (2, 2, 7, 1)):
+      g, q = divmod(lane, 4)
+      self.assertEqual(flat[1, ((t * kb + blk) * 32 + lane) * 2 + h],
+                       np.asarray(tc)[1, 16 * t + 8 * h + g, 4 * blk + q])
+    with self.assertRaisesRegex(ValueError, "N % 16"):
+      tc_layout.tile(tc[:, :40])
+
+  def test_weight_layouts_round_trip(self):
+    rng = np.random.default_rng(3)
+    for n in (48, 40):  # 40 rows cannot be tiled: TC instead
+      w = _tc_weight(rng, n, 200, 5)
+      tiled = w.with_layout(PlaneLayout.TC_TILED)
+      self.assertIs(tiled.layout, PlaneLayout.TC_TILED if n == 48 else PlaneLayout.TC)
+      np.testing.assert_array_equal(np.asarray(wt.dequantize(tiled)),
+                                    np.asarray(wt.dequantize(w)))
+      back = tiled.with_layout(PlaneLayout.FORMAT)
+      np.testing.assert_array_equal(np.asarray(back.planes), np.asarray(w.planes))
+
   def test_block_columns_is_a_permutation(self):
     cols = tc_layout.block_columns()
     self.assertEqual(sorted(cols.ravel().tolist()), list(range(128)))
@@ -182,6 +207,18 @@ class TcLoweringTest(parameterized.TestCase):
             jax.ShapeDtypeStruct((n, 1 << bits), jnp.float16))
     self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
 
+  @parameterized.parameters((3, 1, 0, True), (5, 8, 3, True), (8, 1, 2, False),
+                            (4, 3, 0, False))
+  def test_tiled_and_shared_x_lower_for_cuda(self, bits, m, stages, x_smem):
+    n, k = 1008, 4000
+    cfg = gt.TcGemvConfig(warpgroups=1, stages=stages, x_smem=x_smem)
+    fn = jax.jit(lambda x, p, l: gt.gemv_tc(x, p, l, bits=bits, cfg=cfg, tiled=True))
+    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+            jax.ShapeDtypeStruct((bits, n, tc_layout.num_words(k)), jnp.uint32),
+            jax.ShapeDtypeStruct((n, 1 << bits), jnp.float16))
+    self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
+    self.assertTrue(gt.make_layout(bits, m, n, k, cfg, jnp.bfloat16, True).x_smem == x_smem)
+
   def test_rejects_bad_inputs(self):
     x = jnp.ones((1, 256), jnp.bfloat16)
     lut = jnp.ones((16, 8), jnp.float16)
@@ -193,6 +230,9 @@ class TcLoweringTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "row_tiles must be even"):
       gt.gemv_tc(x, jnp.ones((5, 16, 8), jnp.uint32), jnp.ones((16, 32), jnp.float16),
                  bits=5, cfg=gt.TcGemvConfig(row_tiles=1))
+    with self.assertRaisesRegex(ValueError, "N % 16"):
+      gt.gemv_tc(x, jnp.ones((3, 24, 8), jnp.uint32), jnp.ones((24, 8), jnp.float16),
+                 bits=3, tiled=True)
 
 
 def _tc_weight(rng, n, k, bits):
@@ -212,19 +252,22 @@ class TcDispatchTest(parameterized.TestCase):
       if not backend.is_hopper_or_newer():
         self.skipTest("native TC dispatch is checked on Hopper")
 
-  def test_matches_format_reference(self):
+  @parameterized.parameters((PlaneLayout.TC, 40), (PlaneLayout.TC_TILED, 48))
+  def test_matches_format_reference(self, layout, n):
     rng = np.random.default_rng(7)
-    n, k = 40, 200
+    k = 200
     for bits, m in self.CASES:
       w = _tc_weight(rng, n, k, bits)
       x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
       with ops.use_backend(ops.Backend.REFERENCE):
         want = np.asarray(ops.linear(x, w), np.float64)
+      w2 = w.with_layout(layout)
+      self.assertIs(w2.layout, layout)
       with ops.use_backend(self.BACKEND):
-        got = np.asarray(ops.linear(x, w.with_layout(PlaneLayout.TC)), np.float64)
+        got = np.asarray(ops.linear(x, w2), np.float64)
       err = np.abs(got - want).max() / np.abs(want).max()
       self.assertLess(err, 5e-3 if self.BACKEND is ops.Backend.PALLAS else 1e-5,
-                      f"b{bits} M={m}: {err:.3g}")
+                      f"{layout.value} b{bits} M={m}: {err:.3g}")
 
 
 class TcDispatchNativeTest(TcDispatchTest):
@@ -272,6 +315,25 @@ class TcGemvTest(parameterized.TestCase):
                                            in_features=k), np.float64)
     err = np.abs(got - want).max() / (np.abs(want).max() + 1e-30)
     self.assertLess(err, 1e-4, f"b{bits} M={m} S={stages}: {err:.3g}")
+
+  @parameterized.parameters(
+      [(b, m, s, xs, shape) for b in (3, 5, 8) for m, s, xs in
+       ((1, 0, True), (8, 0, False), (3, 3, True), (8, 2, True))
+       for shape in ((1008, 4000), (4096, 4096))])
+  def test_tiled_planes_match_reference(self, bits, m, stages, x_smem, shape):
+    n, k = shape  # (1008, 4000): ragged K, a partial last CTA of tiles
+    cfg = gt.TcGemvConfig(warpgroups=1, stages=stages, x_smem=x_smem)
+    kx, kp, kl = jax.random.split(jax.random.PRNGKey(bits + 10 * m + stages), 3)
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    planes = tc_layout.to_tc(jax.random.bits(kp, (bits, n, -(-k // 32)), jnp.uint32), k)
+    lut = jax.random.normal(kl, (n, 1 << bits), jnp.float16)
+    got = np.asarray(gt.gemv_tc(x, tc_layout.tile(planes), lut, bits=bits, cfg=cfg,
+                                tiled=True), np.float64)
+    want = np.asarray(gt.gemv_tc_reference(x, planes, lut.astype(jnp.bfloat16), bits=bits,
+                                           in_features=k), np.float64)
+    self.assertTrue(np.isfinite(got).all())
+    err = np.abs(got - want).max() / (np.abs(want).max() + 1e-30)
+    self.assertLess(err, 1e-4, f"b{bits} M={m} S={stages} x_smem={x_smem}: {err:.3g}")
 
 
 if __name__ == "__main__":

@@ -90,11 +90,20 @@ class TcGemvConfig:
   stages: S >= 2: each warp streams its plane words through a ring of S blocks in
     shared memory with `cp.async` (S - 1 blocks in flight, no registers held), read
     back with `ld.shared`; 0: plane words go straight to registers (`prefetch`).
+  x_smem: each warp first copies its K range of the activations into shared memory in
+    B-fragment order (four 16-byte loads per block instead of 16 4-byte global loads,
+    no registers held across blocks); ignored where the copy does not fit
+    (`SMEM_BUDGET`).
   """
   row_tiles: int = 2
   warpgroups: int | None = None
   prefetch: bool = True
   stages: int = 0
+  x_smem: bool = False
+
+
+SMEM_BUDGET = 200 * 1024  # shared bytes a CTA may ask for (227 KB on Hopper)
+X_BLOCK_BYTES = 256  # one block of one activation row in shared memory (64 words)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +119,20 @@ class _Layout:
   prefetch: bool
   mma_dtype: str
   stages: int
+  tiled: bool  # planes in PlaneLayout.TC_TILED
+  x_smem: bool
 
   @property
   def warps(self) -> int:
     return 4 * self.warpgroups
+
+  @property
+  def x_row_bytes(self) -> int:  # +64: rows g and g + 1 of a load phase in other banks
+    return self.blocks * X_BLOCK_BYTES + 64
+
+  @property
+  def x_bytes(self) -> int:
+    return self.m * self.x_row_bytes if self.x_smem else 0
 
   @property
   def table_bytes(self) -> int:
@@ -128,24 +147,27 @@ class _Layout:
     return self.bits * 16 * self.row_tiles * 16
 
   @property
+  def ring_bytes(self) -> int:
+    return self.warps * self.stages * self.stage_bytes
+
+  @property
   def smem_bytes(self) -> int:
-    return (self.table_bytes + self.red_bytes
-            + self.warps * self.stages * self.stage_bytes)
+    return self.table_bytes + self.red_bytes + self.ring_bytes + self.x_bytes
 
 
-def config_for(bits: int, m: int, n: int, k: int) -> TcGemvConfig:
+def config_for(bits: int, m: int, n: int, k: int, tiled: bool = False) -> TcGemvConfig:
   """Launch shape of the model path (H200 runs: benchmarks/results/kernels_mosaic.md run
   5 for 3-4 bits, kernels_tc.md step 3 for 5-8 bits): one warpgroup per CTA for
   N > 8192 (many CTAs; from 7 bits with a 3-block cp.async plane ring, 8-14 % faster
   at 8 bits), else the shape's default at 3-4 bits and two warpgroups at 5-8."""
-  del m, k
+  del m, k, tiled
   if n > 8192:
     return TcGemvConfig(warpgroups=1, stages=3 if bits >= 7 else 0)
   return TcGemvConfig(warpgroups=2) if bits >= SMEM_TABLE_BITS else TcGemvConfig()
 
 
 def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
-                x_dtype) -> _Layout:
+                x_dtype, tiled: bool = False) -> _Layout:
   if not 3 <= bits <= MAX_BITS:
     raise ValueError(f"the tensor-core GEMV handles 3..{MAX_BITS} bits, got {bits}")
   if bits >= SMEM_TABLE_BITS and cfg.row_tiles % 2:
@@ -161,9 +183,14 @@ def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
   mma = "f16" if jnp.dtype(x_dtype) == jnp.float16 else "bf16"
   if cfg.stages == 1 or cfg.stages < 0:
     raise ValueError(f"stages must be 0 (no ring) or >= 2, got {cfg.stages}")
-  return _Layout(bits=bits, m=m, n=n, k=k, blocks=blocks, row_tiles=cfg.row_tiles,
-                 warpgroups=t, ctas=ctas, prefetch=cfg.prefetch, mma_dtype=mma,
-                 stages=cfg.stages)
+  if tiled and n % tc_layout.TILE_ROWS:
+    raise ValueError(f"tiled planes need N % {tc_layout.TILE_ROWS} == 0, got N={n}")
+  lay = _Layout(bits=bits, m=m, n=n, k=k, blocks=blocks, row_tiles=cfg.row_tiles,
+                warpgroups=t, ctas=ctas, prefetch=cfg.prefetch, mma_dtype=mma,
+                stages=cfg.stages, tiled=tiled, x_smem=cfg.x_smem)
+  if lay.x_smem and lay.smem_bytes > SMEM_BUDGET:
+    lay = dataclasses.replace(lay, x_smem=False)
+  return lay
 
 
 def _field_words(ptx, words, bits):
@@ -208,10 +235,23 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout):
   else:
     tile_a_regs = _shared_tables(ptx, lay, lg, smem, row0, tid, lane)
 
+  tiles_n = -(-n // 16)
+  # TC_TILED: word offset of this lane's pair in block 0 of each of the CTA's tiles.
+  tile_base = [ptx.add(ptx.mul(ptx.umin(ptx.add(ptx.mul(cta, ptx.const(rt_n)),
+                                                ptx.const(rt)), tiles_n - 1),
+                               ptx.const(lay.blocks * 64)), ptx.shl(lane, 1))
+               for rt in range(rt_n)] if lay.tiled else []
+
   def words_for(blk):
     """[RT][2][b] plane words of block `blk` for this lane's rows."""
-    col = ptx.add(ptx.shl(blk, 2), q)
     out = []
+    if lay.tiled:  # one 8-byte load per plane and tile: rows g and g + 8, word q
+      for rt in range(rt_n):
+        addr = ptx.gaddr(pg, ptx.add(tile_base[rt], ptx.shl(blk, 6)), 4)
+        vs = [ptx.ld_global_v2_u32(addr, imm=pi * n * w_tc * 4) for pi in range(b)]
+        out.append([[v[0] for v in vs], [v[1] for v in vs]])
+      return out
+    col = ptx.add(ptx.shl(blk, 2), q)
     for ra, rb in rows:
       pair = []
       for r in (ra, rb):
@@ -225,9 +265,17 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout):
   zero = ptx.const(0)
   ragged_k = k % tc_layout.BLOCK != 0
 
+  xs = ptx.add(red, ptx.const(lay.red_bytes + lay.ring_bytes))  # x in shared memory
+  x_lane = ptx.add(xs, ptx.add(ptx.mul(xm, ptx.const(lay.x_row_bytes)), ptx.shl(q, 4)))
+
   def b_frags(blk):
     """[8][2] B registers (two x values each) of block `blk`; 0 for rows >= M."""
     out = []
+    if lay.x_smem:  # words a = 2 st + off of lane q: four 16-byte loads
+      addr = ptx.add(x_lane, ptx.shl(blk, 8))
+      ws = [v for j in range(4) for v in ptx.ld_shared_v4_b32(addr, imm=64 * j)]
+      ws = [ptx.select(g_valid, v, zero) for v in ws]
+      return [[ws[2 * st], ws[2 * st + 1]] for st in range(8)]
     for st in range(8):
       regs = []
       for off in (0, 8):
@@ -249,6 +297,9 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout):
   flat = lambda ws: [v for tile in ws for pair in tile for v in pair]
   flat_b = lambda bf: [v for st in bf for v in st]
   first = ptx.umin(start, lay.blocks - 1)
+  if lay.x_smem:
+    _stage_x(ptx, lay, xg, xs, lane, start, end)
+    ptx.warp_sync()  # a warp reads only the blocks it staged
   ring = lay.stages >= 2
   if ring:
     ring_issue, ring_read = _plane_ring(ptx, lay, pg, red, row0, warp, lane, g, q,
@@ -257,7 +308,8 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout):
       ring_issue(ptx.add(start, ptx.const(i)), i)
   pre_words = lay.prefetch and not ring
   pre0 = flat(words_for(first)) if pre_words else []
-  pre0 += flat_b(b_frags(first)) if lay.prefetch else []
+  pre_x = lay.prefetch and not lay.x_smem
+  pre0 += flat_b(b_frags(first)) if pre_x else []
   nwords = rt_n * 2 * b if pre_words else 0
 
   loop = scf.ForOp(ptx.to_index(start), ptx.to_index(end), ptx.to_index(ptx.const(1)),
@@ -281,7 +333,7 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout):
       nxt = flat(words_for(following))
     else:
       cur = words_for(blk)
-    if lay.prefetch:
+    if pre_x:
       itb = iter(carried[4 * rt_n + nwords:])
       bf = [[next(itb), next(itb)] for _ in range(8)]
       nxt += flat_b(b_frags(following))
@@ -338,29 +390,52 @@ def _plane_ring(ptx, lay: _Layout, pg, red, row0, warp, lane, g, q, start, end, 
   ring = ptx.add(ptx.add(red, ptx.const(lay.red_bytes)),
                  ptx.mul(warp, ptx.const(lay.stages * lay.stage_bytes)))
   copies = []
-  for c0 in range(0, rows * b, 32):
-    c = ptx.add(lane, ptx.const(c0))
-    p, r = ptx.udiv(c, rows), ptx.urem(c, rows)
-    src_row = ptx.umin(ptx.add(row0, r), n - 1)
-    ok = ptx.lt(c, rows * b) if c0 + 32 > rows * b else None
-    copies.append((ptx.add(ptx.mul(p, ptx.const(n)), src_row), ptx.shl(c, 4), ok))
+  if lay.tiled:  # slot [plane][tile][256 B], copy c = 16 bytes c % 16 of chunk c // 16
+    pieces = rt_n * b * 16
+    tiles_n = n // 16
+    for c0 in range(0, pieces, 32):
+      c = ptx.add(lane, ptx.const(c0))
+      chunk = ptx.shr(c, 4)
+      p, rt = ptx.udiv(chunk, rt_n), ptx.urem(chunk, rt_n)
+      tile = ptx.umin(ptx.add(ptx.udiv(row0, 16), rt), tiles_n - 1)
+      word = ptx.add(ptx.mul(p, ptx.const(n * w_tc)),
+                     ptx.add(ptx.mul(tile, ptx.const(lay.blocks * 64)),
+                             ptx.shl(ptx.band(c, 15), 2)))
+      ok = ptx.lt(c, pieces) if c0 + 32 > pieces else None
+      copies.append((word, ptx.shl(c, 4), ok))
+  else:  # slot [plane][row of the CTA][16 B]
+    for c0 in range(0, rows * b, 32):
+      c = ptx.add(lane, ptx.const(c0))
+      p, r = ptx.udiv(c, rows), ptx.urem(c, rows)
+      src_row = ptx.umin(ptx.add(row0, r), n - 1)
+      ok = ptx.lt(c, rows * b) if c0 + 32 > rows * b else None
+      word = ptx.mul(ptx.add(ptx.mul(p, ptx.const(n)), src_row), ptx.const(w_tc))
+      copies.append((word, ptx.shl(c, 4), ok))
+  blk_words = 6 if lay.tiled else 2  # log2 of the words per row (tile) and block
 
   def issue(blk, slot):
     valid = ptx.lt(blk, end)
     blk_c = ptx.umin(blk, last)
     base = ptx.add(ring, ptx.mul(slot if not isinstance(slot, int) else ptx.const(slot),
                                  ptx.const(lay.stage_bytes)))
-    for prow, dst, ok in copies:
+    for word, dst, ok in copies:
       v = valid if ok is None else ptx.land(valid, ok)
-      src = ptx.gaddr(pg, ptx.add(ptx.mul(prow, ptx.const(w_tc)), ptx.shl(blk_c, 2)), 4)
+      src = ptx.gaddr(pg, ptx.add(word, ptx.shl(blk_c, blk_words)), 4)
       ptx.cp_async_16(ptx.add(base, dst), src, ptx.select(v, ptx.const(16), ptx.const(0)))
     ptx.cp_async_commit()
 
   lane_off = ptx.add(ptx.shl(g, 4), ptx.shl(q, 2))
 
   def read(slot):
-    base = ptx.add(ptx.add(ring, ptx.mul(slot, ptx.const(lay.stage_bytes))), lane_off)
     out = []
+    if lay.tiled:
+      base = ptx.add(ptx.add(ring, ptx.mul(slot, ptx.const(lay.stage_bytes))),
+                     ptx.shl(lane, 3))
+      for rt in range(rt_n):
+        vs = [ptx.ld_shared_v2_b32(base, imm=(pi * rt_n + rt) * 256) for pi in range(b)]
+        out.append([[v[0] for v in vs], [v[1] for v in vs]])
+      return out
+    base = ptx.add(ptx.add(ring, ptx.mul(slot, ptx.const(lay.stage_bytes))), lane_off)
     for rt in range(rt_n):
       pair = []
       for half in range(2):
@@ -371,6 +446,61 @@ def _plane_ring(ptx, lay: _Layout, pg, red, row0, warp, lane, g, q, start, end, 
     return out
 
   return issue, read
+
+
+def _stage_x(ptx, lay: _Layout, xg, xs, lane, start, end):
+  """Copies x[:, blocks start..end) into shared memory in B-fragment order.
+
+  Row m of x sits at m * x_row_bytes; block blk at blk * 256 holds, at 64 j + 16 q + 4 i,
+  the word (x pair) a = 4 j + i of lane q, i.e. columns 128 blk + 8 a + 2 q + {0, 1}:
+  the B fragments of steps 2 j, 2 j + 1 (`b_frags`). A unit (m, block, j) is 64
+  contiguous bytes of x: four 16-byte loads whose words are re-grouped by q in
+  registers (a 4x4 transpose by renaming) and stored as four 16-byte stores.
+  """
+  m, k, kb, nw = lay.m, lay.k, lay.blocks, lay.warps
+  per_warp = -(-kb // nw)  # most blocks a warp owns
+  units = m * per_warp * 4
+  ragged = k % tc_layout.BLOCK != 0
+  group = 2  # units per lane whose loads are in flight together
+
+  def load(i):
+    u = ptx.add(lane, ptx.const(32 * i))
+    mm = ptx.umin(ptx.udiv(u, per_warp * 4), m - 1)
+    r = ptx.urem(u, per_warp * 4)
+    blk = ptx.add(start, ptx.shr(r, 2))
+    valid = ptx.lt(blk, end)
+    if 32 * (i + 1) > units:
+      valid = ptx.land(valid, ptx.lt(u, units))
+    blk = ptx.select(valid, blk, start)
+    col0 = ptx.add(ptx.shl(blk, 7), ptx.shl(ptx.band(r, 3), 5))
+    row = ptx.mul(mm, ptx.const(k))
+    if ragged:  # word by word, zero past K (K is even)
+      regs = []
+      for a in range(4):
+        quad = []
+        for qq in range(4):
+          col = ptx.add(col0, ptx.const(8 * a + 2 * qq))
+          v = ptx.ld_global_u32(ptx.gaddr(xg, ptx.add(row, ptx.umin(col, k - 2)), 2))
+          quad.append(ptx.select(ptx.lt(col, k), v, ptx.const(0)))
+        regs.append(quad)
+    else:
+      addr = ptx.gaddr(xg, ptx.add(row, col0), 2)
+      regs = [ptx.ld_global_v4_u32(ptx.gaddr(addr, ptx.const(0), 1, extra=16 * a))
+              for a in range(4)]
+    dst = ptx.add(xs, ptx.add(ptx.mul(mm, ptx.const(lay.x_row_bytes)),
+                              ptx.add(ptx.shl(blk, 8), ptx.shl(ptx.band(r, 3), 6))))
+    return valid, dst, regs
+
+  def store(valid, dst, regs):
+    with ptx.If(valid):
+      for qq in range(4):
+        ptx.st_shared_v4_b32(dst, [regs[a][qq] for a in range(4)], imm=16 * qq)
+
+  iters = -(-units // 32)
+  for i0 in range(0, iters, group):
+    loaded = [load(i) for i in range(i0, min(iters, i0 + group))]
+    for args in loaded:
+      store(*args)
 
 
 def _register_tables(ptx, lay: _Layout, lg, rows):
@@ -484,17 +614,19 @@ def gemv_tc_reference(x, planes_tc, lut, *, bits: int, in_features: int):
                         in_features=in_features)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "cfg"))
+@functools.partial(jax.jit, static_argnames=("bits", "cfg", "tiled"))
 def gemv_tc(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, *, bits: int,
-            cfg: TcGemvConfig = TcGemvConfig()) -> jax.Array:
+            cfg: TcGemvConfig = TcGemvConfig(), tiled: bool = False) -> jax.Array:
   """y = x @ W_b^T on the tensor cores, b in 3..8.
 
   Args:
     x: [M, K] activations, M <= 8 (bf16 or f16; others are cast to bf16).
-    planes_tc: uint32 [P, N, tc_layout.num_words(K)] in tensor-core order, P >= bits.
+    planes_tc: uint32 [P, N, tc_layout.num_words(K)] in tensor-core order, P >= bits;
+      rows interleaved per 16-row tile (`plane_layout.tile`) if `tiled`.
     lut: [N, 2^bits] f16 (other dtypes are converted first).
     bits: 3..8 (static); from 5 on the LUTs live in shared memory.
     cfg: launch shape (static).
+    tiled: the planes are in PlaneLayout.TC_TILED (static; N % 16 == 0).
 
   Returns:
     [M, N] float32.
@@ -514,7 +646,7 @@ def gemv_tc(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, *, bits: int,
     lut = lut.astype(jnp.float16)
   if x.dtype not in (jnp.bfloat16, jnp.float16):
     x = x.astype(jnp.bfloat16)
-  lay = make_layout(bits, m, n, k, cfg, x.dtype)
+  lay = make_layout(bits, m, n, k, cfg, x.dtype, tiled=tiled)
 
   def body(x_ref, planes_ref, lut_ref, out_ref, smem_ref):
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 5)

@@ -291,6 +291,25 @@ def ld_global_v4_u32(addr64):
   return [llvm.extractvalue(i32(), r, [i]) for i in range(4)]
 
 
+def ld_global_v2_u32(addr64, imm: int = 0):
+  st = llvm.StructType.get_literal([i32()] * 2)
+  r = asm(st, [addr64], f"ld.global.nc.v2.b32 {{$0, $1}}, [$2+{imm}];", "=r,=r,l", True)
+  return [llvm.extractvalue(i32(), r, [i]) for i in range(2)]
+
+
+def ld_shared_v2_b32(addr32, imm: int = 0):
+  st = llvm.StructType.get_literal([i32()] * 2)
+  r = asm(st, [addr32], f"ld.shared.v2.b32 {{$0, $1}}, [$2+{imm}];", "=r,=r,r", True)
+  return [llvm.extractvalue(i32(), r, [i]) for i in range(2)]
+
+
+def ld_shared_v4_b32(addr32, imm: int = 0):
+  st = llvm.StructType.get_literal([i32()] * 4)
+  r = asm(st, [addr32], f"ld.shared.v4.b32 {{$0, $1, $2, $3}}, [$4+{imm}];",
+          "=r,=r,=r,=r,r", True)
+  return [llvm.extractvalue(i32(), r, [i]) for i in range(4)]
+
+
 def st_shared_v4_f32(addr32, vals, imm: int = 0):
   asm(None, [addr32, *vals], f"st.shared.v4.f32 [$0+{imm}], {{$1, $2, $3, $4}};",
       "r,f,f,f,f", True)
