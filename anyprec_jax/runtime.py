@@ -45,9 +45,10 @@ def default_dtype():
 
 
 def default_layout() -> PlaneLayout:
-  """TC where the Mosaic GPU kernels run, FORMAT elsewhere."""
+  """TC_TILED where the Mosaic GPU kernels run (weights with N % 16 != 0 get TC), FORMAT
+  elsewhere."""
   from anyprec_jax.pallas import backend  # Local: no Pallas import on plain use.
-  return PlaneLayout.TC if backend.mosaic_available() else PlaneLayout.FORMAT
+  return PlaneLayout.TC_TILED if backend.mosaic_available() else PlaneLayout.FORMAT
 
 
 def with_plane_layout(tree, layout):

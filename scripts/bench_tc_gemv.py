@@ -25,7 +25,8 @@ flags.DEFINE_integer("samples", 20, "timing samples per case")
 flags.DEFINE_string("variants", "", "comma list of variant names, each optionally "
                     "@layout (default: all, on every layout of --layouts)")
 flags.DEFINE_string("layouts", "tc", "comma list of plane layouts: tc, tc_tiled")
-flags.DEFINE_string("shapes", "", "comma list of gate/up, down, q/k/v/o (default: all)")
+flags.DEFINE_string("shapes", "", "comma list of gate/up, down, q/k/v/o, tiny (16x256: "
+                    "the per-call floor) (default: the three 7B shapes)")
 FLAGS = flags.FLAGS
 
 
@@ -47,7 +48,9 @@ def main(argv):
               "rt2_t1_s3_xs": C(warpgroups=1, stages=3, x_smem=True),
               "rt2_t2_s3_xs": C(warpgroups=2, stages=3, x_smem=True),
               "rt2_t1_s2_xs": C(warpgroups=1, stages=2, x_smem=True),
-              "rt4_t1_s2_xs": C(row_tiles=4, warpgroups=1, stages=2, x_smem=True)}
+              "rt4_t1_s2_xs": C(row_tiles=4, warpgroups=1, stages=2, x_smem=True),
+              "rt1_t1": C(row_tiles=1, warpgroups=1), "rt1_t2": C(row_tiles=1, warpgroups=2),
+              "rt1_t4": C(row_tiles=1, warpgroups=4), "rt2_t4": C(warpgroups=4)}
   # A variant "name@tc_tiled" runs `name` on TC_TILED planes; plain names run on each
   # layout of --layouts.
   wanted = (FLAGS.variants.split(",") if FLAGS.variants
@@ -56,16 +59,16 @@ def main(argv):
             for lay in ([None] if "@" in w else FLAGS.layouts.split(","))]
   runs = [(w, variants[w.split("@")[0]], w.split("@")[1] == "tc_tiled") for w in wanted]
   shapes = [bm.Shape("7b gate/up", 11008, 4096), bm.Shape("7b down", 4096, 11008),
-            bm.Shape("7b q/k/v/o", 4096, 4096)]
-  if FLAGS.shapes:
-    shapes = [s for s in shapes if s.name.split()[1] in FLAGS.shapes.split(",")]
+            bm.Shape("7b q/k/v/o", 4096, 4096), bm.Shape("probe tiny", 16, 256)]
+  wanted_shapes = (FLAGS.shapes or "gate/up,down,q/k/v/o").split(",")  # tiny: the floor
+  shapes = [s for s in shapes if s.name.split()[1] in wanted_shapes]
   cases = [bm.copy_case()]
   for s in shapes:
     for m in (int(v) for v in FLAGS.m.split(",")):
       cases.append(bm.bf16_case(s, m))
       for bits in (int(b) for b in FLAGS.bits.split(",")):
         for label, cfg, tiled in runs:
-          if bits >= 5 and cfg.row_tiles % 2:
+          if bits >= 5 and cfg.row_tiles % 2 and cfg.row_tiles != 1:
             continue  # two tiles share a shared-memory table
           cases.append(bm.tc_gemv_case(s, bits, m, cfg, tiled=tiled, label=label))
         if FLAGS.lut_gemv and m == 1 and bits >= 5:

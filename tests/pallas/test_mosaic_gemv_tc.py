@@ -227,9 +227,9 @@ class TcLoweringTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "3..8 bits"):
       gt.gemv_tc(x, jnp.ones((2, 16, 8), jnp.uint32), jnp.ones((16, 4), jnp.float16),
                  bits=2)
-    with self.assertRaisesRegex(ValueError, "row_tiles must be even"):
+    with self.assertRaisesRegex(ValueError, "row_tiles must be 1 or even"):
       gt.gemv_tc(x, jnp.ones((5, 16, 8), jnp.uint32), jnp.ones((16, 32), jnp.float16),
-                 bits=5, cfg=gt.TcGemvConfig(row_tiles=1))
+                 bits=5, cfg=gt.TcGemvConfig(row_tiles=3))
     with self.assertRaisesRegex(ValueError, "N % 16"):
       gt.gemv_tc(x, jnp.ones((3, 24, 8), jnp.uint32), jnp.ones((24, 8), jnp.float16),
                  bits=3, tiled=True)
@@ -322,10 +322,12 @@ class TcGemvTest(parameterized.TestCase):
   @parameterized.parameters(
       [(b, m, s, xs, shape) for b in (3, 5, 8) for m, s, xs in
        ((1, 0, True), (8, 0, False), (3, 3, True), (8, 2, True))
-       for shape in ((1008, 4000), (4096, 4096))])
-  def test_tiled_planes_match_reference(self, bits, m, stages, x_smem, shape):
+       for shape in ((1008, 4000), (4096, 4096))]
+      + [(b, m, 0, False, (1008, 4000), 1) for b in (3, 5, 8) for m in (1, 8)])
+  def test_tiled_planes_match_reference(self, bits, m, stages, x_smem, shape,
+                                        row_tiles=2):
     n, k = shape  # (1008, 4000): ragged K, a partial last CTA of tiles
-    cfg = gt.TcGemvConfig(warpgroups=1, stages=stages, x_smem=x_smem)
+    cfg = gt.TcGemvConfig(warpgroups=1, stages=stages, x_smem=x_smem, row_tiles=row_tiles)
     kx, kp, kl = jax.random.split(jax.random.PRNGKey(bits + 10 * m + stages), 3)
     x = jax.random.normal(kx, (m, k), jnp.bfloat16)
     planes = tc_layout.to_tc(jax.random.bits(kp, (bits, n, -(-k // 32)), jnp.uint32), k)

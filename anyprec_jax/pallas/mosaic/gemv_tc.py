@@ -66,8 +66,9 @@ def address_selector(tbyte: int) -> int:
 
 
 def table_bytes(bits: int, row_tiles: int) -> int:
-  """Shared bytes of the tables of `row_tiles` tiles (two tiles per 2^b slots)."""
-  return (row_tiles // 2) * (1 << bits) * SLOT_STRIDE
+  """Shared bytes of the tables of `row_tiles` tiles (two tiles per 2^b slots; one tile
+  leaves the second half of its slots unused)."""
+  return -(-row_tiles // 2) * (1 << bits) * SLOT_STRIDE
 
 
 def slot_offset(bits: int, tile: int, e: int, lane: int) -> int:
@@ -156,11 +157,21 @@ class _Layout:
 
 
 def config_for(bits: int, m: int, n: int, k: int, tiled: bool = False) -> TcGemvConfig:
-  """Launch shape of the model path (H200 runs: benchmarks/results/kernels_mosaic.md run
+  """Launch shape of the model path. TC_TILED planes: kernels_tc.md step 4. TC planes
+  (H200 runs: benchmarks/results/kernels_mosaic.md run
   5 for 3-4 bits, kernels_tc.md step 3 for 5-8 bits): one warpgroup per CTA for
   N > 8192 (many CTAs; from 7 bits with a 3-block cp.async plane ring, 8-14 % faster
   at 8 bits), else the shape's default at 3-4 bits and two warpgroups at 5-8."""
-  del m, k, tiled
+  if tiled:  # step 4 runs 1-2 (kernels_tc.md): N > 8192: 2 tiles x 1 warpgroup per
+    # CTA; N <= 8192 at M = 1: one tile x 2 warpgroups where K > N (7B down), 2 x 4
+    # otherwise (4096^2); M > 1: 2 x 2. Differences under ~10 % were within run noise.
+    if n > 8192:
+      return TcGemvConfig(warpgroups=1)
+    if m == 1:
+      return (TcGemvConfig(row_tiles=1, warpgroups=2) if k > n
+              else TcGemvConfig(warpgroups=4))
+    return TcGemvConfig(warpgroups=2)
+  del k
   if n > 8192:
     return TcGemvConfig(warpgroups=1, stages=3 if bits >= 7 else 0)
   return TcGemvConfig(warpgroups=2) if bits >= SMEM_TABLE_BITS else TcGemvConfig()
@@ -170,9 +181,9 @@ def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
                 x_dtype, tiled: bool = False) -> _Layout:
   if not 3 <= bits <= MAX_BITS:
     raise ValueError(f"the tensor-core GEMV handles 3..{MAX_BITS} bits, got {bits}")
-  if bits >= SMEM_TABLE_BITS and cfg.row_tiles % 2:
-    raise ValueError(f"row_tiles must be even from {SMEM_TABLE_BITS} bits on (two tiles "
-                     f"share a table), got {cfg.row_tiles}")
+  if bits >= SMEM_TABLE_BITS and cfg.row_tiles % 2 and cfg.row_tiles != 1:
+    raise ValueError(f"row_tiles must be 1 or even from {SMEM_TABLE_BITS} bits on (two "
+                     f"tiles share a table), got {cfg.row_tiles}")
   if not 1 <= m <= MAX_M:
     raise ValueError(f"the tensor-core GEMV takes 1..{MAX_M} activation rows, got {m}")
   blocks = -(-k // tc_layout.BLOCK)
@@ -585,7 +596,7 @@ def _shared_tables(ptx, lay: _Layout, lg, smem, row0, tid, lane):
   lane4 = ptx.shl(lane, 2)
   lane_base = [lane4, ptx.bor(lane4, ptx.const(128))]  # tile parity in bit 7
   pair_base = [ptx.add(smem, ptx.const(p * (1 << b) * SLOT_STRIDE))
-               for p in range(rt_n // 2)]
+               for p in range(-(-rt_n // 2))]
 
   def tile_a_regs(rt, words):
     cw = [ptx.transpose8(words[0]), ptx.transpose8(words[1])]
