@@ -67,6 +67,21 @@ def tc_gemv_at_m1(bits: int, n: int, k: int) -> bool:
   return bits <= 4 or k > n
 
 
+# Prefill (M > 8) on Hopper with TC_TILED planes: "untile" (default: an XLA transpose
+# back to TC order, then the Triton dequantisation kernel; measured, 2026-12-03) or
+# "mosaic" (`mosaic/gemv_tc.dequantize_tc` reads the tiled planes directly; lowers and
+# is tested natively, not yet timed).
+PREFILL_ENV = "ANYPREC_TILED_PREFILL"
+
+
+def tiled_prefill() -> str:
+  """How M > 8 products on TC_TILED planes dequantise ("untile" or "mosaic")."""
+  v = os.environ.get(PREFILL_ENV, "untile").strip().lower()
+  if v not in ("untile", "mosaic"):
+    raise ValueError(f"{PREFILL_ENV}={v!r}: expected 'untile' or 'mosaic'")
+  return v
+
+
 def is_hopper_or_newer() -> bool:
   """Whether the first device is a GPU of compute capability >= 9.0."""
   cc = compute_capability()

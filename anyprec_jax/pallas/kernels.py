@@ -105,6 +105,13 @@ def anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, interpret: bool = False) -> 
       from anyprec_jax.pallas.mosaic import gemv_tc  # Hopper only.
       return gemv_tc.gemv_tc(x2, planes, lut, bits=bits, tiled=tiled,
                              cfg=gemv_tc.config_for(bits, m, n, k, tiled=tiled))
+    if (tiled and m > gemv.MAX_ROWS and 3 <= bits <= 8
+        and backend.tiled_prefill() == "mosaic"):
+      from anyprec_jax.pallas.mosaic import gemv_tc  # Hopper only.
+      dtype = x2.dtype if x2.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+      wd = gemv_tc.dequantize_tc(planes, lut, bits=bits, in_features=k, dtype=dtype,
+                                 tiled=True)  # [N, K]
+      return jnp.dot(x2.astype(dtype), wd.T, preferred_element_type=jnp.float32)
   if tiled:  # Every other kernel reads TC planes row by row: an XLA transpose first.
     planes = plane_layout.untile(planes[:bits])
   if not interpret and backend.mosaic_available():

@@ -219,6 +219,15 @@ class TcLoweringTest(parameterized.TestCase):
     self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
     self.assertTrue(gt.make_layout(bits, m, n, k, cfg, jnp.bfloat16, True).x_smem == x_smem)
 
+  @parameterized.parameters((3, False), (5, True), (8, True))
+  def test_dequantize_lowers_for_cuda(self, bits, tiled):
+    n, k = 1008, 4000
+    fn = jax.jit(lambda p, l: gt.dequantize_tc(p, l, bits=bits, in_features=k,
+                                               tiled=tiled))
+    args = (jax.ShapeDtypeStruct((bits, n, tc_layout.num_words(k)), jnp.uint32),
+            jax.ShapeDtypeStruct((n, 1 << bits), jnp.float16))
+    self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
+
   def test_rejects_bad_inputs(self):
     x = jnp.ones((1, 256), jnp.bfloat16)
     lut = jnp.ones((16, 8), jnp.float16)
@@ -278,6 +287,20 @@ class TcDispatchNativeTest(TcDispatchTest):
   CASES = ((3, 1), (3, 8), (4, 5), (5, 3), (6, 1), (6, 3), (7, 8), (8, 1), (8, 6),
            (4, 12))
 
+  def test_mosaic_prefill_matches_format_reference(self):
+    rng = np.random.default_rng(9)
+    n, k = 48, 200
+    for bits, m in ((3, 12), (6, 20)):
+      w = _tc_weight(rng, n, k, bits)
+      x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+      with ops.use_backend(ops.Backend.REFERENCE):
+        want = np.asarray(ops.linear(x, w), np.float64)
+      with absltest.mock.patch.dict("os.environ", {backend.PREFILL_ENV: "mosaic"}):
+        with ops.use_backend(ops.Backend.PALLAS):
+          got = np.asarray(ops.linear(x, w.with_layout(PlaneLayout.TC_TILED)), np.float64)
+      err = np.abs(got - want).max() / np.abs(want).max()
+      self.assertLess(err, 5e-3, f"b{bits} M={m}: {err:.3g}")
+
 
 class TcGemvTest(parameterized.TestCase):
 
@@ -318,6 +341,20 @@ class TcGemvTest(parameterized.TestCase):
                                            in_features=k), np.float64)
     err = np.abs(got - want).max() / (np.abs(want).max() + 1e-30)
     self.assertLess(err, 1e-4, f"b{bits} M={m} S={stages}: {err:.3g}")
+
+  @parameterized.product(bits=(3, 4, 5, 8), tiled=(False, True), dtype=("bfloat16",),
+                         shape=((1008, 4000),))
+  def test_dequantize_matches_reference(self, bits, tiled, dtype, shape):
+    n, k = shape
+    rng = np.random.default_rng(bits)
+    w = _tc_weight(rng, n, k, bits)
+    wt_ = w.with_layout(PlaneLayout.TC_TILED if tiled else PlaneLayout.TC)
+    got = np.asarray(gt.dequantize_tc(wt_.planes, wt_.luts[bits], bits=bits,
+                                      in_features=k, dtype=jnp.dtype(dtype), tiled=tiled),
+                     np.float32)
+    want = np.asarray(wt.dequantize(w, bits, dtype=jnp.float16).astype(jnp.dtype(dtype)),
+                      np.float32)
+    np.testing.assert_array_equal(got, want)
 
   @parameterized.parameters(
       [(b, m, s, xs, shape) for b in (3, 5, 8) for m, s, xs in

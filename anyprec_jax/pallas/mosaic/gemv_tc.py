@@ -219,7 +219,10 @@ def _field_words(ptx, words, bits):
   return out
 
 
-def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout):
+def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
+          dequant: bool = False):
+  """The GEMV body; with `dequant`, x_ref is unused and the decoded A fragments are
+  stored to out_ref = W [N, 128 KB] (the MMA operand dtype) instead of multiplied."""
   from jaxlib.mlir import ir
   from jaxlib.mlir.dialects import scf
   from anyprec_jax.pallas.mosaic import ptx
@@ -319,7 +322,16 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout):
       ring_issue(ptx.add(start, ptx.const(i)), i)
   pre_words = lay.prefetch and not ring
   pre0 = flat(words_for(first)) if pre_words else []
-  pre_x = lay.prefetch and not lay.x_smem
+  pre_x = lay.prefetch and not lay.x_smem and not dequant
+  kp = 128 * lay.blocks
+  if dequant:  # per tile and half: row (unclamped) validity and its output row base
+    store_rows = []
+    for rt in range(rt_n):
+      halves = []
+      for half in range(2):
+        r = ptx.add(row0, ptx.add(g, ptx.const(16 * rt + 8 * half)))
+        halves.append((ptx.lt(r, n), ptx.add(ptx.mul(r, ptx.const(kp)), ptx.shl(q, 1))))
+      store_rows.append(halves)
   pre0 += flat_b(b_frags(first)) if pre_x else []
   nwords = rt_n * 2 * b if pre_words else 0
 
@@ -344,21 +356,34 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout):
       nxt = flat(words_for(following))
     else:
       cur = words_for(blk)
-    if pre_x:
+    if dequant:
+      for rt in range(rt_n):
+        regs = list(tile_a_regs(rt, cur[rt]))
+        for half, (ok, base) in enumerate(store_rows[rt]):
+          with ptx.If(ok):
+            addr = ptx.gaddr(og, ptx.add(base, ptx.shl(blk, 7)), 2)
+            for st, a in enumerate(regs):  # a = [g01, h01, g23, h23]
+              ptx.st_global_b32(addr, a[half], imm=32 * st)
+              ptx.st_global_b32(addr, a[2 + half], imm=32 * st + 16)
+      scf.YieldOp(acc + nxt)
+    elif pre_x:
       itb = iter(carried[4 * rt_n + nwords:])
       bf = [[next(itb), next(itb)] for _ in range(8)]
       nxt += flat_b(b_frags(following))
     else:
       bf = b_frags(blk)
-    for rt in range(rt_n):
+    for rt in range(rt_n if not dequant else 0):
       a_acc = acc[4 * rt:4 * rt + 4]
       for st, a_regs in enumerate(tile_a_regs(rt, cur[rt])):
         a_acc = ptx.mma_m16n8k16(a_regs, bf[st], a_acc, lay.mma_dtype)
       acc[4 * rt:4 * rt + 4] = a_acc
-    scf.YieldOp(acc + nxt)
+    if not dequant:
+      scf.YieldOp(acc + nxt)
   acc = list(loop.results[:4 * rt_n])
   if ring:
     ptx.cp_async_wait(0)  # the ring's last (empty) copies land before the CTA ends
+  if dequant:
+    return
 
   # Cross-warp sum through shared memory: red[warp][rt][lane][4].
   for rt in range(rt_n):
@@ -672,3 +697,54 @@ def gemv_tc(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, *, bits: int,
       grid=(lay.ctas,), grid_names=("cta",), num_threads=lay.warpgroups,
       thread_name="wg")
   return kernel(x, planes_tc, lut)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "in_features", "dtype", "cfg",
+                                             "tiled"))
+def dequantize_tc(planes_tc: jax.Array, lut: jax.Array, *, bits: int, in_features: int,
+                  dtype=jnp.bfloat16, cfg: TcGemvConfig = TcGemvConfig(warpgroups=1),
+                  tiled: bool = False) -> jax.Array:
+  """W_b [N, K] in `dtype` (bf16 or f16) from tensor-core-order planes, for prefill.
+
+  The GEMV's decode (same tables, same A fragments) with stores instead of MMAs:
+  lane (g, q) writes, per k16 step, the pairs of columns 2q and 2q + 8 of rows g and
+  g + 8. Twin: `weight.dequantize` (LUT values rounded to `dtype`).
+
+  Args:
+    planes_tc: uint32 [P, N, num_words(K)], P >= bits; TC_TILED order if `tiled`.
+    lut: [N, 2^bits] (converted to f16 first, as in the GEMV).
+    bits: 3..8; in_features: K; dtype: bf16 or f16; cfg: launch shape (x_smem and
+      prefetch of activations do not apply).
+  """
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  p, n, words = planes_tc.shape
+  k = in_features
+  if p < bits or words != tc_layout.num_words(k):
+    raise ValueError(f"planes {planes_tc.shape} are not {bits} tensor-core-order planes "
+                     f"of K={k} (expected {tc_layout.num_words(k)} words per row)")
+  if lut.shape != (n, 1 << bits):
+    raise ValueError(f"LUT shape {lut.shape}, expected {(n, 1 << bits)}")
+  dtype = jnp.dtype(dtype)
+  if dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"dequantize_tc writes bf16 or f16, got {dtype}")
+  if lut.dtype != jnp.float16:
+    lut = lut.astype(jnp.float16)
+  cfg = dataclasses.replace(cfg, x_smem=False)
+  lay = make_layout(bits, 1, n, k, cfg, dtype, tiled=tiled)
+  kp = 128 * lay.blocks
+
+  def body(planes_ref, lut_ref, out_ref, smem_ref):
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 4)
+    def emit(ctx, pr, lr, orf, sr):
+      del ctx
+      _emit(pr, pr, lr, orf, sr, lay=lay, dequant=True)
+    emit(planes_ref, lut_ref, out_ref, smem_ref)
+
+  kernel = plgpu.kernel(
+      body, out_type=jax.ShapeDtypeStruct((n, kp), dtype),
+      scratch_types=[plgpu.SMEM((lay.smem_bytes // 4,), jnp.int32)],
+      grid=(lay.ctas,), grid_names=("cta",), num_threads=lay.warpgroups,
+      thread_name="wg")
+  w = kernel(planes_tc, lut)
+  return w if kp == k else w[:, :k]

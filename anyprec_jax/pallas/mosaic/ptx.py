@@ -182,6 +182,10 @@ def st_global_f32(addr64, v):
   asm(None, [addr64, v], "st.global.f32 [$0], $1;", "l,f", True)
 
 
+def st_global_b32(addr64, v, imm: int = 0):
+  asm(None, [addr64, v], f"st.global.b32 [$0+{imm}], $1;", "l,r", True)
+
+
 def ld_shared_f16_as_f32(addr32, imm: int = 0):
   return asm(f32(), [addr32],
              f"{{ .reg .b16 h; ld.shared.b16 h, [$1+{imm}]; cvt.f32.f16 $0, h; }}",
