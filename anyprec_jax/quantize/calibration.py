@@ -27,6 +27,7 @@ from anyprec_jax.quantize.config import CalibrationConfig
 
 C4_FILE = "en/c4-train.00000-of-01024.json.gz"
 TEXT_KEY = "text"
+HUB_DATASETS = ("c4", "wikitext2")  # fixed files of the hub: their names identify them
 _DOC_SUFFIXES = (".jsonl", ".json", ".parquet")
 _TEXT_SUFFIXES = (".txt", ".raw")
 
@@ -111,9 +112,6 @@ def _blank(path: pathlib.Path) -> bool:
 
 
 def _local(path: pathlib.Path) -> TextSource:
-  if path.suffix not in _DOC_SUFFIXES + _TEXT_SUFFIXES:
-    raise errors.UsageError(f"unsupported calibration file {path} (--calibration must be "
-                            f"one of {', '.join(_DOC_SUFFIXES + _TEXT_SUFFIXES)})")
   try:
     if path.suffix != ".parquet" and _blank(path):
       raise errors.BadInputError(f"calibration file {path} is empty",
@@ -133,6 +131,26 @@ def _local(path: pathlib.Path) -> TextSource:
   return TextSource(documents=tuple(docs))
 
 
+def local_file(dataset: str) -> pathlib.Path | None:
+  """The local file of a calibration dataset; None for the hub names.
+
+  Raises:
+    errors.MissingInputError: neither a hub name nor an existing file.
+    errors.UsageError: an unsupported file type.
+  """
+  if dataset in HUB_DATASETS:
+    return None
+  path = pathlib.Path(dataset).expanduser()
+  if not path.is_file():
+    raise errors.MissingInputError(
+        f"calibration dataset {dataset!r} is neither 'c4', 'wikitext2' nor an existing "
+        "local file (--calibration)")
+  if path.suffix not in _DOC_SUFFIXES + _TEXT_SUFFIXES:
+    raise errors.UsageError(f"unsupported calibration file {path} (--calibration must be "
+                            f"one of {', '.join(_DOC_SUFFIXES + _TEXT_SUFFIXES)})")
+  return path
+
+
 def load_source(dataset: str) -> TextSource:
   """Loads "c4", "wikitext2" or a local file.
 
@@ -141,14 +159,8 @@ def load_source(dataset: str) -> TextSource:
     errors.BadInputError: an empty or unreadable file, an unreachable hub dataset.
     errors.UsageError: an unsupported file type.
   """
-  if dataset in ("c4", "wikitext2"):
-    return _hub(dataset)
-  path = pathlib.Path(dataset).expanduser()
-  if not path.is_file():
-    raise errors.MissingInputError(
-        f"calibration dataset {dataset!r} is neither 'c4', 'wikitext2' nor an existing "
-        "local file (--calibration)")
-  return _local(path)
+  path = local_file(dataset)
+  return _hub(dataset) if path is None else _local(path)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
