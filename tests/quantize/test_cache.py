@@ -26,6 +26,12 @@ def same_size_copy(src: pathlib.Path, dst: pathlib.Path, value: float) -> pathli
   """A copy of `src` whose model.safetensors differs in one element of WEIGHT only
   (same file size, same header)."""
   shutil.copytree(src, dst)
+  set_one_element(dst, value)
+  return dst
+
+
+def set_one_element(dst: pathlib.Path, value: float) -> None:
+  """Sets one element of WEIGHT in dst/model.safetensors in place (same size)."""
   entry = tensor_io.read_header(dst / "model.safetensors")[WEIGHT]
   data = bytearray((dst / "model.safetensors").read_bytes())
   old = np.frombuffer(bytes(data[entry.start:entry.stop]), tensor_io.DTYPES[entry.dtype])
@@ -33,7 +39,6 @@ def same_size_copy(src: pathlib.Path, dst: pathlib.Path, value: float) -> pathli
   new[7] = value
   data[entry.start:entry.stop] = new.tobytes()
   (dst / "model.safetensors").write_bytes(bytes(data))
-  return dst
 
 
 def files(directory: pathlib.Path) -> dict[str, bytes]:
@@ -71,32 +76,38 @@ class CacheTest(absltest.TestCase):
     self.assertTrue((self.root / "base" / "config.json").exists())
 
   def test_same_size_nan_weights_are_rejected_not_served_from_the_cache(self):
-    """The reported bug: the old key (paths, sizes) matched, so the old output came back."""
-    bad = same_size_copy(self.src, self.root / "nan_src", float("nan"))
-    bad_calib = self.root / "nan_calib.txt"
-    shutil.copy(self.calib, bad_calib)
+    """The reported bug: model.safetensors replaced in place by a same-size file with a
+    NaN; the old key (path, config, file names and sizes) matched, so the old output
+    came back with exit 0."""
+    model = shutil.copytree(self.src, self.root / "nan_model")
+    out = self.root / "nan_out"
+    first = run_script("quantize", self._args(model, out, self.calib))
+    self.assertEqual(first.code, 0, first.stderr)
     fisher = self._fisher_dirs()
-    result = run_script("quantize", self._args(bad, self.root / "nan_out", self.calib))
+    set_one_element(model, float("nan"))
+    result = run_script("quantize", self._args(model, out, self.calib))
     self.assertEqual(result.code, 1)
     self.assertRegex(result.stderr, rf"error: non-finite \(NaN/inf\) values in tensor "
-                     rf"'{WEIGHT}' of {bad}/model.safetensors")
+                     rf"'{WEIGHT}' of {model}/model.safetensors")
     self.assertNotIn("Traceback", result.stderr)
-    self.assertFalse((self.root / "nan_out").exists())
     self.assertEqual(self._fisher_dirs(), fisher)  # rejected before any work
 
-  def test_changed_calibration_text_recomputes_the_fisher_pass(self):
-    calib = self.root / "calib2" / self.calib.name  # same name, same size, other words
-    calib.parent.mkdir()
+  def test_calibration_text_changed_in_place_recomputes_the_fisher_pass(self):
+    calib = self.root / "calib_edit.txt"
+    shutil.copy(self.calib, calib)
+    first = run_script("quantize", self._args(self.src, self.root / "calib_a", calib))
+    self.assertEqual(first.code, 0, first.stderr)
+    before = self._fisher_dirs()
+    # Same name, same size, other words.
     calib.write_text(" ".join(reversed(self.calib.read_text().split(" "))))
     self.assertEqual(calib.stat().st_size, self.calib.stat().st_size)
-    before = self._fisher_dirs()
-    result = run_script("quantize", self._args(self.src, self.root / "calib2_out", calib))
+    result = run_script("quantize", self._args(self.src, self.root / "calib_b", calib))
     self.assertEqual(result.code, 0, result.stderr)
     self.assertIn("are for other weights, calibration data or dtype: computing a new one",
                   result.stderr)
     self.assertLen(self._fisher_dirs(), len(before) + 1)
-    self.assertNotEqual(files(self.root / "calib2_out")["model.safetensors"],
-                        files(self.root / "base")["model.safetensors"])
+    self.assertNotEqual(files(self.root / "calib_b")["model.safetensors"],
+                        files(self.root / "calib_a")["model.safetensors"])
 
   def test_quantization_option_keeps_the_fisher_pass(self):
     before = self._fisher_dirs()
@@ -114,23 +125,23 @@ class CacheTest(absltest.TestCase):
     opts = RunOptions(progress=False, cache_dir=str(cache))
     rtn = QuantConfig(2, 3, method=Method.RTN)
     calib = CalibrationConfig(dataset=str(self.calib))
+    cached = lambda: {p.name: p.stat().st_mtime_ns for p in cache.glob("rtn-*/layer_*")}
     quantize_model(str(self.src), str(self.root / "rtn_a"), rtn, calib, opts)
-    first = {p.name: p.stat().st_mtime_ns for p in cache.glob("rtn-*/layer_*")}
+    first = cached()
     self.assertLen(first, 2)
     # An unchanged copy under another path: everything reused.
-    moved = shutil.copytree(self.src, self.root / "moved_src")
-    quantize_model(str(moved), str(self.root / "rtn_moved"), rtn, calib, opts)
-    self.assertEqual({p.name: p.stat().st_mtime_ns for p in cache.glob("rtn-*/layer_*")},
-                     first)
-    # One element of layer 1 changed: layer 0 reused, layer 1 quantized again.
-    changed = same_size_copy(self.src, self.root / "changed_src", 0.5)
-    quantize_model(str(changed), str(self.root / "rtn_b"), rtn, calib, opts)
-    now = {p.name: p.stat().st_mtime_ns for p in cache.glob("rtn-*/layer_*")}
+    model = shutil.copytree(self.src, self.root / "rtn_model")
+    quantize_model(str(model), str(self.root / "rtn_b"), rtn, calib, opts)
+    self.assertEqual(cached(), first)
+    # One element of layer 1 changed in place: layer 0 reused, layer 1 quantized again.
+    set_one_element(model, 0.5)
+    quantize_model(str(model), str(self.root / "rtn_b"), rtn, calib, opts)
+    now = cached()
     self.assertLen(now, 3)
-    self.assertEqual({n for n in now if n.startswith("layer_00000")},
-                     {n for n in first if n.startswith("layer_00000")})
+    self.assertEqual({n: t for n, t in now.items() if n.startswith("layer_00000")},
+                     {n: t for n, t in first.items() if n.startswith("layer_00000")})
     # The result equals a fresh run on the new weights, not the old output.
-    quantize_model(str(changed), str(self.root / "rtn_fresh"), rtn, calib,
+    quantize_model(str(model), str(self.root / "rtn_fresh"), rtn, calib,
                    RunOptions(progress=False))
     for b in (2, 3):
       self.assertEqual(files(self.root / "rtn_b" / f"w{b}"),
