@@ -64,6 +64,9 @@ def resolve_model_dir(path_or_hub_id: str | pathlib.Path) -> pathlib.Path:
     if not path.is_dir():
       raise errors.MissingInputError(f"{path} is not a directory")
     return path
+  if path.is_absolute() or str(path_or_hub_id).startswith((".", "~")):
+    raise errors.MissingInputError(f"{path} is not a local directory (no such path) "
+                                   "and cannot be a hub id")
   try:
     from huggingface_hub import snapshot_download
     return pathlib.Path(snapshot_download(repo_id=str(path_or_hub_id),

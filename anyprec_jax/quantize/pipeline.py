@@ -269,7 +269,12 @@ def quantize_layer(layer: Layer, source: tensor_io.TensorIndex,
       if f is None:
         kmeans.check_weight(w, name)
       else:
-        kmeans.check_inputs(w, f, name)
+        try:
+          kmeans.check_inputs(w, f, name)
+        except ValueError as e:  # the weights were checked while hashing
+          raise errors.BadInputError(
+              f"{e} ({fisher.entries[name].file})",
+              hint="did the Fisher pass overflow? rerun with --dtype=float32") from e
       ws.append(w)
       fs.append(f)
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), layer.index), g)
