@@ -166,13 +166,11 @@ def report_layers(files: list[pathlib.Path], quiet: bool) -> None:
 
 
 def remove(cache: pathlib.Path, fisher: pathlib.Path | None,
-           files: list[pathlib.Path]) -> None:
-  """Removes this run's entries (and the directories they leave empty)."""
-  for f in files:
-    with contextlib.suppress(OSError):
-      f.unlink()
-  if fisher is not None:
-    shutil.rmtree(fisher, ignore_errors=True)
-  for d in [*{f.parent for f in files}, cache]:
-    with contextlib.suppress(OSError):
-      d.rmdir()  # only when nothing else is cached there
+           quantized: pathlib.Path) -> None:
+  """Removes this run's Fisher and quantized-layer directories (with entries of
+  earlier inputs for the same QuantConfig), and `cache` if that leaves it empty."""
+  for d in (quantized, fisher):
+    if d is not None:
+      shutil.rmtree(d, ignore_errors=True)
+  with contextlib.suppress(OSError):
+    cache.rmdir()  # only when nothing else is cached there

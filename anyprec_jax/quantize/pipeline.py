@@ -343,6 +343,14 @@ def quantize_model(model_path: str, output_dir: str, config: QuantConfig = Quant
 
   Returns:
     The output directory.
+
+  Raises:
+    errors.BadInputError / MissingInputError: a damaged, inconsistent or missing
+      input (model files, tensors, NaN weights, calibration data), found before the
+      Fisher pass.
+    errors.UsageError: a bad option, or an output / cache directory that cannot be
+      written (checked before any work).
+    errors.OutputError: a write failed during the run (e.g. disk full); rerun to resume.
   """
   output_dir = pathlib.Path(output_dir)
   model_dir, hf_config, cfg = resolve_model(model_path)
@@ -379,5 +387,5 @@ def quantize_model(model_path: str, output_dir: str, config: QuantConfig = Quant
                  layers, model_path, options)
   keep = options.keep_cache if options.keep_cache is not None else bool(options.cache_dir)
   if not keep:
-    cache.remove(cache_dir, fisher_dir, files)
+    cache.remove(cache_dir, fisher_dir, quant_dir)
   return output_dir
