@@ -204,7 +204,9 @@ class QuantizeFaultsTest(_Base):
              (f"--output_dir={_ROOT / 'a_file'}", r"--output_dir=.*/a_file is not a "
               "writable directory: exists and is not a directory"),
              (f"--cache_dir={unwritable}/cache", rf"--cache_dir={unwritable}/cache is "
-              "not a writable directory")]
+              "not a writable directory"),
+             (f"--output_dir={src}", r"--output_dir=.*/src is the source model's "
+              "directory; choose another one")]
     if unwritable.is_dir() and not _writable(unwritable):
       cases.append((f"--output_dir={unwritable}", rf"--output_dir={unwritable} is not a "
                     "writable directory: Permission denied"))
