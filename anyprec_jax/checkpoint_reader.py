@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import pathlib
 import re
 from typing import Iterable
@@ -25,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
+from anyprec_jax import errors, weight
 from anyprec_jax import format as fmt
-from anyprec_jax.weight import AnyPrecWeight
+from anyprec_jax.weight import AnyPrecWeight, as_precision, as_precisions  # noqa: F401
 from models import hf_loader, registry
 from models.config import ModelConfig
 
@@ -35,7 +35,7 @@ _LUT = re.compile(r"^(.*)\.lut(\d+)$")
 _PLANES = re.compile(r"^(.*)\.planes$")
 
 
-class QuantizedCheckpointError(ValueError):
+class QuantizedCheckpointError(hf_loader.CheckpointError):
   """A directory that is not a readable any-precision checkpoint."""
 
 
@@ -64,8 +64,9 @@ def parse_meta(config: dict, model_dir=None) -> AnyPrecMeta:
   """Parses and checks the `anyprec` section of an HF config dict.
 
   Raises:
-    QuantizedCheckpointError: no section, another method (a baseline directory) or an
-      unknown format version.
+    QuantizedCheckpointError: no section, another method (a baseline directory), an
+      unknown format version, or invalid fields ("invalid checkpoint: ...", e.g.
+      seed_bits > parent_bits).
   """
   sec = config.get("anyprec")
   where = f" in {model_dir}" if model_dir else ""
@@ -73,6 +74,10 @@ def parse_meta(config: dict, model_dir=None) -> AnyPrecMeta:
     raise QuantizedCheckpointError(
         f"no 'anyprec' section in config.json{where}: not a quantized checkpoint "
         "(load plain models with models.load_pretrained)")
+  if not isinstance(sec, dict):
+    raise QuantizedCheckpointError(
+        f"invalid checkpoint: config.json{where}: 'anyprec' is a "
+        f"{type(sec).__name__}, not an object")
   if sec.get("method", "anyprec") != "anyprec":
     raise QuantizedCheckpointError(
         f"config.json{where} is a {sec['method']!r} baseline (dense fake-quantized "
@@ -81,24 +86,45 @@ def parse_meta(config: dict, model_dir=None) -> AnyPrecMeta:
     raise QuantizedCheckpointError(
         f"format_version {sec.get('format_version')!r}{where}; this reader knows "
         f"{FORMAT_VERSION}")
-  modules = {name: (int(m["in_features"]), int(m["out_features"]))
-             for name, m in sec["quantized_modules"].items()}
-  return AnyPrecMeta(seed_bits=int(sec["seed_bits"]), parent_bits=int(sec["parent_bits"]),
+  invalid = f"invalid checkpoint: config.json{where}: anyprec"
+  seed, parent = sec.get("seed_bits"), sec.get("parent_bits")
+  for key, value in (("seed_bits", seed), ("parent_bits", parent)):
+    if not weight.is_int(value) or not fmt.MIN_BITS <= value <= fmt.MAX_BITS:
+      raise QuantizedCheckpointError(
+          f"{invalid}.{key} is {value!r}; expected an int in {fmt.MIN_BITS}..{fmt.MAX_BITS}")
+  if seed > parent:
+    raise QuantizedCheckpointError(
+        f"{invalid}.seed_bits ({seed}) > parent_bits ({parent}): the range of "
+        "precisions is empty; the file was damaged or written by another tool")
+  try:
+    modules = {str(name): (int(m["in_features"]), int(m["out_features"]))
+               for name, m in sec["quantized_modules"].items()}
+  except (KeyError, TypeError, ValueError, AttributeError) as e:
+    raise QuantizedCheckpointError(
+        f"{invalid}.quantized_modules is malformed ({type(e).__name__}: {e}); expected "
+        "{module: {in_features, out_features}}") from e
+  return AnyPrecMeta(seed_bits=seed, parent_bits=parent,
                      lut_dtype=str(sec.get("lut_dtype", "float16")), modules=modules,
                      calibration=dict(sec.get("calibration") or {}))
 
 
-def check_precisions(meta: AnyPrecMeta, precisions: Iterable[int] | None) -> tuple[int, ...]:
-  """Sorted requested precisions (all when None); error listing the supported ones."""
-  if precisions is None:
+def check_precisions(meta: AnyPrecMeta, precisions: Iterable[int] | int | None
+                     ) -> tuple[int, ...]:
+  """Sorted requested precisions (all when None); error listing the supported ones.
+
+  Raises:
+    errors.UsageError: not an int / list of ints (`weight.as_precisions`), or
+      unsupported.
+  """
+  want = weight.as_precisions(precisions)
+  if want is None:
     return meta.precisions
-  if isinstance(precisions, (int, np.integer)):
-    precisions = [precisions]
-  want = tuple(sorted({int(b) for b in precisions}))
   bad = [b for b in want if b not in meta.precisions]
-  if not want or bad:
-    raise ValueError(f"precision(s) {bad or '[]'} not supported by this checkpoint; "
-                     f"supported: {list(meta.precisions)}")
+  if not want:
+    raise errors.UsageError(f"no precision asked for; supported: {list(meta.precisions)}")
+  if bad:
+    raise errors.UsageError(f"precision(s) {bad} not supported by this checkpoint; "
+                            f"supported: {list(meta.precisions)}")
   return want
 
 
@@ -106,7 +132,7 @@ def scan_tensors(files: list[pathlib.Path]) -> dict[str, tuple[pathlib.Path, tup
   """{tensor name: (file, shape)} from the safetensors headers (no data read)."""
   out = {}
   for file in files:
-    with safe_open(str(file), framework="numpy") as f:
+    with hf_loader.open_safetensors(file, safe_open) as f:
       for name in f.keys():
         if name in out:
           raise QuantizedCheckpointError(f"tensor {name!r} in {out[name][0]} and {file}")
@@ -114,26 +140,29 @@ def scan_tensors(files: list[pathlib.Path]) -> dict[str, tuple[pathlib.Path, tup
   return out
 
 
-def _check_quantized(meta: AnyPrecMeta, tensors: dict) -> None:
+def _check_quantized(meta: AnyPrecMeta, tensors: dict, model_dir) -> None:
+  bad = f"invalid checkpoint {model_dir}:"
   for name, (k, n) in meta.modules.items():
     want = {f"{name}.planes": (meta.parent_bits, n, fmt.num_words(k))}
     want.update({f"{name}.lut{b}": (n, 1 << b) for b in meta.precisions})
     for key, shape in want.items():
       if key not in tensors:
-        raise QuantizedCheckpointError(f"missing tensor {key!r}")
+        raise QuantizedCheckpointError(f"{bad} missing tensor {key!r}")
       if tensors[key][1] != shape:
         raise QuantizedCheckpointError(
-            f"tensor {key!r} has shape {tensors[key][1]}, expected {shape}")
+            f"{bad} tensor {key!r} in {tensors[key][0].name} has shape "
+            f"{tensors[key][1]}, expected {shape}")
     if f"{name}.weight" in tensors:
-      raise QuantizedCheckpointError(f"quantized module {name} also has a dense weight")
+      raise QuantizedCheckpointError(f"{bad} quantized module {name} also has a dense "
+                                     "weight")
   for key in tensors:
     m = _PLANES.match(key) or _LUT.match(key)
     if m and m.group(1) not in meta.modules:
-      raise QuantizedCheckpointError(f"tensor {key!r} of a module not listed in "
+      raise QuantizedCheckpointError(f"{bad} tensor {key!r} of a module not listed in "
                                      "anyprec.quantized_modules")
     lut = _LUT.match(key)
     if lut and int(lut.group(2)) not in meta.precisions:
-      raise QuantizedCheckpointError(f"tensor {key!r} outside seed..parent bits")
+      raise QuantizedCheckpointError(f"{bad} tensor {key!r} outside seed..parent bits")
 
 
 def read_weight(get_slice, name: str, in_features: int,
@@ -177,7 +206,7 @@ def load_quantized_params(model_dir: pathlib.Path, cfg: ModelConfig, meta: AnyPr
     QuantizedCheckpointError / models.CheckpointError on any inconsistency.
   """
   tensors = scan_tensors(hf_loader.safetensors_files(model_dir))
-  _check_quantized(meta, tensors)
+  _check_quantized(meta, tensors, model_dir)
   quantized = {f"{name}.weight": (tensors[f"{name}.planes"][0], (n, k))
                for name, (k, n) in meta.modules.items()}
   dense = {key: v for key, v in tensors.items()
@@ -185,7 +214,7 @@ def load_quantized_params(model_dir: pathlib.Path, cfg: ModelConfig, meta: AnyPr
   plan = hf_loader.plan_load(registry.SPECS[cfg.arch], cfg, {**dense, **quantized})
   params: dict = {}
   with contextlib.ExitStack() as stack:
-    handles = {file: stack.enter_context(safe_open(str(file), framework="numpy"))
+    handles = {file: stack.enter_context(hf_loader.open_safetensors(file, safe_open))
                for file in sorted({file for file, _ in tensors.values()})}
 
     def get_slice(key: str):
@@ -204,8 +233,5 @@ def load_quantized_params(model_dir: pathlib.Path, cfg: ModelConfig, meta: AnyPr
 
 
 def read_config(model_dir: pathlib.Path) -> dict:
-  """The parsed config.json of a directory."""
-  path = pathlib.Path(model_dir) / "config.json"
-  if not path.is_file():
-    raise FileNotFoundError(f"{path} not found")
-  return json.loads(path.read_text())
+  """The parsed config.json of a directory (errors name the file)."""
+  return hf_loader.read_hf_config(model_dir)

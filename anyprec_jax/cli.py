@@ -1,9 +1,15 @@
-"""What the command-line scripts share: a quiet start-up and one-line usage errors.
+"""What the command-line scripts share: a quiet start-up and one-line errors.
 
 `run(main)` replaces `absl.app.run(main)`: it silences start-up noise that is not the
 user's concern (JAX's "Unable to initialize backend 'tpu'" on machines without one,
-transformers' "PyTorch was not found"), and prints a usage error as one line on stderr
-(plus a pointer to --help) with exit code 2, instead of the whole flag list first.
+transformers' "PyTorch was not found"), and turns the errors a user can fix into one
+line on stderr instead of a traceback:
+- usage errors (bad flag values, `app.UsageError`, `errors.UsageError`): the message
+  plus a pointer to --help, exit code 2;
+- bad input and unwritable output (`errors.AnyPrecError`, `OSError`): the message,
+  naming the file / tensor / flag and what to do, exit code 1.
+Any other exception is a bug and keeps its traceback. `--verbosity=1` or the
+environment variable `ANYPREC_TRACEBACK=1` prints the traceback of every error.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 
 def quiet_startup() -> None:
@@ -21,20 +28,63 @@ def quiet_startup() -> None:
     logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run(main) -> None:
-  """`absl.app.run(main)` with `quiet_startup` and one-line usage errors."""
+TRACEBACK_ENV = "ANYPREC_TRACEBACK"
+
+
+def _want_traceback() -> bool:
+  from absl import flags
+  if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+    return True
+  return "verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].value >= 1
+
+
+def _fail(prog: str, message: str, code: int, hint: str | None = None,
+          show_traceback: bool = False) -> None:
+  if show_traceback:
+    traceback.print_exc()
+  line = f"{prog}: error: {message}" + (f" ({hint})" if hint else "")
+  if code == 2:
+    line += f"\n(run {prog} --help for the flags)"
+  print(line, file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _os_message(e: OSError) -> str:
+  if e.filename is None:
+    return str(e)
+  return f"{e.filename}: {e.strerror or e}"
+
+
+def run(main, argv: list[str] | None = None) -> None:
+  """`absl.app.run(main)` with `quiet_startup` and one-line errors (module docstring).
+
+  Args:
+    main: the script's main(argv).
+    argv: command line including the program name; None: `sys.argv`.
+  """
   quiet_startup()
-  from absl import app
+  from absl import app, flags  # noqa: PLC0415 (after quiet_startup)
+  from anyprec_jax import errors  # noqa: PLC0415
+  argv = list(sys.argv if argv is None else argv)
+  prog = os.path.basename(argv[0])
 
-  def wrapped(argv):
+  def parse(args):
     try:
-      return main(argv)
-    except app.UsageError as e:
-      prog = os.path.basename(sys.argv[0])
-      print(f"{prog}: error: {e}\n(run {prog} --help for the flags)", file=sys.stderr)
-      sys.exit(2)
+      return flags.FLAGS(args)
+    except flags.Error as e:
+      _fail(prog, str(e), 2)
 
-  app.run(wrapped)
+  def wrapped(args):
+    try:
+      return main(args)
+    except app.UsageError as e:
+      _fail(prog, str(e), 2, show_traceback=_want_traceback())
+    except errors.AnyPrecError as e:
+      _fail(prog, str(e), e.exit_code, e.hint, _want_traceback())
+    except OSError as e:  # the environment (permissions, disk), not a bug
+      _fail(prog, _os_message(e), 1, show_traceback=_want_traceback())
+
+  app.run(wrapped, argv=argv, flags_parser=parse)
 
 
 def dir_size(path) -> int:

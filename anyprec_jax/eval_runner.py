@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import pathlib
 import re
 from typing import Callable, Iterator, Sequence
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from anyprec_jax import evaluation
+from anyprec_jax import errors, evaluation
 from anyprec_jax.runtime import AnyPrecisionForCausalLM
 
 
@@ -61,14 +60,17 @@ def _baseline_dirs(path: pathlib.Path) -> list[pathlib.Path]:
     return [path]
   found = [d for d in path.iterdir() if re.fullmatch(r"w\d+", d.name) and d.is_dir()]
   if not found:
-    raise FileNotFoundError(f"no config.json and no w{{b}}/ directories in {path}")
+    raise errors.MissingInputError(f"no config.json and no w{{b}}/ directories in {path} "
+                                   "(--baselines)")
   return sorted(found, key=lambda d: int(d.name[1:]))
 
 
 def baseline_entries(path: str, dtype=jnp.float32) -> Iterator[ModelEntry]:
   """Fake-quantized baselines (`--method=independent|rtn` output), one per width."""
+  if not pathlib.Path(path).is_dir():
+    raise errors.MissingInputError(f"{path} is not a directory (--baselines)")
   for d in _baseline_dirs(pathlib.Path(path)):
-    meta = json.loads((d / "config.json").read_text()).get("anyprec") or {}
+    meta = models.hf_loader.read_hf_config(d).get("anyprec") or {}
     cfg, params = models.load_pretrained(d, dtype)
     bits = int(meta.get("bits", d.name[1:] if d.name[1:].isdigit() else 0))
     yield ModelEntry(d.parent.name if d.name.startswith("w") else d.name,

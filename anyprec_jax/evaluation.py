@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
+from anyprec_jax import errors
 
 
 class EvalDataset(enum.Enum):
@@ -99,10 +100,14 @@ class EvalText:
 def _read_jsonl(path: pathlib.Path) -> list[str]:
   rows = []
   with open(path, encoding="utf-8") as f:
-    for line in f:
+    for i, line in enumerate(f):
       if line.strip():
-        obj = json.loads(line)
-        rows.append(obj["text"] if "text" in obj else obj["sentence"])
+        try:
+          obj = json.loads(line)
+          rows.append(obj["text"] if "text" in obj else obj["sentence"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+          raise errors.BadInputError(f"{path}, line {i + 1}: not a JSON object with a "
+                                     f"'text' or 'sentence' field ({e})") from e
   return rows
 
 
@@ -131,7 +136,7 @@ def read_local_text(path: str | pathlib.Path, dataset: EvalDataset | None = None
 def _hub_text(dataset: EvalDataset) -> EvalText:
   spec = SPECS[dataset]
   if spec.hub is None:
-    raise FileNotFoundError(f"{dataset.value} is local only: pass data_dir")
+    raise errors.MissingInputError(f"{dataset.value} is local only: pass --data_dir")
   try:
     import datasets  # Lazy: not installed on every machine.
   except ImportError as e:
@@ -159,15 +164,16 @@ def load_eval_text(name: str, data_dir: str | pathlib.Path | None = None) -> Eva
     `EvalText`.
 
   Raises:
-    FileNotFoundError: no local file for the corpus in `data_dir`.
-    ValueError: unknown corpus name.
+    errors.MissingInputError (a FileNotFoundError): no local file for the corpus in
+      `data_dir`.
+    errors.UsageError (a ValueError): unknown corpus name.
   """
   if pathlib.Path(name).is_file():
     return EvalText(pathlib.Path(name).stem, read_local_text(name), str(name))
   try:
     dataset = EvalDataset(name.lower())
   except ValueError:
-    raise ValueError(f"unknown dataset {name!r}; known: "
+    raise errors.UsageError(f"unknown dataset {name!r}; known: "
                      f"{[d.value for d in EvalDataset]} or a file path") from None
   if data_dir is None:
     return _hub_text(dataset)
@@ -175,7 +181,7 @@ def load_eval_text(name: str, data_dir: str | pathlib.Path | None = None) -> Eva
     path = pathlib.Path(data_dir) / rel
     if path.is_file():
       return EvalText(dataset.value, read_local_text(path, dataset), str(path))
-  raise FileNotFoundError(f"no {dataset.value} file in {data_dir}; looked for "
+  raise errors.MissingInputError(f"no {dataset.value} file in {data_dir}; looked for "
                           f"{list(SPECS[dataset].local_files)}")
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 import models
 from anyprec_jax import checkpoint_reader as reader
-from anyprec_jax import evaluation
+from anyprec_jax import errors, evaluation
 from anyprec_jax.plane_layout import PlaneLayout
 from anyprec_jax.weight import AnyPrecWeight, set_precision
 
@@ -116,24 +116,26 @@ class AnyPrecisionForCausalLM:
       The model, active at max(precisions).
 
     Raises:
-      ValueError: a precision outside the checkpoint's range (lists the supported).
-      QuantizedCheckpointError: not an any-precision checkpoint.
+      errors.UsageError: `precisions` not an int / iterable of ints, or outside the
+        checkpoint's range (lists the supported).
+      QuantizedCheckpointError: not a valid any-precision checkpoint (names the file).
     """
     dtype = default_dtype() if dtype is None else dtype
     model_dir = models.resolve_model_dir(path)
     config = reader.read_config(model_dir)
     meta = reader.parse_meta(config, model_dir)
     want = reader.check_precisions(meta, precisions)
-    cfg = models.config_from_hf(config)
+    cfg = models.hf_loader.parse_config(config, model_dir)
     params = reader.load_quantized_params(model_dir, cfg, meta, want, dtype)
     params = with_plane_layout(params, default_layout() if layout is None else layout)
     return cls(cfg, params, model_dir=model_dir)
 
   def _check(self, precision: int) -> int:
-    if precision not in self.supported_precisions:
-      raise ValueError(f"precision {precision!r} not supported; supported: "
-                       f"{list(self.supported_precisions)}")
-    return int(precision)
+    b = reader.as_precision(precision)
+    if b not in self.supported_precisions:
+      raise errors.UsageError(f"precision {b} not supported; supported: "
+                              f"{list(self.supported_precisions)}")
+    return b
 
   def set_precision(self, precision: int) -> None:
     """Sets the default precision of `forward` / `generate` / `nll_fn`."""

@@ -9,15 +9,52 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from anyprec_jax import errors
 from anyprec_jax import format as fmt
 from anyprec_jax import plane_layout
 from anyprec_jax.plane_layout import PlaneLayout
+
+
+def is_int(value) -> bool:
+  """A Python or numpy integer, not a bool."""
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def as_precision(value, what: str = "precision") -> int:
+  """`value` as a precision: an int (or numpy integer), nothing else.
+
+  The one rule for every API and flag that takes a precision ("4", 4.0 and True are
+  refused rather than guessed at).
+
+  Raises:
+    errors.UsageError: naming `what` and the value.
+  """
+  if not is_int(value):
+    raise errors.UsageError(f"{what} must be an int (bits), got {value!r} of type "
+                            f"{type(value).__name__}")
+  return int(value)
+
+
+def as_precisions(value) -> tuple[int, ...] | None:
+  """None, one int, or an iterable (list, tuple, set, range) of ints; sorted, unique.
+
+  Raises:
+    errors.UsageError: a string, float, bool or other value (e.g. "34" is not (3, 4)).
+  """
+  if value is None:
+    return None
+  if is_int(value):
+    return (int(value),)
+  if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+    raise errors.UsageError(f"precisions must be an int or a list of ints, got {value!r} "
+                            f"of type {type(value).__name__}")
+  return tuple(sorted({as_precision(b, "each of precisions") for b in value}))
 
 
 @functools.partial(
@@ -92,8 +129,9 @@ class AnyPrecWeight:
 
   def with_bits(self, bits: int) -> "AnyPrecWeight":
     """Same arrays, another active precision."""
+    bits = as_precision(bits)
     if bits not in self.luts:
-      raise ValueError(
+      raise errors.UsageError(
           f"precision {bits} not supported; supported: {sorted(self.luts)}")
     return dataclasses.replace(self, bits=bits)
 
@@ -112,9 +150,9 @@ def from_codes(codes: np.ndarray, luts: Mapping[int, np.ndarray], parent_bits: i
 def dequantize(w: AnyPrecWeight, bits: int | None = None,
                dtype=jnp.float32) -> jax.Array:
   """Dense weight [N, K] at precision `bits` (default: the active one). Pure jnp."""
-  bits = w.bits if bits is None else bits
+  bits = w.bits if bits is None else as_precision(bits)
   if bits not in w.luts:
-    raise ValueError(
+    raise errors.UsageError(
         f"precision {bits} not supported; supported: {sorted(w.luts)}")
   planes = w.planes
   if w.layout is PlaneLayout.TC_TILED:

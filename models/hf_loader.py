@@ -16,8 +16,9 @@ from typing import Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from anyprec_jax import errors
 from models import mapping, registry
 from models.config import ModelConfig
 
@@ -27,8 +28,21 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 _MAX_LISTED = 10
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that does not match the architecture's table."""
+class CheckpointError(errors.BadInputError):
+  """A checkpoint that is unreadable or does not match the architecture's table."""
+
+
+def open_safetensors(file: pathlib.Path, opener=None):
+  """`safe_open(file)` (or `opener`), a damaged file reported as a `CheckpointError`
+  naming it (safetensors' own messages name no file)."""
+  try:
+    return (opener or safe_open)(str(file), framework="numpy")
+  except FileNotFoundError as e:
+    raise errors.MissingInputError(f"{file} not found") from e
+  except SafetensorError as e:
+    raise CheckpointError(
+        f"{file}: not a readable safetensors file ({e})",
+        hint="the file is damaged or truncated; copy or convert it again") from e
 
 
 def resolve_model_dir(path_or_hub_id: str | pathlib.Path) -> pathlib.Path:
@@ -42,30 +56,70 @@ def resolve_model_dir(path_or_hub_id: str | pathlib.Path) -> pathlib.Path:
     The directory holding `config.json`.
 
   Raises:
-    FileNotFoundError: not local and not downloadable (e.g. offline).
+    errors.MissingInputError (a FileNotFoundError): not local and not downloadable
+      (e.g. offline).
   """
   path = pathlib.Path(path_or_hub_id).expanduser()
   if path.exists():
     if not path.is_dir():
-      raise FileNotFoundError(f"{path} is not a directory")
+      raise errors.MissingInputError(f"{path} is not a directory")
     return path
+  if path.is_absolute() or str(path_or_hub_id).startswith((".", "~")):
+    raise errors.MissingInputError(f"{path} is not a local directory (no such path) "
+                                   "and cannot be a hub id")
   try:
     from huggingface_hub import snapshot_download
     return pathlib.Path(snapshot_download(repo_id=str(path_or_hub_id),
                                           allow_patterns=HUB_PATTERNS))
   except Exception as e:  # noqa: BLE001 (hub errors have many types)
-    raise FileNotFoundError(
+    raise errors.MissingInputError(
         f"{str(path_or_hub_id)!r} is not a local directory and could not be fetched "
         f"from the Hugging Face hub ({type(e).__name__}: {e}). Offline? Pass a local "
         f"directory, or pre-populate the hub cache and set HF_HUB_OFFLINE=1.") from e
 
 
+def read_json(path: pathlib.Path) -> dict:
+  """A JSON object from a file; errors name the file and the position.
+
+  Raises:
+    errors.MissingInputError: no such file.
+    CheckpointError: not UTF-8 JSON, or not an object.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise errors.MissingInputError(f"{path} not found")
+  try:
+    d = json.loads(path.read_text(encoding="utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path} is not valid JSON ({e})",
+                          hint="fix or restore the file") from e
+  if not isinstance(d, dict):
+    raise CheckpointError(f"{path} holds a JSON {type(d).__name__}, not an object")
+  return d
+
+
 def read_hf_config(model_dir: pathlib.Path) -> dict:
-  """The parsed `config.json` of a model directory."""
-  path = pathlib.Path(model_dir) / "config.json"
-  if not path.exists():
-    raise FileNotFoundError(f"{path} not found")
-  return json.loads(path.read_text())
+  """The parsed `config.json` of a model directory (errors name the file)."""
+  return read_json(pathlib.Path(model_dir) / "config.json")
+
+
+def parse_config(d: dict, model_dir) -> ModelConfig:
+  """`registry.config_from_hf(d)` with errors naming `model_dir`/config.json.
+
+  Raises:
+    CheckpointError: unknown model_type (listing the supported ones), missing or
+      inconsistent fields.
+    NotImplementedError: a known architecture with an unsupported option (e.g. yarn).
+  """
+  where = pathlib.Path(model_dir) / "config.json"
+  try:
+    return registry.config_from_hf(d)
+  except NotImplementedError:
+    raise
+  except KeyError as e:
+    raise CheckpointError(f"{where}: missing field {e}") from e
+  except (ValueError, TypeError) as e:
+    raise CheckpointError(f"{where}: {e}") from e
 
 
 def _check_not_anyprec(d: dict, model_dir) -> None:
@@ -81,16 +135,27 @@ def safetensors_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
   model_dir = pathlib.Path(model_dir)
   index = model_dir / INDEX_FILE
   if index.exists():
-    weight_map = json.loads(index.read_text())["weight_map"]
-    return [model_dir / f for f in sorted(set(weight_map.values()))]
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise CheckpointError(f"{index} has no weight_map")
+    files = [model_dir / f for f in sorted(set(map(str, weight_map.values())))]
+    for f in files:
+      if not f.is_file():
+        raise errors.MissingInputError(f"{f} (listed in {index}) not found")
+    return files
   if (model_dir / SINGLE_FILE).exists():
     return [model_dir / SINGLE_FILE]
   found = sorted(model_dir.glob("*.safetensors"))
   if not found:
-    raise FileNotFoundError(
+    raise errors.MissingInputError(
         f"no safetensors weights in {model_dir} (only safetensors are read; convert "
         "*.bin checkpoints with transformers' save_pretrained(safe_serialization=True))")
   return found
+
+
+def _in(tensors: dict) -> str:
+  dirs = sorted({str(pathlib.Path(file).parent) for file, _ in tensors.values()})
+  return f" {dirs[0]}" if len(dirs) == 1 else ""
 
 
 def _listed(names: Iterable[str]) -> str:
@@ -127,22 +192,24 @@ def plan_load(spec: mapping.ArchSpec, cfg: ModelConfig,
       raise CheckpointError(f"keys {plan[path][0]!r} and {name!r} both map to {path}")
     if tuple(shape) != tuple(want):
       raise CheckpointError(
-          f"key {name!r} has shape {tuple(shape)}, expected {tuple(want)} for this config")
+          f"key {name!r} in {file} has shape {tuple(shape)}, expected {tuple(want)} for "
+          "this config")
     plan[path] = (name, file)
   expected = {path: hf for hf, path, _ in mapping.expected_keys(spec, cfg)}
   unexpected += [plan.pop(p)[0] for p in list(plan) if p not in expected]
   if unexpected:
-    raise CheckpointError(f"unexpected keys in checkpoint: {_listed(sorted(unexpected))}")
+    raise CheckpointError(f"unexpected keys in checkpoint{_in(tensors)}: "
+                          f"{_listed(sorted(unexpected))}")
   missing = [hf for path, hf in expected.items() if path not in plan]
   if missing:
-    raise CheckpointError(f"missing keys in checkpoint: {_listed(missing)}")
+    raise CheckpointError(f"missing keys in checkpoint{_in(tensors)}: {_listed(missing)}")
   return plan
 
 
 def _scan(files: list[pathlib.Path]) -> dict:
   tensors = {}
   for file in files:
-    with safe_open(str(file), framework="numpy") as f:
+    with open_safetensors(file) as f:
       for name in f.keys():
         tensors[name] = (file, tuple(f.get_slice(name).get_shape()))
   return tensors
@@ -174,7 +241,7 @@ def load_params(model_dir: pathlib.Path, cfg: ModelConfig, dtype=jnp.float32) ->
     by_file.setdefault(file, []).append((path, name))
   params: dict = {}
   for file, items in by_file.items():
-    with safe_open(str(file), framework="numpy") as f:
+    with open_safetensors(file) as f:
       for path, name in items:
         host = f.get_tensor(name)  # One tensor at a time (memory-mapped file).
         arr = jnp.asarray(host)
@@ -190,7 +257,7 @@ def load_config(path_or_hub_id) -> tuple[ModelConfig, pathlib.Path]:
   model_dir = resolve_model_dir(path_or_hub_id)
   d = read_hf_config(model_dir)
   _check_not_anyprec(d, model_dir)
-  return registry.config_from_hf(d), model_dir
+  return parse_config(d, model_dir), model_dir
 
 
 def load_pretrained(path_or_hub_id, dtype=jnp.float32) -> tuple[ModelConfig, dict]:

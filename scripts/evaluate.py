@@ -48,7 +48,11 @@ def main(argv):
   if _MODEL.value:
     sources.append(eval_runner.original_entries(_MODEL.value, dtype))
   if _QUANTIZED.value:
-    precisions = [int(b) for b in _PRECISIONS.value] if _PRECISIONS.value else None
+    try:
+      precisions = [int(b) for b in _PRECISIONS.value] if _PRECISIONS.value else None
+    except ValueError as e:
+      raise app.UsageError(f"--precisions must be a comma-separated list of ints (bits), "
+                           f"got {','.join(_PRECISIONS.value)!r}") from e
     sources.append(eval_runner.anyprec_entries(_QUANTIZED.value, precisions, dtype))
   sources += [eval_runner.baseline_entries(b, dtype) for b in _BASELINES.value]
   if not sources:

@@ -15,7 +15,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import models
-from anyprec_jax import checkpoint_reader, eval_runner, runtime
+from anyprec_jax import checkpoint_reader, errors, eval_runner, runtime
 from anyprec_jax.runtime import AnyPrecisionForCausalLM
 from anyprec_jax.weight import AnyPrecWeight
 from tests import shared_data
@@ -137,6 +137,21 @@ class RuntimeTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"supported: \[4, 6\]"):
       model.generate(self.ids, precision=3, max_new_tokens=2)
 
+  def test_precision_arguments_are_ints_only(self):
+    one = AnyPrecisionForCausalLM.from_quantized(self.dir, precisions=np.int64(4))
+    self.assertEqual(one.supported_precisions, (4,))
+    for bad, shown in (("34", "'34' of type str"), (4.0, "4.0 of type float"),
+                       ([3, 4.0], "4.0 of type float"), (True, "True of type bool"),
+                       (["4"], "'4' of type str")):
+      with self.assertRaisesRegex(errors.UsageError, f"must be an int.*{shown}"):
+        AnyPrecisionForCausalLM.from_quantized(self.dir, precisions=bad)
+    weight = _weights(self.model.params_at())[0]
+    for bad in ("4", 4.0, True):
+      for call in (lambda b: self.model.forward(self.ids, precision=b),
+                   self.model.set_precision, weight.with_bits):
+        with self.assertRaisesRegex(errors.UsageError, r"precision must be an int \(bits\)"):
+          call(bad)
+
   def test_subset_reads_only_needed_planes_and_luts(self):
     log = []
     real = checkpoint_reader.safe_open
@@ -184,6 +199,11 @@ class RuntimeTest(parameterized.TestCase):
       (tmp / "config.json").write_text(json.dumps(config))
       with self.assertRaisesRegex(ValueError, "planes"):
         AnyPrecisionForCausalLM.from_quantized(tmp)
+      config["anyprec"]["seed_bits"], config["anyprec"]["parent_bits"] = 6, 4
+      (tmp / "config.json").write_text(json.dumps(config))
+      with self.assertRaisesRegex(checkpoint_reader.QuantizedCheckpointError,
+                                  r"invalid checkpoint.*seed_bits \(6\) > parent_bits \(4\)"):
+        AnyPrecisionForCausalLM.from_quantized(tmp, precisions=[4])
     finally:
       shutil.rmtree(tmp, ignore_errors=True)
 

@@ -22,10 +22,12 @@ import random
 
 import numpy as np
 
+from anyprec_jax import errors
 from anyprec_jax.quantize.config import CalibrationConfig
 
 C4_FILE = "en/c4-train.00000-of-01024.json.gz"
 TEXT_KEY = "text"
+HUB_DATASETS = ("c4", "wikitext2")  # fixed files of the hub: their names identify them
 _DOC_SUFFIXES = (".jsonl", ".json", ".parquet")
 _TEXT_SUFFIXES = (".txt", ".raw")
 
@@ -48,7 +50,7 @@ def _import_datasets():
 def _hub(name: str) -> TextSource:
   datasets = _import_datasets()
   if datasets is None:
-    raise ValueError(
+    raise errors.UsageError(
         f"calibration dataset {name!r} needs the `datasets` package (not installed); "
         "pass a local .jsonl / .txt / .parquet file instead")
   try:
@@ -59,7 +61,7 @@ def _hub(name: str) -> TextSource:
     data = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train")
     return TextSource(running_text="\n\n".join(data[TEXT_KEY]))
   except Exception as e:  # noqa: BLE001 (hub errors have many types)
-    raise ValueError(
+    raise errors.BadInputError(
         f"could not load calibration dataset {name!r} from the Hugging Face hub "
         f"({type(e).__name__}: {e}); offline? pass a local file, e.g. "
         "--calibration=/path/to/c4_train_sample.jsonl") from e
@@ -71,46 +73,94 @@ def _documents_plain(path: pathlib.Path) -> list[str]:
     return [str(t) for t in pq.read_table(path, columns=[TEXT_KEY]).column(TEXT_KEY)]
   text = path.read_text(encoding="utf-8")
   if path.suffix == ".json" and text.lstrip().startswith("["):
-    rows = json.loads(text)
-  else:
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-  return [row[TEXT_KEY] for row in rows]
+    return [row[TEXT_KEY] for row in json.loads(text)]
+  docs = []
+  for i, line in enumerate(text.splitlines()):
+    if line.strip():
+      try:
+        docs.append(json.loads(line)[TEXT_KEY])
+      except json.JSONDecodeError as e:
+        raise errors.BadInputError(f"calibration file {path}, line {i + 1}: not JSON "
+                                   f"({e})") from e
+  return docs
+
+
+def _documents(path: pathlib.Path) -> list[str]:
+  """The "text" field of every row of a .jsonl / .json / .parquet file."""
+  datasets = _import_datasets()
+  if datasets is None:
+    return _documents_plain(path)
+  builder = "parquet" if path.suffix == ".parquet" else "json"
+  try:
+    data = datasets.load_dataset(builder, data_files=str(path), split="train")
+  except Exception as e:  # noqa: BLE001 (datasets' reader errors have many types)
+    raise errors.BadInputError(
+        f"cannot read calibration file {path} ({type(e).__name__}: {e})",
+        hint=f"it must be {builder.upper()} with a {TEXT_KEY!r} field per row") from e
+  if TEXT_KEY not in data.column_names:
+    raise KeyError(TEXT_KEY)
+  return list(data[TEXT_KEY])
+
+
+def _blank(path: pathlib.Path) -> bool:
+  """Whether a file holds nothing but white space (read until the first text)."""
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 16):
+      if chunk.strip():
+        return False
+  return True
 
 
 def _local(path: pathlib.Path) -> TextSource:
-  if path.suffix in _TEXT_SUFFIXES:
-    return TextSource(running_text=path.read_text(encoding="utf-8"))
-  if path.suffix not in _DOC_SUFFIXES:
-    raise ValueError(f"unsupported calibration file {path} (use one of "
-                     f"{', '.join(_DOC_SUFFIXES + _TEXT_SUFFIXES)})")
-  datasets = _import_datasets()
   try:
-    if datasets is not None:
-      builder = "parquet" if path.suffix == ".parquet" else "json"
-      data = datasets.load_dataset(builder, data_files=str(path), split="train")
-      if TEXT_KEY not in data.column_names:
-        raise KeyError(TEXT_KEY)
-      docs = list(data[TEXT_KEY])
-    else:
-      docs = _documents_plain(path)
+    if path.suffix != ".parquet" and _blank(path):
+      raise errors.BadInputError(f"calibration file {path} is empty",
+                                 hint="pass a file with text in it to --calibration")
+    if path.suffix in _TEXT_SUFFIXES:
+      return TextSource(running_text=path.read_text(encoding="utf-8"))
+    docs = _documents(path)
   except KeyError as e:
-    raise ValueError(f"calibration file {path} has no {TEXT_KEY!r} field") from e
+    raise errors.BadInputError(f"calibration file {path} has no {TEXT_KEY!r} field") from e
+  except UnicodeDecodeError as e:
+    raise errors.BadInputError(f"calibration file {path} is not UTF-8 text ({e})") from e
+  if not docs:
+    raise errors.BadInputError(f"calibration file {path} holds no documents")
+  if not all(isinstance(d, str) for d in docs):
+    raise errors.BadInputError(f"calibration file {path}: some {TEXT_KEY!r} fields are "
+                               "not strings")
   return TextSource(documents=tuple(docs))
+
+
+def local_file(dataset: str) -> pathlib.Path | None:
+  """The local file of a calibration dataset; None for the hub names.
+
+  Raises:
+    errors.MissingInputError: neither a hub name nor an existing file.
+    errors.UsageError: an unsupported file type.
+  """
+  if dataset in HUB_DATASETS:
+    return None
+  path = pathlib.Path(dataset).expanduser()
+  if not path.is_file():
+    raise errors.MissingInputError(
+        f"calibration dataset {dataset!r} is neither 'c4', 'wikitext2' nor an existing "
+        "local file (--calibration)")
+  if path.suffix not in _DOC_SUFFIXES + _TEXT_SUFFIXES:
+    raise errors.UsageError(f"unsupported calibration file {path} (--calibration must be "
+                            f"one of {', '.join(_DOC_SUFFIXES + _TEXT_SUFFIXES)})")
+  return path
 
 
 def load_source(dataset: str) -> TextSource:
   """Loads "c4", "wikitext2" or a local file.
 
   Raises:
-    ValueError: for an unknown name, a missing file, or an unreachable hub dataset.
+    errors.MissingInputError: neither a hub name nor an existing file.
+    errors.BadInputError: an empty or unreadable file, an unreachable hub dataset.
+    errors.UsageError: an unsupported file type.
   """
-  if dataset in ("c4", "wikitext2"):
-    return _hub(dataset)
-  path = pathlib.Path(dataset).expanduser()
-  if not path.is_file():
-    raise ValueError(f"calibration dataset {dataset!r} is neither 'c4', 'wikitext2' "
-                     "nor an existing local file")
-  return _local(path)
+  path = local_file(dataset)
+  return _hub(dataset) if path is None else _local(path)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -127,16 +177,19 @@ def sample_documents(docs, tokenizer, cfg: CalibrationConfig) -> np.ndarray:
       samples.append(ids[:cfg.seq_len])
       if len(samples) == cfg.num_samples:
         return np.asarray(samples, np.int32)
-  raise ValueError(f"only {len(samples)} of {len(docs)} calibration documents have "
-                   f">= {cfg.seq_len} tokens; {cfg.num_samples} needed (lower "
-                   "--num_samples or --seq_len, or use a larger dataset)")
+  raise errors.BadInputError(
+      f"calibration {cfg.dataset}: only {len(samples)} of {len(docs)} documents have "
+      f">= {cfg.seq_len} tokens; {cfg.num_samples} needed",
+      hint="lower --num_samples or --seq_len, or use a larger --calibration file")
 
 
 def sample_windows(text: str, tokenizer, cfg: CalibrationConfig) -> np.ndarray:
   """`num_samples` random windows of `seq_len` tokens of one tokenized text."""
   ids = _encode(tokenizer, text)
   if len(ids) < cfg.seq_len:
-    raise ValueError(f"calibration text has {len(ids)} tokens < seq_len {cfg.seq_len}")
+    raise errors.BadInputError(
+        f"calibration {cfg.dataset}: the text has {len(ids)} tokens < seq_len {cfg.seq_len}",
+        hint="lower --seq_len or use a longer --calibration file")
   rng = random.Random(cfg.seed)
   starts = [rng.randint(0, len(ids) - cfg.seq_len) for _ in range(cfg.num_samples)]
   return np.asarray([ids[s:s + cfg.seq_len] for s in starts], np.int32)

@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 import numpy as np
 from tqdm import tqdm
 
+from anyprec_jax import faults
 from anyprec_jax.quantize import tensor_io
 from anyprec_jax.quantize.tensor_io import OutTensor
 
@@ -41,7 +42,7 @@ def side_files(src_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 def _copy_atomic(src: pathlib.Path, dst: pathlib.Path) -> None:
-  with tensor_io.atomic_path(dst) as tmp:
+  with tensor_io.atomic_path(dst) as tmp, tensor_io.writing(dst):
     shutil.copyfile(src, tmp)
 
 
@@ -94,6 +95,7 @@ def write_model_dir(out_dir: pathlib.Path, tensors: list[OutTensor], config: dic
     for name, shard in zip(names, shards):
       tensor_io.write_safetensors(out_dir / name, shard)
       bar.update(sum(t.nbytes for t in shard))
+      faults.point("write")
   index = out_dir / INDEX_FILE
   if len(shards) > 1:
     weight_map = {t.name: n for n, shard in zip(names, shards) for t in shard}

@@ -7,21 +7,25 @@
      incremental upscaling (anyprec), or the baselines (baselines.py);
   3. writing the output directory (checkpoint.py).
 
-Every step's result goes to a cache directory, each file written atomically (temporary
-name + rename) and keyed by a digest of everything it depends on. A run killed at any
+Every step's result goes to a cache directory (cache.py), each file written atomically
+(temporary name + rename) and keyed by the content it depends on: the source tensors'
+bytes, the calibration tokens and every result-changing option. A run killed at any
 point (even SIGKILL) resumes from the finished steps; since every step is
 deterministic for a fixed seed, the output is byte-identical to an uninterrupted run.
+
+Inputs are checked before the work: the source headers and tensor shapes, NaN / inf
+in the weights (while hashing), the calibration data, and that `output_dir` and the
+cache directory are writable. Such errors are `errors.AnyPrecError`s naming the file,
+tensor or option.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import pathlib
-import shutil
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,13 +35,14 @@ import numpy as np
 from tqdm import tqdm
 
 import models
+from anyprec_jax import errors, faults
 from anyprec_jax import format as fmt
-from anyprec_jax.quantize import baselines, calibration as calib, checkpoint, kmeans
+from anyprec_jax.quantize import baselines, cache, calibration as calib, checkpoint, kmeans
 from anyprec_jax.quantize import sensitivity, tensor_io, upscaling
+from models import hf_loader, registry
 from anyprec_jax.quantize.config import CalibrationConfig, LutDtype, Method, QuantConfig
 from anyprec_jax.quantize.tensor_io import OutTensor
 
-_CACHE_VERSION = 1
 _LUT_DTYPES = {LutDtype.FLOAT16: np.float16, LutDtype.BFLOAT16: tensor_io.DTYPES["BF16"],
                LutDtype.FLOAT32: np.float32}
 _COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -76,27 +81,34 @@ class Layer:
   modules: tuple[tuple[str, tuple[int, int]], ...]
 
 
-def _digest(obj) -> str:
-  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def resolve_model(model_path: str):
   """(local dir, HF config dict, ModelConfig) of an alias, local dir or hub id.
 
   Raises:
-    ValueError: unknown architecture (model_type), with the supported ones.
+    errors.MissingInputError: no such directory / hub id, or no config.json.
+    errors.BadInputError: invalid config.json, unknown architecture (model_type,
+      with the supported ones), or an any-precision checkpoint as the source.
   """
   model_dir = models.resolve_model_dir(models.resolve_alias(str(model_path)))
-  hf_config = json.loads((model_dir / "config.json").read_text())
+  hf_config = hf_loader.read_hf_config(model_dir)
   try:
     cfg, _ = models.load_config(model_dir)
-  except (ValueError, NotImplementedError) as e:
-    raise ValueError(f"cannot quantize {model_path}: {e}") from e
+  except (hf_loader.CheckpointError, NotImplementedError) as e:
+    raise errors.BadInputError(f"cannot quantize {model_path}: {e}") from e
   return model_dir, hf_config, cfg
 
 
 def plan_layers(cfg, source: tensor_io.TensorIndex) -> list[Layer]:
-  """Groups `models.linear_names(cfg)` by decoder layer, with shapes from the source."""
+  """Groups `models.linear_names(cfg)` by decoder layer, with shapes from the source.
+
+  Every source tensor is checked first against the architecture's table (names and
+  shapes; `models.hf_loader.plan_load`), so a bad checkpoint fails before any work.
+
+  Raises:
+    models.CheckpointError: a missing, unexpected or wrongly shaped tensor (named).
+  """
+  hf_loader.plan_load(registry.SPECS[cfg.arch], cfg,
+                      {n: (e.file, e.shape) for n, e in source.entries.items()})
   layers: dict[int, list] = {}
   for name in models.linear_names(cfg):
     match = re.search(r"\.layers\.(\d+)\.", name)
@@ -104,35 +116,61 @@ def plan_layers(cfg, source: tensor_io.TensorIndex) -> list[Layer]:
       raise ValueError(f"cannot find the layer index of module {name!r}")
     key = f"{name}.weight"
     if key not in source:
-      raise ValueError(f"source checkpoint has no tensor {key!r}")
+      raise hf_loader.CheckpointError(f"source checkpoint has no tensor {key!r}")
     shape = source.entries[key].shape
     if len(shape) != 2:
-      raise ValueError(f"{key} has shape {shape}, expected [out, in]")
+      raise hf_loader.CheckpointError(f"{key} in {source.entries[key].file} has shape "
+                                      f"{shape}, expected [out, in]")
     layers.setdefault(int(match.group(1)), []).append((name, tuple(shape)))
   return [Layer(i, tuple(m)) for i, m in sorted(layers.items())]
-
-
-def _layer_file(directory: pathlib.Path, layer: Layer) -> pathlib.Path:
-  return directory / f"layer_{layer.index:05d}.safetensors"
 
 
 def _compute_dtype(dtype: str | None):
   if dtype is None:
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
   if dtype not in _COMPUTE_DTYPES:
-    raise ValueError(f"dtype must be one of {sorted(_COMPUTE_DTYPES)}, got {dtype!r}")
+    raise errors.UsageError(f"dtype must be one of {sorted(_COMPUTE_DTYPES)}, got "
+                            f"{dtype!r} (--dtype)")
   return _COMPUTE_DTYPES[dtype]
+
+
+def check_output_dirs(output_dir: pathlib.Path, cache_dir: pathlib.Path,
+                      model_dir: pathlib.Path) -> None:
+  """Checks, before any work, that both directories can be created and written.
+
+  Raises:
+    errors.UsageError: naming the option (--output_dir / --cache_dir) and the reason.
+  """
+  for path, flag in ((output_dir, "--output_dir"), (cache_dir, "--cache_dir")):
+    if path.resolve() == pathlib.Path(model_dir).resolve():
+      raise errors.UsageError(f"{flag}={path} is the source model's directory; "
+                              "choose another one")
+    try:
+      tensor_io.check_writable_dir(path)
+    except OSError as e:
+      raise errors.UsageError(f"{flag}={path} is not a writable directory: "
+                              f"{e.strerror or e}; choose another one") from e
+
+
+def calibration_tokens(model_dir: pathlib.Path, calibration: CalibrationConfig):
+  """Token ids [num_samples, seq_len] int32 of the calibration set, with the model's
+  tokenizer."""
+  from transformers import AutoTokenizer  # noqa: PLC0415 (slow import)
+  try:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+  except (OSError, ValueError) as e:
+    raise errors.BadInputError(f"cannot load the tokenizer of {model_dir} "
+                               f"({type(e).__name__}: {e})") from e
+  return calib.calibration_tokens(calibration, tokenizer)
 
 
 def ensure_fisher(model_dir: pathlib.Path, cfg, layers: list[Layer],
                   calibration: CalibrationConfig, dtype, fisher_dir: pathlib.Path,
                   options: RunOptions) -> None:
   """Runs the Fisher pass unless `fisher_dir` already holds its complete result."""
-  done = fisher_dir / "complete.json"
-  if done.exists():
+  if cache.is_complete(fisher_dir):
     return
-  from transformers import AutoTokenizer  # noqa: PLC0415 (slow import)
-  tokens = calib.calibration_tokens(calibration, AutoTokenizer.from_pretrained(model_dir))
+  tokens = calibration_tokens(model_dir, calibration)
   _, params = models.load_pretrained(model_dir, dtype=dtype)
   names = [m for layer in layers for m, _ in layer.modules]
   with tqdm(total=len(tokens), desc="Fisher", unit="sample",
@@ -143,10 +181,11 @@ def ensure_fisher(model_dir: pathlib.Path, cfg, layers: list[Layer],
   del params
   for layer in layers:
     arrays = [OutTensor.of_array(m, np.asarray(fisher.pop(m))) for m, _ in layer.modules]
-    tensor_io.write_safetensors(_layer_file(fisher_dir, layer), arrays)
+    tensor_io.write_safetensors(cache.layer_file(fisher_dir, layer.index), arrays)
+    faults.point("fisher")
   meta = {"num_samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]),
           "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest()}
-  tensor_io.write_bytes_atomic(done, json.dumps(meta, indent=2).encode())
+  tensor_io.write_bytes_atomic(fisher_dir / cache.DONE, json.dumps(meta, indent=2).encode())
 
 
 def _group_by_in_features(layer: Layer) -> list[list[tuple[str, tuple[int, int]]]]:
@@ -230,7 +269,12 @@ def quantize_layer(layer: Layer, source: tensor_io.TensorIndex,
       if f is None:
         kmeans.check_weight(w, name)
       else:
-        kmeans.check_inputs(w, f, name)
+        try:
+          kmeans.check_inputs(w, f, name)
+        except ValueError as e:  # the weights were checked while hashing
+          raise errors.BadInputError(
+              f"{e} ({fisher.entries[name].file})",
+              hint="did the Fisher pass overflow? rerun with --dtype=float32") from e
       ws.append(w)
       fs.append(f)
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), layer.index), g)
@@ -243,19 +287,6 @@ def quantize_layer(layer: Layer, source: tensor_io.TensorIndex,
       out += _module_tensors(result, slice(start, start + n), name, config)
       start += n
   return out
-
-
-def _cache_keys(model_dir, hf_config, source, config, calibration, dtype) -> tuple:
-  files = sorted((e.file.name, e.file.stat().st_size) for e in source.entries.values())
-  model = {"dir": str(pathlib.Path(model_dir).resolve()), "config": hf_config,
-           "files": sorted(set(files)), "version": _CACHE_VERSION}
-  fisher = None
-  if config.method is not Method.RTN:
-    fisher = _digest({"model": model, "calibration": dataclasses.asdict(calibration),
-                      "dtype": jnp.dtype(dtype).name})
-  quant = _digest({"model": model, "fisher": fisher,
-                   "config": dataclasses.asdict(config)})
-  return fisher, quant
 
 
 def _output_config(hf_config: dict, config: QuantConfig, calibration: CalibrationConfig,
@@ -312,34 +343,49 @@ def quantize_model(model_path: str, output_dir: str, config: QuantConfig = Quant
 
   Returns:
     The output directory.
+
+  Raises:
+    errors.BadInputError / MissingInputError: a damaged, inconsistent or missing
+      input (model files, tensors, NaN weights, calibration data), found before the
+      Fisher pass.
+    errors.UsageError: a bad option, or an output / cache directory that cannot be
+      written (checked before any work).
+    errors.OutputError: a write failed during the run (e.g. disk full); rerun to resume.
   """
   output_dir = pathlib.Path(output_dir)
   model_dir, hf_config, cfg = resolve_model(model_path)
   source = tensor_io.TensorIndex(models.hf_loader.safetensors_files(model_dir))
   layers = plan_layers(cfg, source)
   dtype = _compute_dtype(options.dtype)
-  cache = pathlib.Path(options.cache_dir or f"{output_dir}.cache")
-  fisher_key, quant_key = _cache_keys(model_dir, hf_config, source, config, calibration,
-                                      dtype)
-  fisher_dir = None if fisher_key is None else cache / f"fisher-{fisher_key}"
-  if fisher_dir is not None:
+  cache_dir = pathlib.Path(options.cache_dir or f"{output_dir}.cache")
+  needs_fisher = config.method is not Method.RTN
+  identity = (cache.calibration_identity(calibration, checkpoint.side_files(model_dir))
+              if needs_fisher else None)
+  check_output_dirs(output_dir, cache_dir, model_dir)
+  quiet = not options.progress
+  weights = {f"{m}.weight" for layer in layers for m, _ in layer.modules}
+  content = cache.hash_source(source, hf_config, weights, options.progress)
+  fisher_dir = None
+  if needs_fisher:
+    fisher_dir = cache.fisher_dir(cache_dir, content, identity, jnp.dtype(dtype).name)
+    cache.report_fisher(fisher_dir, quiet)
     ensure_fisher(model_dir, cfg, layers, calibration, dtype, fisher_dir, options)
-  quant_dir = cache / f"{config.method.value}-{quant_key}"
-  for layer in tqdm(layers, desc="Quantizing", unit="layer", disable=not options.progress):
-    path = _layer_file(quant_dir, layer)
+  quant_dir = cache.quant_dir(cache_dir, config)
+  files = [cache.layer_file(quant_dir, layer.index, content, [m for m, _ in layer.modules],
+                            fisher_dir) for layer in layers]
+  cache.report_layers(files, quiet)
+  for layer, path in tqdm(list(zip(layers, files)), desc="Quantizing", unit="layer",
+                          disable=quiet):
     if path.exists():
       continue
     fisher = (None if fisher_dir is None else
-              tensor_io.TensorIndex([_layer_file(fisher_dir, layer)]))
+              tensor_io.TensorIndex([cache.layer_file(fisher_dir, layer.index)]))
     tensor_io.write_safetensors(path, quantize_layer(layer, source, fisher, config, options))
-  results = tensor_io.TensorIndex([_layer_file(quant_dir, layer) for layer in layers])
+    faults.point("layer")
+  results = tensor_io.TensorIndex(files)
   _write_outputs(output_dir, model_dir, hf_config, source, results, config, calibration,
                  layers, model_path, options)
   keep = options.keep_cache if options.keep_cache is not None else bool(options.cache_dir)
   if not keep:
-    for d in (quant_dir, fisher_dir):
-      if d is not None:
-        shutil.rmtree(d, ignore_errors=True)
-    with contextlib.suppress(OSError):
-      cache.rmdir()  # only when nothing else is cached there
+    cache.remove(cache_dir, fisher_dir, quant_dir)
   return output_dir

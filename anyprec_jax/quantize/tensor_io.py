@@ -7,12 +7,18 @@ Format: 8-byte little-endian header length, JSON header {name: {dtype, shape,
 data_offsets}, "__metadata__": {...}} padded with spaces to 8 bytes, then the data.
 Every file is written to a temporary name, fsynced and renamed (`atomic_path`), so a
 process killed at any point never leaves a truncated file under the final name.
+
+Headers are validated before they are trusted (length against the file size, JSON,
+offsets against the data present); a damaged file is an `errors.BadInputError` naming
+it, a failed write an `errors.OutputError` naming the file being written.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import hashlib
 import json
 import os
 import pathlib
@@ -21,6 +27,8 @@ from typing import Callable, Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
+
+from anyprec_jax import errors
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
@@ -56,16 +64,70 @@ class Entry:
     return self.stop - self.start
 
 
+MAX_HEADER_BYTES = 100 * 1024 ** 2  # the safetensors format's own limit
+_CHUNK = 16 * 1024 ** 2  # bytes per read when streaming a tensor
+_FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def _bad(path, what: str) -> errors.BadInputError:
+  return errors.BadInputError(f"{path}: {what}",
+                              hint="the file is damaged or not a safetensors file; "
+                              "copy or convert it again")
+
+
+def _entry(path: pathlib.Path, name: str, h, base: int, data_bytes: int) -> Entry:
+  """Checks one header entry before trusting it (dtype, shape, offsets in the file)."""
+  if not isinstance(h, dict) or not {"dtype", "shape", "data_offsets"} <= set(h):
+    raise _bad(path, f"header entry of tensor {name!r} lacks dtype / shape / data_offsets")
+  shape, offsets = h["shape"], h["data_offsets"]
+  if (not isinstance(shape, list) or
+      not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+    raise _bad(path, f"tensor {name!r} has an invalid shape {shape!r}")
+  if (not isinstance(offsets, list) or len(offsets) != 2 or
+      not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) or
+      not 0 <= offsets[0] <= offsets[1]):
+    raise _bad(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+  if offsets[1] > data_bytes:
+    raise _bad(path, f"tensor {name!r} ends at byte {offsets[1]} of the data, but the "
+               f"file holds only {data_bytes} data bytes (truncated?)")
+  dtype = DTYPES.get(h["dtype"])
+  if dtype is not None and offsets[1] - offsets[0] != int(np.prod(shape)) * dtype.itemsize:
+    raise _bad(path, f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape "
+               f"{shape} of {h['dtype']}")
+  return Entry(path, str(h["dtype"]), tuple(shape), base + offsets[0], base + offsets[1])
+
+
 def read_header(path: pathlib.Path) -> dict[str, Entry]:
-  """{name: Entry} of one safetensors file (reads only the header)."""
+  """{name: Entry} of one safetensors file (reads only the header).
+
+  The header is validated before it is trusted: its length against the file size,
+  its JSON, and every tensor's offsets against the data actually present.
+
+  Raises:
+    errors.MissingInputError: no such file.
+    errors.BadInputError: naming the file, for a truncated or damaged file.
+  """
   path = pathlib.Path(path)
+  if not path.is_file():
+    raise errors.MissingInputError(f"{path} not found (or not a file)")
+  size = path.stat().st_size
   with open(path, "rb") as f:
-    (size,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(size))
+    if size < 8:
+      raise _bad(path, f"{size} bytes, too short for a safetensors file")
+    (length,) = struct.unpack("<Q", f.read(8))
+    if length > min(size - 8, MAX_HEADER_BYTES):
+      raise _bad(path, f"header length {length} exceeds the file size {size} "
+                 "(truncated, or garbage where the header should be)")
+    raw = f.read(length)
+  try:
+    header = json.loads(raw.decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise _bad(path, f"the header is not valid JSON ({e})") from e
+  if not isinstance(header, dict):
+    raise _bad(path, "the header is not a JSON object")
   header.pop("__metadata__", None)
-  base = 8 + size
-  return {name: Entry(path, h["dtype"], tuple(h["shape"]), base + h["data_offsets"][0],
-                      base + h["data_offsets"][1]) for name, h in header.items()}
+  base = 8 + length
+  return {name: _entry(path, name, h, base, size - base) for name, h in header.items()}
 
 
 class TensorIndex:
@@ -76,7 +138,8 @@ class TensorIndex:
     for file in files:
       for name, entry in read_header(file).items():
         if name in self.entries:
-          raise ValueError(f"tensor {name!r} appears in {self.entries[name].file} and {file}")
+          raise errors.BadInputError(
+              f"tensor {name!r} appears in {self.entries[name].file} and {file}")
         self.entries[name] = entry
 
   def __contains__(self, name: str) -> bool:
@@ -85,21 +148,54 @@ class TensorIndex:
   def names(self) -> list[str]:
     return sorted(self.entries)
 
+  def chunks(self, name: str) -> Iterator[bytes]:
+    """The stored bytes of a tensor, in pieces of at most 16 MiB (a multiple of 8)."""
+    e = self.entries[name]
+    try:
+      with open(e.file, "rb") as f:
+        f.seek(e.start)
+        left = e.nbytes
+        while left:
+          data = f.read(min(left, _CHUNK))
+          if not data:
+            raise _bad(e.file, f"truncated inside tensor {name!r} (changed while read?)")
+          left -= len(data)
+          yield data
+    except OSError as e2:
+      raise errors.BadInputError(f"cannot read tensor {name!r} from {e.file}: "
+                                 f"{e2.strerror or e2}") from e2
+
   def raw(self, name: str) -> bytes:
     """The stored bytes of a tensor."""
+    return b"".join(self.chunks(name))
+
+  def content_digest(self, name: str, check_finite: bool = False) -> str:
+    """sha256 of a tensor's bytes, streamed (one pass, bounded memory).
+
+    Args:
+      name: the tensor.
+      check_finite: also reject NaN / inf values of a floating tensor.
+
+    Raises:
+      errors.BadInputError: a non-finite value (naming the tensor and file).
+    """
     e = self.entries[name]
-    with open(e.file, "rb") as f:
-      f.seek(e.start)
-      data = f.read(e.nbytes)
-    if len(data) != e.nbytes:
-      raise ValueError(f"{e.file} is truncated (tensor {name!r})")
-    return data
+    finite = check_finite and e.dtype in _FLOATS
+    h = hashlib.sha256()
+    for data in self.chunks(name):
+      h.update(data)
+      if finite and not np.isfinite(np.frombuffer(data, DTYPES[e.dtype])).all():
+        raise errors.BadInputError(
+            f"non-finite (NaN/inf) values in tensor {name!r} of {e.file}",
+            hint="a model with NaN or inf weights cannot be quantized; check its source")
+    return h.hexdigest()
 
   def array(self, name: str) -> np.ndarray:
     """A tensor as a numpy array of its stored dtype (bf16 via ml_dtypes)."""
     e = self.entries[name]
     if e.dtype not in DTYPES:
-      raise ValueError(f"tensor {name!r} has unsupported dtype {e.dtype}")
+      raise errors.BadInputError(f"tensor {name!r} of {e.file} has unsupported dtype "
+                                 f"{e.dtype}")
     return np.frombuffer(self.raw(name), DTYPES[e.dtype]).reshape(e.shape)
 
 
@@ -131,25 +227,68 @@ def storage_order(tensors: list[OutTensor]) -> list[OutTensor]:
 
 
 @contextlib.contextmanager
+def writing(path: pathlib.Path) -> Iterator[None]:
+  """Turns an OSError raised while writing `path` into `errors.OutputError` naming it
+  (the OS names no file for a full disk)."""
+  try:
+    yield
+  except OSError as e:
+    raise errors.OutputError(
+        f"cannot write {path}: {e.strerror or e}",
+        hint="free some space or choose another directory; a rerun resumes from the "
+        "finished steps") from e
+
+
+@contextlib.contextmanager
 def atomic_path(path: pathlib.Path) -> Iterator[pathlib.Path]:
   """Yields a temporary path next to `path`; on success fsyncs and renames it."""
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
+  with writing(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
   try:
     yield tmp
-    with open(tmp, "rb+") as f:
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with writing(path):
+      with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
   finally:
-    if tmp.exists():
-      tmp.unlink()
+    if tmp.is_symlink() or tmp.exists():
+      with contextlib.suppress(OSError):
+        tmp.unlink()
 
 
 def write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
   """Writes a small file atomically."""
-  with atomic_path(path) as tmp:
+  with atomic_path(path) as tmp, writing(path):
     tmp.write_bytes(data)
+
+
+def check_writable_dir(path: pathlib.Path) -> None:
+  """Checks that files can be written in directory `path`, before any work.
+
+  Creates it (with its parents), writes and removes a probe file, and removes the
+  directories it created again.
+
+  Raises:
+    OSError: from the OS (no permission, read-only, not a directory, ...).
+  """
+  path = pathlib.Path(path)
+  if path.exists() and not path.is_dir():
+    raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(path))
+  created, p = [], path
+  while not p.exists() and p != p.parent:
+    created.append(p)
+    p = p.parent
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".anyprec-probe-{os.getpid()}"
+    probe.write_bytes(b"probe")
+    probe.unlink()
+  finally:
+    for d in created:  # deepest first
+      with contextlib.suppress(OSError):
+        d.rmdir()
 
 
 def write_safetensors(path: pathlib.Path, tensors: list[OutTensor],
@@ -173,7 +312,7 @@ def write_safetensors(path: pathlib.Path, tensors: list[OutTensor],
     offset += t.nbytes
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)
-  with atomic_path(path) as tmp, open(tmp, "wb") as f:
+  with atomic_path(path) as tmp, writing(path), open(tmp, "wb") as f:
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for t in ordered:

@@ -7,6 +7,7 @@ import tempfile
 import numpy as np
 from absl.testing import absltest
 
+from anyprec_jax import errors
 from anyprec_jax.quantize import calibration as calib
 from anyprec_jax.quantize.config import CalibrationConfig
 from tests.quantize import fixtures
@@ -72,6 +73,25 @@ class CalibrationTest(absltest.TestCase):
       starts = [s for s in range(len(ids) - 49) if np.array_equal(ids[s:s + 50], row)]
       self.assertNotEmpty(starts)
 
+  def test_empty_or_broken_files_name_the_file(self):
+    root = pathlib.Path(self.tmp.name)
+    empty, broken = root / "empty.jsonl", root / "broken.jsonl"
+    empty.write_text("\n  \n")
+    broken.write_text('{"text": "w1 w2"}\n{"text": \n')
+    original = calib._import_datasets
+    for plain in (False, True):
+      if plain:
+        calib._import_datasets = lambda: None
+      try:
+        with self.assertRaisesRegex(errors.BadInputError, r"empty\.jsonl is empty"):
+          calib.load_source(str(empty))
+        with self.assertRaisesRegex(errors.BadInputError, r"broken\.jsonl"):
+          calib.load_source(str(broken))
+      finally:
+        calib._import_datasets = original
+    with self.assertRaisesRegex(errors.MissingInputError, r"/nonexistent/x\.txt.*--calibration"):
+      calib.load_source("/nonexistent/x.txt")
+
   def test_errors(self):
     with self.assertRaisesRegex(ValueError, "neither 'c4', 'wikitext2' nor an existing"):
       calib.load_source("/nonexistent/file.jsonl")
@@ -86,6 +106,9 @@ class CalibrationTest(absltest.TestCase):
     nokey.write_text(json.dumps({"body": "w1 w2"}) + "\n")
     with self.assertRaisesRegex(ValueError, "no 'text' field"):
       calib.load_source(str(nokey))
+    short = CalibrationConfig(dataset=str(self.files["txt"]), num_samples=1, seq_len=10 ** 5)
+    with self.assertRaisesRegex(errors.BadInputError, r"calib\.txt: the text has \d+ tokens"):
+      calib.calibration_tokens(short, self.tok)
     for kwargs in ({"num_samples": 0}, {"seq_len": 1}, {"dataset": ""}):
       with self.assertRaises(ValueError):
         CalibrationConfig(**kwargs)
