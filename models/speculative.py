@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from models.config import ModelConfig
 from models.decoder import Decoder, KVCache, make_mask
 from models.generate import (DecodeState, GenerationResult, SamplingConfig, Timing,
-                             filter_logits, prefill, prepare, sample_logits,
+                             bucket, filter_logits, prefill, prepare, sample_logits,
                              sampling_scalars)
 
 MAX_DRAFT = 7  # The verify forward feeds k + 1 <= 8 rows per sequence (ops.GEMV_MAX_M).
@@ -154,7 +154,8 @@ def speculative_decode(cfg: ModelConfig, target_params, draft_params, state: Dec
       precisions).
     state: the target's `prefill` state (its logits give the first token).
     last_prompt: [B] the last prompt token of each row (slot T - 1).
-    target_cache, draft_cache: from `prefill` of each model, >= T + num_slots + k slots.
+    target_cache, draft_cache: from `prefill` of each model, with at least
+      T + max_new_tokens + k - 1 slots.
     rng: PRNG key.
     max_new_tokens: int scalar (traced) <= num_slots.
     temperature, top_p: float scalars (traced).
@@ -275,7 +276,9 @@ def timed_generate(cfg: ModelConfig, target_params, draft_params, input_ids,
                sampling=sampling, rng=rng, eos_token_id=eos_token_id,
                pad_token_id=pad_token_id)
   ids, mask = jnp.asarray(pr.ids), jnp.asarray(pr.mask)
-  cache_len = pr.t_bucket + pr.n_bucket + k
+  # Verify writes reach slot T + max_new_tokens + k - 2. Bucketed like max_new_tokens,
+  # so the prefill usually has the shape (and program) of plain generation.
+  cache_len = pr.t_bucket + bucket(max_new_tokens + k)
   start = time.perf_counter()
   state, t_cache = prefill(cfg, target_params, ids, mask, cache_len=cache_len)
   _, d_cache = prefill(cfg, draft_params, ids, mask, cache_len=cache_len)
