@@ -218,13 +218,7 @@ class AnyPrecisionForCausalLM:
         outside 1..7.
     """
     from models import speculative  # Local: models imports this package first.
-    target = self.precision if precision is None else self._check(precision)
-    draft = self._check(draft_precision)
-    if draft >= target:
-      raise ValueError(f"draft_precision ({draft}) must be below the target "
-                       f"precision ({target})")
-    num_draft = speculative.check_num_draft(
-        speculative.DEFAULT_NUM_DRAFT if num_draft is None else num_draft)
+    target, draft, num_draft = self.check_draft(precision, draft_precision, num_draft)
     if kwargs.get("sampling") is None:
       kwargs["sampling"] = models.SamplingConfig()
     return speculative.timed_generate(self.cfg, self.params_at(target),
@@ -238,6 +232,24 @@ class AnyPrecisionForCausalLM:
       kwargs["sampling"] = models.SamplingConfig()
     return models.timed_generate(self.cfg, self.params_at(precision), input_ids,
                                  attention_mask, **kwargs)
+
+  def check_draft(self, precision: int | None, draft_precision: int,
+                  num_draft: int | None = None) -> tuple[int, int, int]:
+    """(target, draft, k) of a speculative call, checked.
+
+    Raises:
+      ValueError: a precision not loaded; draft_precision not below the target;
+        num_draft outside 1..7.
+    """
+    from models import speculative  # Local: models imports this package first.
+    target = self.precision if precision is None else self._check(precision)
+    draft = self._check(draft_precision)
+    if draft >= target:
+      raise ValueError(f"draft_precision ({draft}) must be below the target "
+                       f"precision ({target})")
+    k = speculative.check_num_draft(
+        speculative.DEFAULT_NUM_DRAFT if num_draft is None else num_draft)
+    return target, draft, k
 
   def nll_fn(self, precision: int | None = None):
     """input_ids [B, T] -> [B] mean next-token NLL at `precision` (for perplexity)."""
