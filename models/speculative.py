@@ -108,9 +108,19 @@ def accept_sampled(p, q, draft, rng):
   return n, token
 
 
-def _feed(cfg: ModelConfig, params, tokens, index, pos, kv_valid, cache: KVCache, *,
-          last_only: bool = False):
-  """tokens [B, T] at slots index[:, None] + arange(T), positions pos + arange(T).
+def feed_tokens(cfg: ModelConfig, params, tokens, index, pos, kv_valid, cache: KVCache,
+                *, last_only: bool = False):
+  """Runs the cached decoder on T new tokens per sequence at per-row offsets.
+
+  Args:
+    cfg: model config.
+    params: params tree.
+    tokens: [B, T] int32, written at slots index[:, None] + arange(T).
+    index: [B] int32 first slot of each row.
+    pos: [B] int32 position of each row's first token.
+    kv_valid: [B, S] slots holding real (or future) tokens.
+    cache: the cache.
+    last_only: logits of the last token only.
 
   Returns:
     (logits [B, T or 1, V] float32, cache).
@@ -195,23 +205,23 @@ def speculative_decode(cfg: ModelConfig, target_params, draft_params, state: Dec
       logits, cache, key = carry
       key, sub = jax.random.split(key)
       d = sample(logits, sub)  # [B]
-      nxt, cache = _feed(cfg, draft_params, d[:, None], c.index + offset,
-                         c.pos + offset, kv_valid, cache)
+      nxt, cache = feed_tokens(cfg, draft_params, d[:, None], c.index + offset,
+                               c.pos + offset, kv_valid, cache)
       q = None if greedy else jax.nn.softmax(filt(logits), axis=-1)  # [B, V]
       return (nxt[:, 0], cache, key), (d, q)
 
     # Draft: k proposals; the first forward re-feeds prev (M = 2).
-    logits, d_cache = _feed(cfg, draft_params, jnp.stack([c.prev, c.pending], axis=1),
-                            c.index - 1, c.pos - 1, kv_valid, c.draft_cache,
-                            last_only=True)
+    logits, d_cache = feed_tokens(cfg, draft_params,
+                                  jnp.stack([c.prev, c.pending], axis=1), c.index - 1,
+                                  c.pos - 1, kv_valid, c.draft_cache, last_only=True)
     (logits, d_cache, _), (ds, qs) = jax.lax.scan(
         draft_step, (logits[:, 0], d_cache, key_draft), jnp.arange(1, k, dtype=jnp.int32))
     d_last = sample(logits, key_last)  # [B]
     draft = jnp.concatenate([ds.T, d_last[:, None]], axis=1)  # [B, k]
     # Target: score pending + k drafts in one forward (M = k + 1).
-    t_logits, t_cache = _feed(cfg, target_params,
-                              jnp.concatenate([c.pending[:, None], draft], axis=1),
-                              c.index, c.pos, kv_valid, c.target_cache)  # [B, k + 1, V]
+    fed = jnp.concatenate([c.pending[:, None], draft], axis=1)  # [B, k + 1]
+    t_logits, t_cache = feed_tokens(cfg, target_params, fed, c.index, c.pos, kv_valid,
+                                    c.target_cache)  # [B, k + 1, V]
     if greedy:
       n, token = accept_greedy(t_logits, draft)
     else:
@@ -232,7 +242,6 @@ def speculative_decode(cfg: ModelConfig, target_params, draft_params, state: Dec
     lengths = c.lengths + count
     done = c.done | (lengths >= max_new_tokens) | jnp.any(is_eos & (j < count[:, None]),
                                                           axis=1)
-    fed = jnp.concatenate([c.pending[:, None], draft], axis=1)  # [B, k + 1]
     # Finished rows freeze (their later cache writes land past anything they read).
     keep = lambda old, new: jnp.where(c.done, old, new)
     return _Carry(

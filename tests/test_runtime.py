@@ -126,14 +126,16 @@ class RuntimeTest(parameterized.TestCase):
     again = self.model.generate(self.ids, precision=4, draft_precision=3, num_draft=3,
                                 max_new_tokens=6, eos_token_id=())
     np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(plain.tokens))
-    for w3, w4 in zip(_weights(self.model.params_at(3)), _weights(self.model.params_at(4))):
+    pairs = zip(_weights(self.model.params_at(3)), _weights(self.model.params_at(4)))
+    for w3, w4 in pairs:
       self.assertIs(w3.planes, w4.planes)  # No copy: the draft is the same planes.
       self.assertIs(w3.luts[3], w4.luts[3])
 
   def test_speculative_argument_errors(self):
     model = AnyPrecisionForCausalLM.from_quantized(self.dir, precisions=[4, 6])
     gen = functools.partial(model.generate, self.ids, max_new_tokens=2)
-    with self.assertRaisesRegex(ValueError, r"precision 3 not supported; supported: \[4, 6\]"):
+    with self.assertRaisesRegex(ValueError, r"precision 3 not supported; "
+                                r"supported: \[4, 6\]"):
       gen(precision=6, draft_precision=3)
     with self.assertRaisesRegex(ValueError, r"draft_precision \(6\) must be below the "
                                 r"target precision \(6\)"):

@@ -44,7 +44,8 @@ def _model(**overrides):
   def init(path, leaf):
     if leaf.ndim == 1:  # Norm weights.
       return jnp.ones(leaf.shape, jnp.float32)
-    scale = 1.0 if "embed_tokens" in jax.tree_util.keystr(path) else leaf.shape[-1] ** -0.5
+    embedding = "embed_tokens" in jax.tree_util.keystr(path)
+    scale = 1.0 if embedding else leaf.shape[-1] ** -0.5
     return jnp.asarray(rng.normal(0, scale, leaf.shape), jnp.float32)
 
   abstract = models.decoder.abstract_params(cfg)
