@@ -36,7 +36,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from models.config import ModelConfig
+from models.config import ModelConfig, PositionKind
 from models.decoder import Decoder, KVCache, make_mask
 from models.generate import (DecodeState, GenerationResult, SamplingConfig, Timing,
                              bucket, filter_logits, prefill, prepare, sample_logits,
@@ -127,7 +127,13 @@ def feed_tokens(cfg: ModelConfig, params, tokens, index, pos, kv_valid, cache: K
   """
   step = jnp.arange(tokens.shape[1], dtype=jnp.int32)
   slots = index[:, None] + step  # [B, T]
-  return Decoder(cfg).apply({"params": params}, tokens, pos[:, None] + step,
+  positions = pos[:, None] + step  # [B, T]
+  if cfg.position is PositionKind.LEARNED:
+    # Drafts past max_new_tokens may pass the table (`prepare` checks only the emitted
+    # tokens); an out-of-range lookup is NaN, which would reach every query of the
+    # forward through 0 * NaN in attention. Their outputs are never emitted.
+    positions = jnp.minimum(positions, cfg.max_position_embeddings - 1)
+  return Decoder(cfg).apply({"params": params}, tokens, positions,
                             make_mask(cfg, kv_valid, slots), cache, index,
                             last_only=last_only)
 

@@ -117,6 +117,18 @@ class GreedyTest(parameterized.TestCase):
       self.assertEqual(int(alone_stats.accepted[0]), int(batch_stats.accepted[i]))
     self.assertGreater(len(set(np.asarray(batch_stats.accepted).tolist())), 1)
 
+  def test_learned_positions_past_the_table_stay_finite(self):
+    """OPT: drafts past max_position_embeddings must not turn the verify into NaN."""
+    cfg = models.config_from_hf(dict(
+        model_type="opt", vocab_size=32, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=8))
+    params = jax.tree_util.tree_map(lambda x: jnp.full(x.shape, 0.1, x.dtype),
+                                    models.decoder.abstract_params(cfg))
+    cache = models.decoder.init_cache(cfg, 1, 12, jnp.float32)
+    logits, _ = spec.feed_tokens(cfg, params, jnp.array([[5, 6, 7]]), jnp.array([6]),
+                                 jnp.array([6]), jnp.ones((1, 12), bool), cache)
+    self.assertTrue(np.isfinite(np.asarray(logits)).all())  # Positions 6, 7, 8 (> 7).
+
   @parameterized.parameters(0, 8, 2.0)
   def test_num_draft_out_of_range(self, k):
     cfg, params = _model()
