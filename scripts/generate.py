@@ -24,7 +24,7 @@ from absl import app, flags
 from anyprec_jax import cli
 
 import models
-from models import hf_loader
+from models import hf_loader, speculative
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
@@ -87,6 +87,8 @@ def main(argv):
   kwargs = dict(max_new_tokens=_MAX_NEW.value, sampling=sampling,
                 rng=jax.random.key(_SEED.value))
   what = "" if _PRECISION.value is None else f" for precision {_PRECISION.value}"
+  if _DRAFT.value is not None:
+    what += f" with {_DRAFT.value}-bit drafts"
   print(f"compiling{what} ...", file=sys.stderr, flush=True)
   t0 = time.perf_counter()
   jax.block_until_ready(run(ids, **kwargs)[0].tokens)
@@ -105,8 +107,8 @@ def main(argv):
     rounds = int(stats.rounds[0])
     print(f"speculative: {_DRAFT.value}-bit drafts, {rounds} rounds, "
           f"{int(stats.accepted[0]) / max(rounds, 1):.2f} drafts accepted per round "
-          f"(of {_NUM_DRAFT.value or 'default'}), {steps / max(rounds, 1):.2f} tokens "
-          "per round")
+          f"(of {_NUM_DRAFT.value or speculative.DEFAULT_NUM_DRAFT}), "
+          f"{steps / max(rounds, 1):.2f} tokens per round")
 
 
 if __name__ == "__main__":
