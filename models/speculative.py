@@ -43,7 +43,9 @@ from models.generate import (DecodeState, GenerationResult, SamplingConfig, Timi
                              sampling_scalars)
 
 MAX_DRAFT = 7  # The verify forward feeds k + 1 <= 8 rows per sequence (ops.GEMV_MAX_M).
-DEFAULT_NUM_DRAFT = 4  # Provisional: to be chosen from the H200 per-round costs.
+# Provisional, from acceptance on SmolLM2 and earlier H200 step times (small k wins
+# while a low-bit step costs half an 8-bit one; benchmarks/results/speculative.md).
+DEFAULT_NUM_DRAFT = 2
 
 
 class SpeculativeStats(NamedTuple):
