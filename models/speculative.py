@@ -250,7 +250,7 @@ def speculative_decode(cfg: ModelConfig, target_params, draft_params, state: Dec
     lengths = c.lengths + count
     done = c.done | (lengths >= max_new_tokens) | jnp.any(is_eos & (j < count[:, None]),
                                                           axis=1)
-    # Finished rows freeze (their later cache writes land past anything they read).
+    # Finished rows freeze; what later rounds write into their caches is never read.
     keep = lambda old, new: jnp.where(c.done, old, new)
     return _Carry(
         tokens=tokens, lengths=lengths, done=done, pending=keep(c.pending, token),
