@@ -14,6 +14,9 @@ switching precision costs nothing after that.
     model = AnyPrecisionForCausalLM.from_quantized("out/smollm2-anyprec", precisions=[3, 4])
     logits = model.forward(ids, precision=3)          # [B, T, V]
     tokens = model.generate(ids, precision=4, max_new_tokens=32).tokens
+    # Self-speculative (3 and 8 loaded): 3-bit drafts, verified at 8 bits.
+    tokens = model.generate(ids, precision=8, draft_precision=3, num_draft=4,
+                            max_new_tokens=32).tokens
 """
 
 from __future__ import annotations
@@ -166,9 +169,15 @@ class AnyPrecisionForCausalLM:
 
   def generate(self, input_ids, precision: int | None = None, attention_mask=None, *,
                max_new_tokens: int, sampling: models.SamplingConfig | None = None,
-               rng=None, eos_token_id=None, pad_token_id: int | None = None
+               rng=None, eos_token_id=None, pad_token_id: int | None = None,
+               draft_precision: int | None = None, num_draft: int | None = None
                ) -> models.GenerationResult:
     """Generates with the foundation's jitted prefill + on-device decode loop.
+
+    With `draft_precision`, decoding is self-speculative (`models.speculative`): the
+    same weights at `draft_precision` propose `num_draft` tokens per round and the
+    model at `precision` verifies them in one forward. Greedy output is token for
+    token that of plain decoding at `precision`; sampling keeps its distribution.
 
     Args:
       input_ids: [B, T] prompt ids.
@@ -176,14 +185,48 @@ class AnyPrecisionForCausalLM:
       attention_mask, max_new_tokens, rng, eos_token_id, pad_token_id: as
         `models.generate`.
       sampling: `models.SamplingConfig`; None: greedy.
+      draft_precision: bits of the draft (a loaded precision below `precision`);
+        None: plain decoding.
+      num_draft: draft tokens per round, 1..7 (with `draft_precision` only); None:
+        `models.speculative.DEFAULT_NUM_DRAFT`.
 
     Returns:
       GenerationResult(tokens [B, max_new_tokens], lengths [B]).
     """
-    return self.timed_generate(
-        input_ids, precision, attention_mask, max_new_tokens=max_new_tokens,
-        sampling=sampling, rng=rng, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id)[0]
+    kwargs = dict(max_new_tokens=max_new_tokens, sampling=sampling, rng=rng,
+                  eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    if draft_precision is not None:
+      return self.timed_speculative_generate(
+          input_ids, precision, attention_mask, draft_precision=draft_precision,
+          num_draft=num_draft, **kwargs)[0]
+    return self.timed_generate(input_ids, precision, attention_mask, **kwargs)[0]
+
+  def timed_speculative_generate(
+      self, input_ids, precision: int | None = None, attention_mask=None, *,
+      draft_precision: int, num_draft: int | None = None, **kwargs
+  ) -> tuple[models.GenerationResult, models.Timing, "speculative.SpeculativeStats"]:
+    """Self-speculative `generate` plus wall times and acceptance counts.
+
+    Args:
+      input_ids, precision, attention_mask: as `generate`.
+      draft_precision: a loaded precision below `precision`.
+      num_draft: draft tokens per round, 1..7; None: `speculative.DEFAULT_NUM_DRAFT`.
+      **kwargs: max_new_tokens, sampling, rng, eos_token_id, pad_token_id.
+
+    Returns:
+      (GenerationResult, models.Timing, speculative.SpeculativeStats).
+
+    Raises:
+      ValueError: draft_precision not loaded or not below precision; num_draft
+        outside 1..7.
+    """
+    from models import speculative  # Local: models imports this package first.
+    target, draft, num_draft = self.check_draft(precision, draft_precision, num_draft)
+    if kwargs.get("sampling") is None:
+      kwargs["sampling"] = models.SamplingConfig()
+    return speculative.timed_generate(self.cfg, self.params_at(target),
+                                      self.params_at(draft), input_ids, attention_mask,
+                                      num_draft=num_draft, **kwargs)
 
   def timed_generate(self, input_ids, precision: int | None = None, attention_mask=None,
                      **kwargs) -> tuple[models.GenerationResult, models.Timing]:
@@ -192,6 +235,24 @@ class AnyPrecisionForCausalLM:
       kwargs["sampling"] = models.SamplingConfig()
     return models.timed_generate(self.cfg, self.params_at(precision), input_ids,
                                  attention_mask, **kwargs)
+
+  def check_draft(self, precision: int | None, draft_precision: int,
+                  num_draft: int | None = None) -> tuple[int, int, int]:
+    """(target, draft, k) of a speculative call, checked.
+
+    Raises:
+      ValueError: a precision not loaded; draft_precision not below the target;
+        num_draft outside 1..7.
+    """
+    from models import speculative  # Local: models imports this package first.
+    target = self.precision if precision is None else self._check(precision)
+    draft = self._check(draft_precision)
+    if draft >= target:
+      raise ValueError(f"draft_precision ({draft}) must be below the target "
+                       f"precision ({target})")
+    k = speculative.check_num_draft(
+        speculative.DEFAULT_NUM_DRAFT if num_draft is None else num_draft)
+    return target, draft, k
 
   def nll_fn(self, precision: int | None = None):
     """input_ids [B, T] -> [B] mean next-token NLL at `precision` (for perplexity)."""

@@ -68,17 +68,30 @@ def make_mask(cfg: ModelConfig, kv_valid: jax.Array, q_slots: jax.Array) -> jax.
   Args:
     cfg: the config (for `sliding_window`).
     kv_valid: [B, S] true where slot s holds a real (non-pad) token.
-    q_slots: [T] slot index of each query.
+    q_slots: [T] slot index of each query, or [B, T] per sequence.
 
   Returns:
     [B, T, S]: valid & causal & (inside the sliding window, if any).
   """
-  k_slots = jnp.arange(kv_valid.shape[1])[None, :]  # [1, S]
-  q = q_slots[:, None]  # [T, 1]
+  k_slots = jnp.arange(kv_valid.shape[1])  # [S]
+  q = jnp.atleast_2d(q_slots)[..., None]  # [1 or B, T, 1]
   allowed = k_slots <= q
   if cfg.sliding_window is not None:
     allowed &= k_slots > q - cfg.sliding_window
-  return kv_valid.astype(bool)[:, None, :] & allowed[None]  # [B, T, S]
+  return kv_valid.astype(bool)[:, None, :] & allowed  # [B, T, S]
+
+
+def write_cache(cache: jax.Array, new: jax.Array, index) -> jax.Array:
+  """Writes new [B, T, ...] into cache [B, S, ...] at slot `index`.
+
+  `index` is a scalar (the same slot for every sequence) or [B] (one slot per
+  sequence, as speculative decoding needs after per-row acceptance).
+  """
+  new = new.astype(cache.dtype)
+  if jnp.ndim(index) == 0:
+    return jax.lax.dynamic_update_slice(cache, new, (0, index) + (0,) * (cache.ndim - 2))
+  row = lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (i,) + (0,) * (c.ndim - 1))
+  return jax.vmap(row)(cache, new, index)
 
 
 def _get_or_init(module: nn.Module, name: str, shape, dtype, init=None):
@@ -200,9 +213,7 @@ class Attention(nn.Module):
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     q = q * jnp.asarray(c.head_dim ** -0.5, q.dtype)
     if kv is not None:
-      start = (0, cache_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
-      v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
+      k, v = write_cache(kv[0], k, cache_index), write_cache(kv[1], v, cache_index)
     out = attend(q, k, v, mask)  # [B, T, H * Dh]
     out = lin(c.num_heads * c.head_dim, c.hidden_size, name="o_proj")(out)
     return out, (None if kv is None else (k, v))
@@ -264,7 +275,7 @@ class Decoder(nn.Module):
       mask: [B, T, S] bool attention mask (S = T without a cache).
       cache: optional `KVCache` of S slots; the new keys/values are written at
         slots [cache_index, cache_index + T).
-      cache_index: int scalar, first slot of this chunk.
+      cache_index: int scalar, first slot of this chunk; or [B], one per sequence.
       last_only: compute logits for the last position only.
 
     Returns:

@@ -130,6 +130,31 @@ def decode_step(cfg: ModelConfig, params, tokens, state: DecodeState, cache: KVC
   return state, cache
 
 
+def filter_logits(logits, temperature, top_p, *, top_k: int, use_top_p: bool):
+  """Logits divided by temperature, then top-k, then top-p (as HF does); removed
+  tokens get -inf. softmax of the result is the distribution `sample_logits` draws from.
+
+  Args:
+    logits: [..., V] float32.
+    temperature, top_p: float scalars (traced).
+    top_k, use_top_p: static.
+
+  Returns:
+    [..., V] float32.
+  """
+  x = logits / temperature
+  if top_k > 0:
+    kth = jax.lax.top_k(x, top_k)[0][..., -1:]  # [..., 1]
+    x = jnp.where(x < kth, -jnp.inf, x)
+  if use_top_p:
+    srt = -jnp.sort(-x, axis=-1)  # [..., V] descending
+    probs = jax.nn.softmax(srt, axis=-1)
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # First token always kept.
+    thresh = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
+    x = jnp.where(x < thresh, -jnp.inf, x)
+  return x
+
+
 def sample_logits(logits, rng, temperature, top_p, *, greedy: bool, top_k: int,
                   use_top_p: bool):
   """Picks one token per row (temperature, then top-k, then top-p, as HF does).
@@ -145,16 +170,7 @@ def sample_logits(logits, rng, temperature, top_p, *, greedy: bool, top_k: int,
   """
   if greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  x = logits / temperature
-  if top_k > 0:
-    kth = jax.lax.top_k(x, top_k)[0][:, -1:]  # [B, 1]
-    x = jnp.where(x < kth, -jnp.inf, x)
-  if use_top_p:
-    srt = -jnp.sort(-x, axis=-1)  # [B, V] descending
-    probs = jax.nn.softmax(srt, axis=-1)
-    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # First token always kept.
-    thresh = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
-    x = jnp.where(x < thresh, -jnp.inf, x)
+  x = filter_logits(logits, temperature, top_p, top_k=top_k, use_top_p=use_top_p)
   return jax.random.categorical(rng, x, axis=-1).astype(jnp.int32)
 
 
@@ -261,11 +277,27 @@ def _eos_tuple(cfg: ModelConfig, eos_token_id) -> tuple[int, ...]:
   return tuple(int(e) for e in eos_token_id)
 
 
-def timed_generate(cfg: ModelConfig, params, input_ids, attention_mask=None, *,
-                   max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
-                   rng=None, eos_token_id=None, pad_token_id: int | None = None):
-  """`generate` that also returns the prefill and decode wall times (blocking)."""
-  import time  # Local: only timing needs it.
+class Prompts(NamedTuple):
+  """Prompts and settings checked and bucketed by `prepare`.
+
+  ids, mask: [B, t_bucket] int32 numpy, left padded; n_bucket: max_new_tokens bucket;
+  eos: EOS ids; pad: id written after EOS; rng: PRNG key.
+  """
+  ids: np.ndarray
+  mask: np.ndarray
+  n_bucket: int
+  eos: tuple[int, ...]
+  pad: int
+  rng: jax.Array
+
+  @property
+  def t_bucket(self) -> int:
+    return self.ids.shape[1]
+
+
+def prepare(cfg: ModelConfig, input_ids, attention_mask, *, max_new_tokens: int,
+            sampling: SamplingConfig, rng, eos_token_id, pad_token_id) -> Prompts:
+  """Checks the arguments of `generate` and left-aligns the prompts into buckets."""
   if max_new_tokens < 1:
     raise ValueError("max_new_tokens must be >= 1")
   if rng is None:
@@ -274,24 +306,40 @@ def timed_generate(cfg: ModelConfig, params, input_ids, attention_mask=None, *,
     rng = jax.random.key(0)
   t = max(int(np.asarray(attention_mask).sum(1).max()) if attention_mask is not None
           else np.shape(input_ids)[1], 1)
-  t_bucket, n_bucket = bucket(t), bucket(max_new_tokens)
   if (cfg.position is PositionKind.LEARNED
       and t + max_new_tokens > cfg.max_position_embeddings):
     raise ValueError(f"{t} + {max_new_tokens} tokens exceed max_position_embeddings="
                      f"{cfg.max_position_embeddings}")
-  ids, mask = left_align(input_ids, attention_mask, t_bucket)
+  ids, mask = left_align(input_ids, attention_mask, bucket(t))
   eos = _eos_tuple(cfg, eos_token_id)
   pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+  return Prompts(ids=ids, mask=mask, n_bucket=bucket(max_new_tokens), eos=eos,
+                 pad=int(pad), rng=rng)
+
+
+def sampling_scalars(sampling: SamplingConfig):
+  """(temperature, top_p) as traced float32 scalars (temperature floored at 1e-6)."""
+  return (jnp.asarray(max(sampling.temperature, 1e-6), jnp.float32),
+          jnp.asarray(sampling.top_p, jnp.float32))
+
+
+def timed_generate(cfg: ModelConfig, params, input_ids, attention_mask=None, *,
+                   max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+                   rng=None, eos_token_id=None, pad_token_id: int | None = None):
+  """`generate` that also returns the prefill and decode wall times (blocking)."""
+  import time  # Local: only timing needs it.
+  pr = prepare(cfg, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+               sampling=sampling, rng=rng, eos_token_id=eos_token_id,
+               pad_token_id=pad_token_id)
   start = time.perf_counter()
-  state, cache = prefill(cfg, params, jnp.asarray(ids), jnp.asarray(mask),
-                         cache_len=t_bucket + n_bucket)
+  state, cache = prefill(cfg, params, jnp.asarray(pr.ids), jnp.asarray(pr.mask),
+                         cache_len=pr.t_bucket + pr.n_bucket)
   jax.block_until_ready(state)
   mid = time.perf_counter()
-  out, _, _ = decode(cfg, params, state, cache, rng, jnp.asarray(max_new_tokens, jnp.int32),
-               jnp.asarray(max(sampling.temperature, 1e-6), jnp.float32),
-               jnp.asarray(sampling.top_p, jnp.float32), num_slots=n_bucket,
-               greedy=sampling.greedy, top_k=sampling.top_k,
-               use_top_p=sampling.top_p < 1.0, eos_ids=eos, pad_id=int(pad))
+  out, _, _ = decode(cfg, params, state, cache, pr.rng,
+                     jnp.asarray(max_new_tokens, jnp.int32), *sampling_scalars(sampling),
+                     num_slots=pr.n_bucket, greedy=sampling.greedy, top_k=sampling.top_k,
+                     use_top_p=sampling.top_p < 1.0, eos_ids=pr.eos, pad_id=pr.pad)
   jax.block_until_ready(out)
   end = time.perf_counter()
   result = GenerationResult(tokens=out.tokens[:, :max_new_tokens], lengths=out.lengths)

@@ -3,6 +3,8 @@ checkpoint written by scripts/quantize.py, in JAX.
 
   python scripts/generate.py --model=smollm2-135m --prompt="The capital of France is"
   python scripts/generate.py --model=/tmp/model-anyprec --precision=4
+  python scripts/generate.py --model=/tmp/model-anyprec --precision=8 --draft_precision=3 \
+      --num_draft=4        # self-speculative: 3-bit drafts verified at 8 bits
 
 Prints the continuation (special tokens skipped; generation stops at EOS), then the
 compile time of the first run, and prefill time, decode ms/token and tokens/s of a second,
@@ -22,7 +24,7 @@ from absl import app, flags
 from anyprec_jax import cli
 
 import models
-from models import hf_loader
+from models import hf_loader, speculative
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
@@ -38,20 +40,38 @@ _DTYPE = flags.DEFINE_enum("dtype", None, list(_DTYPES),
                            "float32 on CPU, as AnyPrecisionForCausalLM.from_quantized).")
 _PRECISION = flags.DEFINE_integer(
     "precision", None, "Bits (any-precision checkpoints only); default the highest.")
+_DRAFT = flags.DEFINE_integer(
+    "draft_precision", None, "Self-speculative decoding: bits of the draft (a loaded "
+    "precision below --precision; any-precision checkpoints only).")
+_NUM_DRAFT = flags.DEFINE_integer(
+    "num_draft", None, "Draft tokens per round, 1..7 (default "
+    "models.speculative.DEFAULT_NUM_DRAFT); with --draft_precision.")
 _BOS = flags.DEFINE_boolean("add_special_tokens", False, "Let the tokenizer add BOS.")
 
 
 def _load(model_dir, dtype):
-  """(cfg, params): dense HF model, or an any-precision one via the runtime."""
+  """A generator `run(ids, **kwargs) -> (GenerationResult, Timing, stats or None)`:
+  a dense HF model, or an any-precision one via the runtime (speculative with
+  --draft_precision)."""
   if (hf_loader.read_hf_config(model_dir).get("anyprec") or {}).get("method") == "anyprec":
     from anyprec_jax.runtime import AnyPrecisionForCausalLM
-    precisions = None if _PRECISION.value is None else [_PRECISION.value]
-    model = AnyPrecisionForCausalLM.from_quantized(model_dir, precisions, dtype=dtype)
-    return model.cfg, model.params_at(_PRECISION.value)
-  if _PRECISION.value is not None:
-    raise app.UsageError(f"--precision needs an any-precision checkpoint; {model_dir} "
-                         "is a dense model")
-  return models.load_pretrained(model_dir, dtype=dtype)
+    draft, target = _DRAFT.value, _PRECISION.value
+    precisions = None if target is None else sorted({target} | ({draft} - {None}))
+    try:
+      model = AnyPrecisionForCausalLM.from_quantized(model_dir, precisions, dtype=dtype)
+      if draft is None:
+        return lambda ids, **kw: (*model.timed_generate(ids, target, **kw), None)
+      target, draft, k = model.check_draft(target, draft, _NUM_DRAFT.value)
+    except ValueError as e:  # Precisions and k as the user gave them.
+      raise app.UsageError(str(e)) from None
+    return lambda ids, **kw: model.timed_speculative_generate(
+        ids, target, draft_precision=draft, num_draft=k, **kw)
+  for flag in (_PRECISION, _DRAFT):
+    if flag.value is not None:
+      raise app.UsageError(f"--{flag.name} needs an any-precision checkpoint; "
+                           f"{model_dir} is a dense model")
+  cfg, params = models.load_pretrained(model_dir, dtype=dtype)
+  return lambda ids, **kw: (*models.timed_generate(cfg, params, ids, **kw), None)
 
 
 def main(argv):
@@ -60,18 +80,20 @@ def main(argv):
   from anyprec_jax.runtime import default_dtype
   model_dir = models.resolve_model_dir(models.resolve_alias(_MODEL.value))
   dtype = _DTYPES[_DTYPE.value] if _DTYPE.value else default_dtype()
-  cfg, params = _load(model_dir, dtype)
+  run = _load(model_dir, dtype)
   tok = AutoTokenizer.from_pretrained(model_dir)
   ids = np.asarray([tok(_PROMPT.value, add_special_tokens=_BOS.value).input_ids])
   sampling = models.SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
   kwargs = dict(max_new_tokens=_MAX_NEW.value, sampling=sampling,
                 rng=jax.random.key(_SEED.value))
   what = "" if _PRECISION.value is None else f" for precision {_PRECISION.value}"
+  if _DRAFT.value is not None:
+    what += f" with {_DRAFT.value}-bit drafts"
   print(f"compiling{what} ...", file=sys.stderr, flush=True)
   t0 = time.perf_counter()
-  jax.block_until_ready(models.timed_generate(cfg, params, ids, **kwargs)[0].tokens)
+  jax.block_until_ready(run(ids, **kwargs)[0].tokens)
   compile_s = time.perf_counter() - t0
-  result, timing = models.timed_generate(cfg, params, ids, **kwargs)
+  result, timing, stats = run(ids, **kwargs)
   n = int(result.lengths[0])
   print(_PROMPT.value + tok.decode(np.asarray(result.tokens[0, :n]),
                                    skip_special_tokens=True))
@@ -81,6 +103,12 @@ def main(argv):
         f"prefill {timing.prefill_s * 1e3:.1f} ms; {n} new tokens: decode "
         f"{timing.decode_s * 1e3 / steps:.2f} ms/token ({steps / timing.decode_s:.1f} "
         f"tokens/s), end to end {n / (timing.prefill_s + timing.decode_s):.1f} tokens/s")
+  if stats is not None:
+    rounds = int(stats.rounds[0])
+    print(f"speculative: {_DRAFT.value}-bit drafts, {rounds} rounds, "
+          f"{int(stats.accepted[0]) / max(rounds, 1):.2f} drafts accepted per round "
+          f"(of {_NUM_DRAFT.value or speculative.DEFAULT_NUM_DRAFT}), "
+          f"{steps / max(rounds, 1):.2f} tokens per round")
 
 
 if __name__ == "__main__":

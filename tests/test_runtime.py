@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import pathlib
@@ -113,6 +114,37 @@ class RuntimeTest(parameterized.TestCase):
         self.ids, precision=bits, max_new_tokens=6, eos_token_id=(),
         sampling=models.SamplingConfig(temperature=1.0, top_k=5), rng=jax.random.key(0))
     self.assertEqual(sampled.tokens.shape, (2, 6))
+
+  def test_speculative_generate_equals_plain(self):
+    """3-bit drafts for the 4-bit model give its greedy output, from the same arrays."""
+    plain = self.model.generate(self.ids, precision=4, max_new_tokens=6, eos_token_id=())
+    out, _, stats = self.model.timed_speculative_generate(
+        self.ids, precision=4, draft_precision=3, num_draft=3, max_new_tokens=6,
+        eos_token_id=())
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(plain.tokens))
+    self.assertTrue((np.asarray(stats.rounds) >= 2).all())  # 5 tokens, <= 4 per round.
+    again = self.model.generate(self.ids, precision=4, draft_precision=3, num_draft=3,
+                                max_new_tokens=6, eos_token_id=())
+    np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(plain.tokens))
+    pairs = zip(_weights(self.model.params_at(3)), _weights(self.model.params_at(4)))
+    for w3, w4 in pairs:
+      self.assertIs(w3.planes, w4.planes)  # No copy: the draft is the same planes.
+      self.assertIs(w3.luts[3], w4.luts[3])
+
+  def test_speculative_argument_errors(self):
+    model = AnyPrecisionForCausalLM.from_quantized(self.dir, precisions=[4, 6])
+    gen = functools.partial(model.generate, self.ids, max_new_tokens=2)
+    with self.assertRaisesRegex(ValueError, r"precision 3 not supported; "
+                                r"supported: \[4, 6\]"):
+      gen(precision=6, draft_precision=3)
+    with self.assertRaisesRegex(ValueError, r"draft_precision \(6\) must be below the "
+                                r"target precision \(6\)"):
+      gen(draft_precision=6)  # The default precision is the highest loaded.
+    with self.assertRaisesRegex(ValueError, r"draft_precision \(6\) .* \(4\)"):
+      gen(precision=4, draft_precision=6)
+    for k in (0, 8):
+      with self.assertRaisesRegex(ValueError, r"num_draft must be an integer in 1\.\.7"):
+        gen(precision=6, draft_precision=4, num_draft=k)
 
   def test_one_program_per_precision(self):
     model = AnyPrecisionForCausalLM.from_quantized(self.dir, precisions=[3, 4])
