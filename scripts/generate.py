@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from anyprec_jax import cli
+from anyprec_jax import cli, errors
 
 import models
 from models import hf_loader, speculative
@@ -62,6 +62,8 @@ def _load(model_dir, dtype):
       if draft is None:
         return lambda ids, **kw: (*model.timed_generate(ids, target, **kw), None)
       target, draft, k = model.check_draft(target, draft, _NUM_DRAFT.value)
+    except errors.AnyPrecError:  # Bad data keeps its own exit code (cli.run).
+      raise
     except ValueError as e:  # Precisions and k as the user gave them.
       raise app.UsageError(str(e)) from None
     return lambda ids, **kw: model.timed_speculative_generate(

@@ -268,6 +268,12 @@ class LoadFaultsTest(_Base):
                       r"--precision=4\.0")
     self.assert_fails(run_script("evaluate", [f"--quantized={model}", "--precisions=3,x"]),
                       2, r"--precisions must be a comma-separated list of ints")
+    self.assert_fails(run_script("generate", [f"--model={model}", "--precision=4",
+                                              "--draft_precision=5"]), 2,
+                      r"draft_precision \(5\) must be below the target precision \(4\)")
+    self.assert_fails(run_script("generate", [f"--model={model}", "--precision=8",
+                                              "--draft_precision=3", "--num_draft=9"]), 2,
+                      r"num_draft")
     bad = _variant("src", "bad_json", lambda d: (d / "config.json").write_text("{'x':"))
     self.assert_fails(run_script("generate", [f"--model={bad}"]), 1,
                       r"/bad_json/config\.json is not valid JSON")
