@@ -6,7 +6,7 @@ r"""Quantize a Hugging Face Llama / Mistral / OPT model into an any-precision ch
   python scripts/quantize.py --model=opt-125m --method=rtn --output_dir=/tmp/opt-rtn
 
 --method=anyprec writes one checkpoint holding every precision seed_bits..parent_bits;
---method=independent|rtn write one dense (fake-quantized) HF directory per width,
+--method=independent|squeezellm|rtn write one dense (fake-quantized) HF directory per width,
 <output_dir>/w{b}/. A killed run resumes from --cache_dir (default <output_dir>.cache,
 removed once the run succeeds unless --keep_cache).
 """
@@ -27,7 +27,8 @@ _OUTPUT = flags.DEFINE_string("output_dir", None,
 _SEED_BITS = flags.DEFINE_integer("seed_bits", 3, "Width of the seed k-means (>= 2).")
 _PARENT_BITS = flags.DEFINE_integer("parent_bits", 8, "Width of the parent (<= 8).")
 _METHOD = flags.DEFINE_enum("method", Method.ANYPREC.value, [m.value for m in Method],
-                            "anyprec, or a baseline: independent k-means / rtn.")
+                            "anyprec, or a baseline: independent (our k-means) / "
+                            "squeezellm (the paper's: one k-means++ start, no DP) / rtn.")
 _CALIBRATION = flags.DEFINE_string(
     "calibration", "c4", "c4, wikitext2 (hub) or a local .jsonl/.json/.parquet/.txt file.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 100, "Calibration sequences.")

@@ -19,7 +19,8 @@ MAX_PARENT_BITS = fmt.MAX_BITS
 class Method(enum.Enum):
   """What `quantize_model` produces."""
   ANYPREC = "anyprec"          # seed k-means + incremental upscaling, one bitplane parent
-  INDEPENDENT = "independent"  # SqueezeLLM-style k-means at every width separately
+  INDEPENDENT = "independent"  # our k-means (k-means++ and binned-DP starts) per width
+  SQUEEZELLM = "squeezellm"    # the paper's baseline: one k-means++ start per width, no DP
   RTN = "rtn"                  # per-row uniform asymmetric round-to-nearest
 
 
@@ -68,7 +69,10 @@ class QuantConfig:
   Attributes:
     seed_bits: width of the seed k-means (>= 2).
     parent_bits: width of the parent model (<= 8); seed_bits <= parent_bits.
-    method: anyprec (default) or a baseline.
+    method: anyprec (default) or a baseline. SQUEEZELLM is the paper's (and the
+      original release's) baseline: it fixes n_init = 1 and dp_bins = 0 (set in
+      __post_init__, whatever was passed), i.e. one weighted k-means++ start and
+      Lloyd until the borders stop moving, at most max_iter updates.
     seed: PRNG seed of the k-means++ initialisation (results are deterministic in it).
     max_iter: maximum Lloyd iterations of the k-means (the original uses 50).
     n_init: k-means++ starts per row; the best weighted objective is kept
@@ -108,6 +112,9 @@ class QuantConfig:
       raise TypeError(f"split must be a SplitMethod, got {self.split!r}")
     if not isinstance(self.lut_dtype, LutDtype):
       raise TypeError(f"lut_dtype must be a LutDtype, got {self.lut_dtype!r}")
+    if self.method is Method.SQUEEZELLM:
+      object.__setattr__(self, "n_init", 1)
+      object.__setattr__(self, "dp_bins", 0)
     if self.max_iter < 1:
       raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
     if self.n_init < 1:

@@ -173,6 +173,9 @@ def _quantize_group(w, f, config: QuantConfig, key, options: RunOptions, name: s
                                       split=config.split, **opts)
   if config.method is Method.INDEPENDENT:
     return baselines.independent(w, f, config.bit_widths, key, **opts)
+  if config.method is Method.SQUEEZELLM:
+    return baselines.squeezellm(w, f, config.bit_widths, key, max_iter=config.max_iter,
+                                chunk_elements=options.chunk_elements, name=name)
   return {b: baselines.rtn(w, b, chunk_elements=options.chunk_elements, name=name)
           for b in config.bit_widths}
 
