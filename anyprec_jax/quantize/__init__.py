@@ -7,7 +7,7 @@ Core math (arrays in, arrays out): `seed_kmeans`, `upscale`, `seed_and_upscale`,
 """
 
 from anyprec_jax.quantize.config import (CalibrationConfig, LutDtype, Method,
-                                         QuantConfig, SplitMethod)
+                                         Nesting, QuantConfig, SplitMethod)
 from anyprec_jax.quantize.kmeans import SeedResult, seed_kmeans
 from anyprec_jax.quantize.upscaling import UpscaleResult, seed_and_upscale, upscale
 from anyprec_jax.quantize.baselines import dequantize_codes, independent, rtn, squeezellm

@@ -34,7 +34,8 @@ import models
 from anyprec_jax import format as fmt
 from anyprec_jax.quantize import baselines, calibration as calib, checkpoint, kmeans
 from anyprec_jax.quantize import sensitivity, tensor_io, upscaling
-from anyprec_jax.quantize.config import CalibrationConfig, LutDtype, Method, QuantConfig
+from anyprec_jax.quantize.config import (CalibrationConfig, LutDtype, Method, Nesting,
+                                         QuantConfig)
 from anyprec_jax.quantize.tensor_io import OutTensor
 
 _CACHE_VERSION = 1
@@ -170,7 +171,9 @@ def _quantize_group(w, f, config: QuantConfig, key, options: RunOptions, name: s
               chunk_elements=options.chunk_elements, name=name)
   if config.method is Method.ANYPREC:
     return upscaling.seed_and_upscale(w, f, config.seed_bits, config.parent_bits, key,
-                                      split=config.split, **opts)
+                                      split=config.split, nesting=config.nesting,
+                                      nesting_bins=config.nesting_bins,
+                                      nesting_weights=config.level_weights, **opts)
   if config.method is Method.INDEPENDENT:
     return baselines.independent(w, f, config.bit_widths, key, **opts)
   if config.method is Method.SQUEEZELLM:
@@ -271,6 +274,10 @@ def _output_config(hf_config: dict, config: QuantConfig, calibration: Calibratio
                          "n_init": config.n_init, "dp_bins": config.dp_bins}}
   if config.method is Method.ANYPREC:
     extra["quantizer"]["split"] = config.split.value
+    extra["quantizer"]["nesting"] = config.nesting.value
+    if config.nesting is Nesting.OPTIMAL:
+      extra["quantizer"].update(nesting_bins=config.nesting_bins,
+                                nesting_weights=list(config.level_weights))
   if bits is None:
     bits_info = {"seed_bits": config.seed_bits, "parent_bits": config.parent_bits}
     extra["lut_dtype"] = config.lut_dtype.value
