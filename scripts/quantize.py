@@ -43,7 +43,7 @@ _NESTING = flags.DEFINE_enum(
     "nesting", Nesting.GREEDY.value, [m.value for m in Nesting],
     "anyprec: greedy (the paper's upscaling) or optimal (nested DP for "
     "sum_b lambda_b E_b, quantize/nesting.py).")
-_NESTING_BINS = flags.DEFINE_integer("nesting_bins", 128, "Bins of the optimal nesting's DP.")
+_NESTING_BINS = flags.DEFINE_integer("nesting_bins", 64, "Bins of the optimal nesting's DP.")
 _NESTING_WEIGHTS = flags.DEFINE_list(
     "nesting_weights", [], "lambda_b per width seed..parent (default: all 1).")
 _LUT_DTYPE = flags.DEFINE_enum("lut_dtype", LutDtype.FLOAT16.value,

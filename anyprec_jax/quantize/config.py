@@ -102,7 +102,7 @@ class QuantConfig:
   dp_bins: int = 128
   split: SplitMethod = SplitMethod.OPTIMAL
   nesting: Nesting = Nesting.GREEDY
-  nesting_bins: int = 128
+  nesting_bins: int = 64
   nesting_weights: tuple[float, ...] = ()
   lut_dtype: LutDtype = LutDtype.FLOAT16
 

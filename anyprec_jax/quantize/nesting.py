@@ -22,7 +22,7 @@ Binning and cost. Over E candidate borders the interval levels cost O(E^3) each 
 seed partition O(2^seed E^2) per row. The candidates are dp.bin_edges (half at equal
 counts, half at equal value spacing): E = bins + 2. Bins are too coarse for the fine
 levels (2^8 parent ranges), so the DP covers levels seed..D only, D = the deepest level
-with 4 * 2^D <= bins (D = 5 at 128 bins), and the finer levels enter the DP through a
+with 4 * 2^D <= bins (D = 4 at the default 64 bins, 5 at 128), and the finer levels enter the DP through a
 tail factor: a range at level D is charged (lambda_D + sum_{b > D} lambda_b 4^-(b-D))
 times its SSE (a range split g more times keeps about 4^-g of its error). Then
 `refine` moves the level seed..D borders at full resolution (exact coordinate descent on
@@ -30,8 +30,10 @@ J over the levels seed..D: red-black sweeps, each border to its best position be
 its two neighbours; J never increases), and the levels below D are split greedily at
 full resolution (split.py). `upscaling` keeps the better of this tree and the greedy
 one on the exact objective over all levels, so the result is never worse than greedy.
-Per row: (D - seed) E^3 + 2^seed E^2 + sweeps * K * (D - seed + 1); at 128 bins
-about 4.4M min-plus steps, all jitted and vmapped over rows.
+Per row: (D - seed) E^3 + 2^seed E^2 + sweeps * K * (D - seed + 1) steps: at the
+default 64 bins (seed 3) about 0.3M min-plus steps + the sweeps, at 128 bins 4.4M
+(levels 3-5 by the DP; better 5-bit trees, ~15x the DP time). All jitted and vmapped
+over rows.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import numpy as np
 from anyprec_jax.quantize import dp
 from anyprec_jax.quantize import rowops
 
-DEFAULT_BINS = 128
+DEFAULT_BINS = 64
 DEFAULT_SWEEPS = 8
 TAIL_DECAY = 0.25  # error kept per further split, for the levels below the DP
 
