@@ -2,7 +2,9 @@
 
 The logic behind `scripts/evaluate.py`: enumerate the models to evaluate (lazily, one
 in memory at a time), run `evaluation.perplexity` on each corpus, and format one table
-(rows: model / method / bits; columns: corpora) plus a JSON-able record.
+(rows: model / method / bits; columns: corpora) plus a JSON-able record that keeps
+every chunk's NLL, so rows from different runs can be compared paired
+(`format_paired_table`).
 """
 
 from __future__ import annotations
@@ -125,7 +127,9 @@ def evaluate_entries(entries: Iterator[ModelEntry], datasets: Sequence[str], *,
       res = evaluation.perplexity(e.nll_fn, ids, seq_len=seq_len, max_chunks=max_chunks,
                                   batch_size=batch_size, progress=progress,
                                   desc=f"{e.method} {e.bits}b {name}")
-      results[name] = {**res.to_dict(), "source": source}
+      chunks = evaluation.make_chunks(ids, seq_len, max_chunks)
+      results[name] = {**res.to_dict(), "source": source, "chunk_nll": list(res.chunk_nll),
+                       "chunks_sha1": hashlib.sha1(chunks.tobytes()).hexdigest()[:16]}
     rows.append({"model": e.label, "method": e.method, "bits": e.bits,
                  "results": results})
     if progress:
@@ -143,5 +147,66 @@ def format_table(rows: list[dict], datasets: Sequence[str], header: bool = True)
     cells = [f"{r['results'][d]['ppl']:.3f}" if d in r["results"] else "-"
              for d in datasets]
     lines.append(f"| {r['model']} | {r['method']} | {r['bits']} | " + " | ".join(cells)
+                 + " |")
+  return "\n".join(lines)
+
+
+def _is_reference(row: dict, reference: str) -> bool:
+  return row["method"] == reference or row["model"] == reference
+
+
+def paired_rows(rows: list[dict], datasets: Sequence[str], reference: str) -> list[dict]:
+  """Paired differences of every row against a reference row on the same chunks.
+
+  Args:
+    rows: `evaluate_entries` rows (with "chunk_nll").
+    datasets: corpora to compare.
+    reference: "original" (the one unquantized row), or a method / model label whose
+      row of the *same bits* is the reference (e.g. "squeezellm").
+
+  Returns:
+    [{"model", "method", "bits", "reference", "paired": {dataset: PairedDifference
+    dict}}] for every row that has a reference row and is not one.
+
+  Raises:
+    ValueError: a row and its reference were evaluated on different chunks.
+  """
+  out = []
+  for r in rows:
+    if _is_reference(r, reference):
+      continue
+    refs = [q for q in rows if _is_reference(q, reference) and
+            (reference == "original" or q["bits"] == r["bits"])]
+    if not refs:
+      continue
+    ref = refs[0]
+    paired = {}
+    for d in datasets:
+      if d not in r["results"] or d not in ref["results"]:
+        continue
+      a, b = r["results"][d], ref["results"][d]
+      if a.get("chunks_sha1") != b.get("chunks_sha1"):
+        raise ValueError(f"{r['model']} {r['bits']}b and {ref['model']} were evaluated "
+                         f"on different {d} chunks")
+      paired[d] = evaluation.paired_difference(a["chunk_nll"], b["chunk_nll"]).to_dict()
+    out.append({"model": r["model"], "method": r["method"], "bits": r["bits"],
+                "reference": f"{ref['model']} ({ref['method']} {ref['bits']}b)",
+                "paired": paired})
+  return out
+
+
+def format_paired_table(rows: list[dict], datasets: Sequence[str], reference: str) -> str:
+  """Markdown: ppl change vs the reference, and mean NLL difference +- standard error."""
+  lines = [f"| model | method | bits | " + " | ".join(
+               f"{d}: ppl vs {reference}, dNLL +- se" for d in datasets) + " |",
+           "|---|---|---:|" + "---:|" * len(datasets)]
+  for p in paired_rows(rows, datasets, reference):
+    cells = []
+    for d in datasets:
+      q = p["paired"].get(d)
+      cells.append("-" if q is None else
+                   f"{100 * (q['ppl_ratio'] - 1):+.2f}% ({q['mean_nll_diff']:+.4f} "
+                   f"+- {q['stderr']:.4f})")
+    lines.append(f"| {p['model']} | {p['method']} | {p['bits']} | " + " | ".join(cells)
                  + " |")
   return "\n".join(lines)

@@ -9,6 +9,12 @@ negative log-likelihood of its `seq_len - 1` next-token predictions, and
 
 (equal to GPTQ's `exp(sum(loss * seq_len) / (n_chunks * seq_len))`).
 
+Two models evaluated on the same chunks are compared *paired* (`paired_difference`):
+the mean over chunks of the per-chunk NLL difference and its standard error. Chunk
+difficulty varies far more than the difference between two close models, so the
+paired standard error is much smaller than what two separate perplexities suggest;
+exp(mean difference) is exactly the ratio of the two perplexities.
+
 Text comes from Hugging Face `datasets` hub names (imported lazily: the GPU machine has
 no `datasets`) or from local files (`data_dir`, plain text or JSON Lines), normalised
 as ../shared/README.md ("Text files") prescribes.
@@ -247,6 +253,43 @@ class PerplexityResult:
   def to_dict(self) -> dict:
     return {"ppl": self.ppl, "mean_nll": self.mean_nll, "num_chunks": len(self.chunk_nll),
             "seq_len": self.seq_len, "total_tokens": self.total_tokens}
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedDifference:
+  """Per-chunk NLL difference of a model and a reference on the same chunks.
+
+  Attributes:
+    mean: mean over chunks of nll_model - nll_reference (nats per token).
+    stderr: its standard error, std(differences, ddof=1) / sqrt(n) (nan for n = 1).
+    n: number of chunks.
+  """
+  mean: float
+  stderr: float
+  n: int
+
+  @property
+  def ppl_ratio(self) -> float:
+    """ppl_model / ppl_reference = exp(mean)."""
+    return math.exp(self.mean)
+
+  def to_dict(self) -> dict:
+    return {"mean_nll_diff": self.mean, "stderr": self.stderr, "num_chunks": self.n,
+            "ppl_ratio": self.ppl_ratio}
+
+
+def paired_difference(nll, reference) -> PairedDifference:
+  """Paired comparison of per-chunk NLLs [C] of a model and a reference.
+
+  Raises:
+    ValueError: different or zero numbers of chunks.
+  """
+  a, b = np.asarray(nll, np.float64), np.asarray(reference, np.float64)
+  if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+    raise ValueError(f"paired chunks must match: {a.shape} vs {b.shape}")
+  d = a - b
+  se = float(np.std(d, ddof=1) / math.sqrt(d.size)) if d.size > 1 else float("nan")
+  return PairedDifference(float(d.mean()), se, int(d.size))
 
 
 def _progress(iterable, enabled: bool, desc: str):

@@ -2,6 +2,7 @@
 
   python scripts/bench_quantize.py --shapes=4096x4096,4096x11008
   python scripts/bench_quantize.py --preset=llama2-7b --fisher --budget_s=240
+  python scripts/bench_quantize.py --preset=llama2-7b --nesting=optimal --shapes=4096x4096
 
 Prints one JSON object per measurement and writes them all to --out (JSON lines).
 --preset=llama2-7b times seed + upscale of every linear of a Llama-2-7B-shaped model
@@ -24,7 +25,7 @@ from anyprec_jax import cli
 from safetensors.numpy import load_file
 
 from anyprec_jax.quantize import bench
-from anyprec_jax.quantize.config import QuantConfig, SplitMethod
+from anyprec_jax.quantize.config import Nesting, QuantConfig, SplitMethod
 
 _SHAPES = flags.DEFINE_list("shapes", ["4096x4096"], "N x K shapes for rows/s.")
 _PRESET = flags.DEFINE_enum("preset", None, ["llama2-7b"], "Whole-model seed + upscale.")
@@ -36,6 +37,9 @@ _PARENT_BITS = flags.DEFINE_integer("parent_bits", 8, "Parent width.")
 _DP_BINS = flags.DEFINE_integer("dp_bins", 128, "DP start bins (0: k-means++ only).")
 _SPLIT = flags.DEFINE_enum("split", SplitMethod.OPTIMAL.value, [m.value for m in SplitMethod],
                            "Upscaling split rule.")
+_NESTING = flags.DEFINE_enum("nesting", Nesting.GREEDY.value, [m.value for m in Nesting],
+                             "Upscaling tree: greedy (the paper) or optimal (nested DP).")
+_NESTING_BINS = flags.DEFINE_integer("nesting_bins", 64, "Bins of the optimal nesting.")
 _CHUNK = flags.DEFINE_list("chunk_elements", [], "Chunk sizes to compare (default: auto).")
 _BUDGET = flags.DEFINE_float("budget_s", 240.0, "Time budget of the 7B seed + upscale.")
 _COMPARE = flags.DEFINE_string(
@@ -72,7 +76,8 @@ def main(argv):
        "python": platform.python_version()})
   log({"precision": bench.precision_check()})
   config = QuantConfig(seed_bits=_SEED_BITS.value, parent_bits=_PARENT_BITS.value,
-                       dp_bins=_DP_BINS.value, split=SplitMethod(_SPLIT.value))
+                       dp_bins=_DP_BINS.value, split=SplitMethod(_SPLIT.value),
+                       nesting=Nesting(_NESTING.value), nesting_bins=_NESTING_BINS.value)
   shapes = [tuple(int(v) for v in s.split("x")) for s in _SHAPES.value]
   for chunk in [int(c) for c in _CHUNK.value] or [None]:
     bench.throughput(shapes, config, chunk_elements=chunk, log=log)

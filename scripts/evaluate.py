@@ -4,6 +4,13 @@ r"""Perplexity (GPTQ style) of an original model, an any-precision model and bas
       --quantized=out/smollm2-anyprec --baselines=out/smollm2-independent,out/smollm2-rtn \
       --datasets=wikitext2 --data_dir=../shared/data --seq_len=2048 --output_json=ppl.json
 
+With --paired (default: original), every model is also compared with a reference on
+the same chunks: the change of perplexity and the mean per-chunk NLL difference +-
+its standard error. A reference other than `original` is a method or model label
+matched at the same bits (e.g. --paired=original,squeezellm,independent).
+--inputs_json merges the rows of earlier --output_json files (evaluate models in
+separate runs, report them together; with no model flags it only reports).
+
 Every precision of `--quantized` is evaluated; `--baselines` are directories written by
 `scripts/quantize.py --method=independent|rtn` (their `w{b}/` subdirectories). Without
 `--data_dir` the corpora come from the Hugging Face hub (needs `datasets`).
@@ -39,6 +46,10 @@ _MAX_CHUNKS = flags.DEFINE_integer("max_chunks", None, "First N chunks only.")
 _BATCH = flags.DEFINE_integer("batch_size", 1, "Chunks per forward pass.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", list(_DTYPES), "Activation dtype.")
 _OUTPUT = flags.DEFINE_string("output_json", None, "Write the results here.")
+_PAIRED = flags.DEFINE_list("paired", ["original"],
+                            "References of the paired reports: original, or a method / "
+                            "model label matched at the same bits.")
+_INPUTS = flags.DEFINE_list("inputs_json", [], "Earlier --output_json files to merge in.")
 
 
 def main(argv):
@@ -55,13 +66,20 @@ def main(argv):
                            f"got {','.join(_PRECISIONS.value)!r}") from e
     sources.append(eval_runner.anyprec_entries(_QUANTIZED.value, precisions, dtype))
   sources += [eval_runner.baseline_entries(b, dtype) for b in _BASELINES.value]
-  if not sources:
-    raise app.UsageError("give --model, --quantized and/or --baselines")
-  rows = eval_runner.evaluate_entries(
-      itertools.chain(*sources), _DATASETS.value, data_dir=_DATA_DIR.value,
-      seq_len=_SEQ_LEN.value, max_chunks=_MAX_CHUNKS.value, batch_size=_BATCH.value)
+  if not sources and not _INPUTS.value:
+    raise app.UsageError("give --model, --quantized, --baselines and/or --inputs_json")
+  rows = []
+  for path in _INPUTS.value:
+    rows += json.loads(pathlib.Path(path).read_text())["rows"]
+  if sources:
+    rows += eval_runner.evaluate_entries(
+        itertools.chain(*sources), _DATASETS.value, data_dir=_DATA_DIR.value,
+        seq_len=_SEQ_LEN.value, max_chunks=_MAX_CHUNKS.value, batch_size=_BATCH.value)
   print("\nperplexity (lower is better)\n")
   print(eval_runner.format_table(rows, _DATASETS.value))
+  for ref in _PAIRED.value:
+    print(f"\npaired vs {ref} (same chunks; ppl change, mean NLL difference +- s.e.)\n")
+    print(eval_runner.format_paired_table(rows, _DATASETS.value, ref))
   if _OUTPUT.value:
     record = {"command": " ".join(sys.argv), "device": str(jax.devices()[0]),
               "jax": jax.__version__, "python": platform.python_version(),

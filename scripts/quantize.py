@@ -6,7 +6,7 @@ r"""Quantize a Hugging Face Llama / Mistral / OPT model into an any-precision ch
   python scripts/quantize.py --model=opt-125m --method=rtn --output_dir=/tmp/opt-rtn
 
 --method=anyprec writes one checkpoint holding every precision seed_bits..parent_bits;
---method=independent|rtn write one dense (fake-quantized) HF directory per width,
+--method=independent|squeezellm|rtn write one dense (fake-quantized) HF directory per width,
 <output_dir>/w{b}/. A killed run resumes from --cache_dir (default <output_dir>.cache,
 removed once the run succeeds unless --keep_cache).
 """
@@ -17,8 +17,8 @@ from absl import app, flags
 
 from anyprec_jax import cli
 
-from anyprec_jax.quantize import (CalibrationConfig, LutDtype, Method, QuantConfig,
-                                  RunOptions, SplitMethod, quantize_model)
+from anyprec_jax.quantize import (CalibrationConfig, LutDtype, Method, Nesting,
+                                  QuantConfig, RunOptions, SplitMethod, quantize_model)
 
 _MODEL = flags.DEFINE_string("model", None, "Alias (e.g. llama-2-7b), directory or hub id.",
                              required=True)
@@ -27,7 +27,8 @@ _OUTPUT = flags.DEFINE_string("output_dir", None,
 _SEED_BITS = flags.DEFINE_integer("seed_bits", 3, "Width of the seed k-means (>= 2).")
 _PARENT_BITS = flags.DEFINE_integer("parent_bits", 8, "Width of the parent (<= 8).")
 _METHOD = flags.DEFINE_enum("method", Method.ANYPREC.value, [m.value for m in Method],
-                            "anyprec, or a baseline: independent k-means / rtn.")
+                            "anyprec, or a baseline: independent (our k-means) / "
+                            "squeezellm (the paper's: one k-means++ start, no DP) / rtn.")
 _CALIBRATION = flags.DEFINE_string(
     "calibration", "c4", "c4, wikitext2 (hub) or a local .jsonl/.json/.parquet/.txt file.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 100, "Calibration sequences.")
@@ -38,6 +39,13 @@ _N_INIT = flags.DEFINE_integer("n_init", 1, "k-means++ starts per row.")
 _DP_BINS = flags.DEFINE_integer("dp_bins", 128, "Bins of the DP start (0: original).")
 _SPLIT = flags.DEFINE_enum("split", SplitMethod.OPTIMAL.value, [m.value for m in SplitMethod],
                            "Upscaling split: exact 2-means, or the original's bisection.")
+_NESTING = flags.DEFINE_enum(
+    "nesting", Nesting.GREEDY.value, [m.value for m in Nesting],
+    "anyprec: greedy (the paper's upscaling) or optimal (nested DP for "
+    "sum_b lambda_b E_b, quantize/nesting.py).")
+_NESTING_BINS = flags.DEFINE_integer("nesting_bins", 64, "Bins of the optimal nesting's DP.")
+_NESTING_WEIGHTS = flags.DEFINE_list(
+    "nesting_weights", [], "lambda_b per width seed..parent (default: all 1).")
 _LUT_DTYPE = flags.DEFINE_enum("lut_dtype", LutDtype.FLOAT16.value,
                                [d.value for d in LutDtype], "LUT storage dtype.")
 _CACHE = flags.DEFINE_string(
@@ -64,7 +72,9 @@ def main(argv):
     config = QuantConfig(seed_bits=_SEED_BITS.value, parent_bits=_PARENT_BITS.value,
                          method=Method(_METHOD.value), seed=_SEED.value,
                          n_init=_N_INIT.value, dp_bins=_DP_BINS.value,
-                         split=SplitMethod(_SPLIT.value),
+                         split=SplitMethod(_SPLIT.value), nesting=Nesting(_NESTING.value),
+                         nesting_bins=_NESTING_BINS.value,
+                         nesting_weights=tuple(float(v) for v in _NESTING_WEIGHTS.value),
                          lut_dtype=LutDtype(_LUT_DTYPE.value))
     calibration = CalibrationConfig(dataset=_CALIBRATION.value,
                                     num_samples=_NUM_SAMPLES.value,

@@ -85,6 +85,22 @@ class ChunkAndNllTest(absltest.TestCase):
     self.assertEqual(res.total_tokens, 40)
 
 
+class PairedDifferenceTest(absltest.TestCase):
+
+  def test_mean_and_standard_error_of_the_chunk_differences(self):
+    ref = [3.0, 3.5, 2.5, 4.0]
+    nll = [3.1, 3.55, 2.58, 4.11]  # d = 0.1, 0.05, 0.08, 0.11
+    p = ev.paired_difference(nll, ref)
+    d = np.array([0.1, 0.05, 0.08, 0.11])
+    self.assertAlmostEqual(p.mean, d.mean(), places=12)
+    self.assertAlmostEqual(p.stderr, d.std(ddof=1) / 2, places=12)
+    self.assertEqual(p.n, 4)
+    # exp(mean difference) is the ratio of the two perplexities.
+    self.assertAlmostEqual(p.ppl_ratio, math.exp(np.mean(nll)) / math.exp(np.mean(ref)))
+    with self.assertRaises(ValueError):
+      ev.paired_difference(nll[:3], ref)
+
+
 class ReferenceNumbersTest(parameterized.TestCase):
   """First 4 chunks of 512 tokens vs transformers (../shared/README.md)."""
 

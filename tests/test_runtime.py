@@ -274,6 +274,18 @@ class RealQuantizedModelTest(absltest.TestCase):
     table = eval_runner.format_table(rows, ["tinystories"])
     self.assertIn("| anyprec | 3 |", table)
     self.assertLen(table.splitlines(), 2 + 4)
+    paired = {(p["method"], p["bits"]): p["paired"]["tinystories"]
+              for p in eval_runner.paired_rows(rows, ["tinystories"], "original")}
+    self.assertEqual(sorted(paired), [("anyprec", 3), ("anyprec", 4), ("anyprec", 8)])
+    chunks = {(r["method"], r["bits"]): r["results"]["tinystories"]["chunk_nll"]
+              for r in rows}
+    for key, p in paired.items():  # paired on the same 2 chunks
+      diff = np.subtract(chunks[key], chunks["original", 32])
+      self.assertAlmostEqual(p["mean_nll_diff"], diff.mean(), places=9)
+      self.assertAlmostEqual(p["ppl_ratio"], ppl[key] / ppl["original", 32], places=6)
+    self.assertEqual(paired["anyprec", 3]["num_chunks"], 2)
+    self.assertIn("| anyprec | 4 | +", eval_runner.format_paired_table(
+        rows, ["tinystories"], "original"))
 
   def test_generate_at_8_bits_follows_original(self):
     model = AnyPrecisionForCausalLM.from_quantized(self.dir)

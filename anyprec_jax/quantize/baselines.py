@@ -1,7 +1,10 @@
 """Baselines of the paper's comparison (Park et al., ICML 2024, §5).
 
-- *independent*: a SqueezeLLM-style weighted k-means run separately at every bit width
-  (what the paper compares upscaled models with; one full model per width).
+- *independent*: our weighted k-means (kmeans.py: k-means++ and binned-DP starts, the
+  better kept) run separately at every bit width; one full model per width.
+- *squeezellm*: the paper's baseline as SqueezeLLM and the original release run it:
+  the same weighted k-means with one k-means++ start and no DP start, Lloyd until the
+  borders stop moving (at most 50 updates), separately at every width.
 - *rtn*: per-row uniform asymmetric round-to-nearest between the row's min and max.
 
 Both return codes + LUTs per width, so they are evaluated exactly like any-precision
@@ -47,6 +50,17 @@ def independent(w, f, bits: Iterable[int], key: jax.Array, *, max_iter: int = 50
                                 n_init=n_init, dp_bins=dp_bins,
                                 chunk_elements=chunk_elements, name=name)
           for b in bits}
+
+
+def squeezellm(w, f, bits: Iterable[int], key: jax.Array, *, max_iter: int = 50,
+               chunk_elements: int | None = None,
+               name: str | None = None) -> dict[int, kmeans.SeedResult]:
+  """The paper's independent baseline: `independent` with n_init = 1, dp_bins = 0.
+
+  Args / Returns: as `independent`.
+  """
+  return independent(w, f, bits, key, max_iter=max_iter, n_init=1, dp_bins=0,
+                     chunk_elements=chunk_elements, name=name)
 
 
 @functools.partial(jax.jit, static_argnames=("bits",))

@@ -52,6 +52,12 @@ def _timed(fn: Callable) -> float:
   return time.perf_counter() - start
 
 
+def nesting_options(config: QuantConfig) -> dict:
+  """The nesting keyword arguments of `upscaling.seed_and_upscale` from a config."""
+  return dict(nesting=config.nesting, nesting_bins=config.nesting_bins,
+              nesting_weights=config.level_weights)
+
+
 def throughput(shapes, config: QuantConfig, chunk_elements=None, log=print) -> list[dict]:
   """Seed + upscale throughput per shape (second call; the first compiles)."""
   out = []
@@ -60,7 +66,7 @@ def throughput(shapes, config: QuantConfig, chunk_elements=None, log=print) -> l
     run = lambda: upscaling.seed_and_upscale(  # noqa: E731
         w, f, config.seed_bits, config.parent_bits, jax.random.key(0),
         dp_bins=config.dp_bins, n_init=config.n_init, split=config.split,
-        chunk_elements=chunk_elements).codes
+        chunk_elements=chunk_elements, **nesting_options(config)).codes
     first = _timed(run)
     sec = _timed(run)
     row = {"shape": f"{n}x{k}", "first_call_s": round(first, 3), "seconds": round(sec, 3),
@@ -85,7 +91,7 @@ def llama2_7b_seed_upscale(config: QuantConfig, budget_s: float, chunk_elements=
       upscaling.seed_and_upscale(w, f, config.seed_bits, config.parent_bits,
                                  jax.random.key(i), dp_bins=config.dp_bins,
                                  n_init=config.n_init, split=config.split,
-                                 chunk_elements=chunk_elements)
+                                 chunk_elements=chunk_elements, **nesting_options(config))
 
   compile_s = _timed(lambda: layer(0))
   times = []

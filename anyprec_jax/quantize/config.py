@@ -19,7 +19,8 @@ MAX_PARENT_BITS = fmt.MAX_BITS
 class Method(enum.Enum):
   """What `quantize_model` produces."""
   ANYPREC = "anyprec"          # seed k-means + incremental upscaling, one bitplane parent
-  INDEPENDENT = "independent"  # SqueezeLLM-style k-means at every width separately
+  INDEPENDENT = "independent"  # our k-means (k-means++ and binned-DP starts) per width
+  SQUEEZELLM = "squeezellm"    # the paper's baseline: one k-means++ start per width, no DP
   RTN = "rtn"                  # per-row uniform asymmetric round-to-nearest
 
 
@@ -27,6 +28,12 @@ class SplitMethod(enum.Enum):
   """How upscaling splits a cluster in two (quantize/split.py)."""
   OPTIMAL = "optimal"      # exact weighted 2-means of the range (default)
   BISECTION = "bisection"  # the original release's bisection for a Lloyd fixed point
+
+
+class Nesting(enum.Enum):
+  """Which nested tree of ranges upscaling builds (quantize/nesting.py)."""
+  GREEDY = "greedy"    # the paper: best seed-bit k-means, then split each range (default)
+  OPTIMAL = "optimal"  # binned DP for sum_b lambda_b E_b, refined; the better of the two
 
 
 class LutDtype(enum.Enum):
@@ -68,7 +75,10 @@ class QuantConfig:
   Attributes:
     seed_bits: width of the seed k-means (>= 2).
     parent_bits: width of the parent model (<= 8); seed_bits <= parent_bits.
-    method: anyprec (default) or a baseline.
+    method: anyprec (default) or a baseline. SQUEEZELLM is the paper's (and the
+      original release's) baseline: it fixes n_init = 1 and dp_bins = 0 (set in
+      __post_init__, whatever was passed), i.e. one weighted k-means++ start and
+      Lloyd until the borders stop moving, at most max_iter updates.
     seed: PRNG seed of the k-means++ initialisation (results are deterministic in it).
     max_iter: maximum Lloyd iterations of the k-means (the original uses 50).
     n_init: k-means++ starts per row; the best weighted objective is kept
@@ -76,6 +86,11 @@ class QuantConfig:
     dp_bins: bins of an extra binned dynamic-programming start of the seed k-means
       (quantize/dp.py; not in the original; 0 disables it, reproducing the original).
     split: how upscaling splits clusters (BISECTION reproduces the original).
+    nesting: GREEDY (the paper) or OPTIMAL (nested DP, not in the paper).
+    nesting_bins: bins of the OPTIMAL nesting's DP (even, >= 8).
+    nesting_weights: lambda_b of the OPTIMAL nesting's objective sum_b lambda_b E_b,
+      one per width seed..parent; () = all 1 (the sum of the Fisher-estimated loss
+      increases over the widths served).
     lut_dtype: storage dtype of the LUTs.
   """
   seed_bits: int = 3
@@ -86,10 +101,14 @@ class QuantConfig:
   n_init: int = 1
   dp_bins: int = 128
   split: SplitMethod = SplitMethod.OPTIMAL
+  nesting: Nesting = Nesting.GREEDY
+  nesting_bins: int = 64
+  nesting_weights: tuple[float, ...] = ()
   lut_dtype: LutDtype = LutDtype.FLOAT16
 
   def __post_init__(self):
-    for name in ("seed_bits", "parent_bits", "seed", "max_iter", "n_init", "dp_bins"):
+    for name in ("seed_bits", "parent_bits", "seed", "max_iter", "n_init", "dp_bins",
+                 "nesting_bins"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r}")
@@ -106,14 +125,33 @@ class QuantConfig:
       raise TypeError(f"method must be a Method, got {self.method!r}")
     if not isinstance(self.split, SplitMethod):
       raise TypeError(f"split must be a SplitMethod, got {self.split!r}")
+    if not isinstance(self.nesting, Nesting):
+      raise TypeError(f"nesting must be a Nesting, got {self.nesting!r}")
+    if self.nesting_bins < 8 or self.nesting_bins % 2:
+      raise ValueError(f"nesting_bins must be an even number >= 8, got {self.nesting_bins}")
+    weights = tuple(float(v) for v in self.nesting_weights)
+    object.__setattr__(self, "nesting_weights", weights)
+    if weights and (len(weights) != len(self.bit_widths) or
+                    not all(0 <= v < float("inf") for v in weights) or not any(weights)):
+      raise ValueError(f"nesting_weights must be {len(self.bit_widths)} finite values >= 0 "
+                       f"(one per width {self.seed_bits}..{self.parent_bits}), not all 0; "
+                       f"got {self.nesting_weights!r}")
     if not isinstance(self.lut_dtype, LutDtype):
       raise TypeError(f"lut_dtype must be a LutDtype, got {self.lut_dtype!r}")
+    if self.method is Method.SQUEEZELLM:
+      object.__setattr__(self, "n_init", 1)
+      object.__setattr__(self, "dp_bins", 0)
     if self.max_iter < 1:
       raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
     if self.n_init < 1:
       raise ValueError(f"n_init must be >= 1, got {self.n_init}")
     if self.dp_bins < 0 or self.dp_bins % 2:
       raise ValueError(f"dp_bins must be an even number >= 0, got {self.dp_bins}")
+
+  @property
+  def level_weights(self) -> tuple[float, ...]:
+    """lambda_b for b = seed..parent (the OPTIMAL nesting's objective)."""
+    return self.nesting_weights or (1.0,) * len(self.bit_widths)
 
   @property
   def bit_widths(self) -> tuple[int, ...]:

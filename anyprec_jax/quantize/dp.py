@@ -39,7 +39,7 @@ def bin_edges(x: jax.Array, bins: int) -> jax.Array:
   return jnp.sort(jnp.concatenate([counts, by_value, jnp.array([0, k], jnp.int32)]))
 
 
-def _costs(pre_edges: jax.Array) -> jax.Array:
+def range_costs(pre_edges: jax.Array) -> jax.Array:
   """Weighted SSE of every range [edge i, edge j) around its weighted mean.
 
   Args:
@@ -56,6 +56,33 @@ def _costs(pre_edges: jax.Array) -> jax.Array:
   return jnp.where(upper, cost, jnp.inf)
 
 
+def partition(cost: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+  """Best split of edges 0..E-1 into n consecutive ranges for a range cost matrix.
+
+  Args:
+    cost: float32 [E, E], cost[i, j] of the range [edge i, edge j) (inf for j < i).
+    n: number of ranges (static); empty ranges (i == j) are allowed.
+
+  Returns:
+    (idx int32 [n + 1] edge indices, 0 first and E - 1 last; the minimal total cost).
+  """
+  e = cost.shape[0]
+
+  def step(best, _):
+    total = best[:, None] + cost  # [E(i), E(j)]
+    return jnp.min(total, axis=0), jnp.argmin(total, axis=0).astype(jnp.int32)
+
+  best, back = jax.lax.scan(step, cost[0], None, length=n - 1)  # back [n - 1, E]
+
+  def trace(j, arg):
+    i = arg[j]
+    return i, i
+
+  _, cut = jax.lax.scan(trace, jnp.int32(e - 1), back, reverse=True)  # [n - 1]
+  idx = jnp.concatenate([jnp.zeros(1, jnp.int32), cut, jnp.full(1, e - 1, jnp.int32)])
+  return idx, best[e - 1]
+
+
 def dp_borders(row: rowops.SortedRow, n: int, bins: int = DEFAULT_BINS) -> jax.Array:
   """Optimal n-cluster borders of one sorted row restricted to `bin_edges`.
 
@@ -68,19 +95,5 @@ def dp_borders(row: rowops.SortedRow, n: int, bins: int = DEFAULT_BINS) -> jax.A
     int32 [n + 1] nondecreasing borders, 0 first and K last.
   """
   edges = bin_edges(row.x, bins)  # [E]
-  e = edges.shape[0]
-  cost = _costs(row.pre[edges])  # [E, E]
-
-  def step(best, _):
-    total = best[:, None] + cost  # [E(i), E(j)]
-    return jnp.min(total, axis=0), jnp.argmin(total, axis=0).astype(jnp.int32)
-
-  _, back = jax.lax.scan(step, cost[0], None, length=n - 1)  # back [n - 1, E]
-
-  def trace(j, arg):
-    i = arg[j]
-    return i, i
-
-  _, cut = jax.lax.scan(trace, jnp.int32(e - 1), back, reverse=True)  # [n - 1]
-  k = row.x.shape[0]
-  return jnp.concatenate([jnp.zeros(1, jnp.int32), edges[cut], jnp.full(1, k, jnp.int32)])
+  idx, _ = partition(range_costs(row.pre[edges]), n)
+  return edges[idx]

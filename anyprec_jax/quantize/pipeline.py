@@ -40,7 +40,8 @@ from anyprec_jax import format as fmt
 from anyprec_jax.quantize import baselines, cache, calibration as calib, checkpoint, kmeans
 from anyprec_jax.quantize import sensitivity, tensor_io, upscaling
 from models import hf_loader, registry
-from anyprec_jax.quantize.config import CalibrationConfig, LutDtype, Method, QuantConfig
+from anyprec_jax.quantize.config import (CalibrationConfig, LutDtype, Method, Nesting,
+                                         QuantConfig)
 from anyprec_jax.quantize.tensor_io import OutTensor
 
 _LUT_DTYPES = {LutDtype.FLOAT16: np.float16, LutDtype.BFLOAT16: tensor_io.DTYPES["BF16"],
@@ -209,9 +210,14 @@ def _quantize_group(w, f, config: QuantConfig, key, options: RunOptions, name: s
               chunk_elements=options.chunk_elements, name=name)
   if config.method is Method.ANYPREC:
     return upscaling.seed_and_upscale(w, f, config.seed_bits, config.parent_bits, key,
-                                      split=config.split, **opts)
+                                      split=config.split, nesting=config.nesting,
+                                      nesting_bins=config.nesting_bins,
+                                      nesting_weights=config.level_weights, **opts)
   if config.method is Method.INDEPENDENT:
     return baselines.independent(w, f, config.bit_widths, key, **opts)
+  if config.method is Method.SQUEEZELLM:
+    return baselines.squeezellm(w, f, config.bit_widths, key, max_iter=config.max_iter,
+                                chunk_elements=options.chunk_elements, name=name)
   return {b: baselines.rtn(w, b, chunk_elements=options.chunk_elements, name=name)
           for b in config.bit_widths}
 
@@ -299,6 +305,10 @@ def _output_config(hf_config: dict, config: QuantConfig, calibration: Calibratio
                          "n_init": config.n_init, "dp_bins": config.dp_bins}}
   if config.method is Method.ANYPREC:
     extra["quantizer"]["split"] = config.split.value
+    extra["quantizer"]["nesting"] = config.nesting.value
+    if config.nesting is Nesting.OPTIMAL:
+      extra["quantizer"].update(nesting_bins=config.nesting_bins,
+                                nesting_weights=list(config.level_weights))
   if bits is None:
     bits_info = {"seed_bits": config.seed_bits, "parent_bits": config.parent_bits}
     extra["lut_dtype"] = config.lut_dtype.value

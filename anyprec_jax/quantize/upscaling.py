@@ -10,7 +10,13 @@ a weight determines its cluster at every level b: it is the top b bits,
 
 so one bitplane parent holds every precision. The LUT at level b holds the weighted
 mean of each level-b cluster (an empty child copies its parent's centroid). Nothing is
-re-optimised across levels, as in the paper.
+re-optimised across levels, as in the paper (Nesting.GREEDY, the default).
+
+Nesting.OPTIMAL (not in the paper, nesting.py) also builds the nested tree of ranges
+that minimises sum_b lambda_b E_b by a binned dynamic program (seed partition
+included), refined at full resolution, with the levels below the DP split as above,
+and keeps whichever of the two trees has the lower objective: the seed is then chosen
+for the 3-bit *and* finer errors together, so it is no longer the best 3-bit k-means.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ import numpy as np
 
 from anyprec_jax.quantize import dp
 from anyprec_jax.quantize import kmeans
+from anyprec_jax.quantize import nesting as nesting_lib
 from anyprec_jax.quantize import rowops
 from anyprec_jax.quantize import split as split_lib
-from anyprec_jax.quantize.config import SplitMethod
+from anyprec_jax.quantize.config import Nesting, SplitMethod
 
 
 class UpscaleResult(NamedTuple):
@@ -77,10 +84,35 @@ def finish_row(row: rowops.SortedRow, borders: jax.Array, seed_lut: jax.Array,
   return (codes.astype(jnp.uint8), *luts)
 
 
+def optimal_nesting_row(row: rowops.SortedRow, greedy: jax.Array, seed_lut: jax.Array,
+                        seed_bits: int, parent_bits: int, split: SplitMethod, bins: int,
+                        weights: tuple[float, ...]):
+  """The better (lower sum_b lambda_b E_b) of the greedy tree and the nested DP's.
+
+  Args:
+    row: SortedRow; greedy: int32 [2^parent + 1] greedy parent borders.
+    seed_lut: float32 [2^seed] the seed k-means centroids (fallback of empty clusters).
+    bins, weights: the DP's bins and lambda_b for b = seed..parent (static).
+
+  Returns:
+    (parent borders int32 [2^parent + 1], seed fallback values float32 [2^seed]).
+  """
+  depth = nesting_lib.dp_depth(seed_bits, parent_bits, bins)
+  coarse = nesting_lib.optimal_borders(row, seed_bits, depth, bins,
+                                       nesting_lib.dp_weights(weights, seed_bits, depth))
+  tree = upscale_sorted_row(row, coarse, parent_bits - depth, split)
+  use = (nesting_lib.objective(row, tree, weights, seed_bits) <
+         nesting_lib.objective(row, greedy, weights, seed_bits))
+  seed_edge = tree[::1 << (parent_bits - seed_bits)]
+  fallback = row.x[jnp.clip(seed_edge[:-1], 0, row.x.shape[0] - 1)]
+  return jnp.where(use, tree, greedy), jnp.where(use, fallback, seed_lut)
+
+
 @functools.partial(jax.jit, static_argnames=(
-    "seed_bits", "parent_bits", "max_iter", "n_init", "dp_bins", "split"))
+    "seed_bits", "parent_bits", "max_iter", "n_init", "dp_bins", "split", "nesting",
+    "nesting_bins", "nesting_weights"))
 def _seed_upscale_chunk(key, row_offset, w, f, *, seed_bits, parent_bits, max_iter,
-                        n_init, dp_bins, split):
+                        n_init, dp_bins, split, nesting, nesting_bins, nesting_weights):
   """Seed + upscale of a chunk: w, f [R, K] -> (codes [R, K], lut_seed, ..., lut_parent)."""
   w = w.astype(jnp.float32)
   f = f.astype(jnp.float32)
@@ -90,6 +122,9 @@ def _seed_upscale_chunk(key, row_offset, w, f, *, seed_bits, parent_bits, max_it
     row = rowops.sort_row(w_row, rowops.sample_weights(w_row, f_row))
     borders, lut = kmeans.seed_sorted_row(row, 1 << seed_bits, k, max_iter, n_init, dp_bins)
     borders = upscale_sorted_row(row, borders, parent_bits - seed_bits, split)
+    if nesting is Nesting.OPTIMAL:
+      borders, lut = optimal_nesting_row(row, borders, lut, seed_bits, parent_bits, split,
+                                         nesting_bins, nesting_weights)
     return finish_row(row, borders, lut, seed_bits, parent_bits)
 
   return jax.vmap(one)(w, f, keys)
@@ -166,6 +201,9 @@ def upscale(w, f, seed_codes, seed_lut, seed_bits: int, parent_bits: int, *,
 def seed_and_upscale(w, f, seed_bits: int, parent_bits: int, key: jax.Array, *,
                      max_iter: int = 50, n_init: int = 1, dp_bins: int = dp.DEFAULT_BINS,
                      split: SplitMethod = SplitMethod.OPTIMAL,
+                     nesting: Nesting = Nesting.GREEDY,
+                     nesting_bins: int = nesting_lib.DEFAULT_BINS,
+                     nesting_weights: tuple[float, ...] | None = None,
                      chunk_elements: int | None = None,
                      name: str | None = None) -> UpscaleResult:
   """Seed k-means + incremental upscaling in one pass (one sort per row).
@@ -176,18 +214,28 @@ def seed_and_upscale(w, f, seed_bits: int, parent_bits: int, key: jax.Array, *,
     key: PRNG key of the k-means++ starts.
     max_iter, n_init, dp_bins: seed k-means options (see `kmeans.seed_kmeans`).
     split: split rule of the upscaling.
+    nesting: GREEDY (the paper) or OPTIMAL (nesting.py: the better of the greedy tree
+      and the nested DP's for sum_b lambda_b E_b).
+    nesting_bins: bins of the OPTIMAL nesting's DP.
+    nesting_weights: lambda_b for b = seed..parent (None: all 1).
     chunk_elements: about how many weights per jitted call.
     name: layer name for error messages.
 
   Returns:
-    UpscaleResult; identical to `upscale(w, f, *seed_kmeans(w, f, seed_bits, key), ...)`
+    UpscaleResult; with GREEDY nesting identical to `upscale(w, f, *seed_kmeans(w, f, seed_bits, key), ...)`
     up to ties in the sort order.
   """
   _check_bit_range(seed_bits, parent_bits)
   kmeans.check_inputs(w, f, name)
   n_rows, k = np.shape(w)
   rows = rowops.chunk_rows_for(n_rows, k, chunk_elements)
+  weights = tuple(float(v) for v in (nesting_weights or
+                                     (1.0,) * (parent_bits - seed_bits + 1)))
+  if len(weights) != parent_bits - seed_bits + 1:
+    raise ValueError(f"nesting_weights needs {parent_bits - seed_bits + 1} values, "
+                     f"got {len(weights)}")
   fn = functools.partial(_seed_upscale_chunk, key, seed_bits=seed_bits,
                          parent_bits=parent_bits, max_iter=max_iter, n_init=n_init,
-                         dp_bins=dp_bins, split=split)
+                         dp_bins=dp_bins, split=split, nesting=nesting,
+                         nesting_bins=nesting_bins, nesting_weights=weights)
   return _result(rowops.map_row_chunks(fn, (w, f), rows), seed_bits)

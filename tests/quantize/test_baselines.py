@@ -5,6 +5,8 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from anyprec_jax.quantize import baselines, kmeans
+from anyprec_jax.quantize.config import Method, QuantConfig
+from tests.quantize.reference import weighted_error as _weighted_error
 from tests.quantize.test_kmeans import K, N, rows
 
 
@@ -15,6 +17,10 @@ def rtn_reference(w: np.ndarray, bits: int) -> np.ndarray:
   scale = (hi - lo) / (2 ** bits - 1)
   q = np.clip(np.round((w - lo) / np.where(scale > 0, scale, 1)), 0, 2 ** bits - 1)
   return np.where(scale > 0, lo + q * scale, w)
+
+
+def ref_error(w, f, res):
+  return _weighted_error(w, f, res.codes, res.lut)
 
 
 class BaselinesTest(parameterized.TestCase):
@@ -39,6 +45,19 @@ class BaselinesTest(parameterized.TestCase):
       ref = kmeans.seed_kmeans(w, f, b, jax.random.fold_in(key, b))
       np.testing.assert_array_equal(res[b].codes, ref.codes)
       np.testing.assert_array_equal(res[b].lut, ref.lut)
+
+  def test_squeezellm_is_one_kmeanspp_start_without_dp(self):
+    w, f = rows(2)
+    key = jax.random.key(4)
+    res = baselines.squeezellm(w, f, (3,), key)
+    ref = kmeans.seed_kmeans(w, f, 3, jax.random.fold_in(key, 3), n_init=1, dp_bins=0)
+    np.testing.assert_array_equal(res[3].codes, ref.codes)
+    np.testing.assert_array_equal(res[3].lut, ref.lut)
+    ours = baselines.independent(w, f, (3,), key)[3]
+    err = lambda r: np.sum(ref_error(w, f, r))
+    self.assertLess(err(ours), err(res[3]))  # the DP start is the stronger baseline
+    cfg = QuantConfig(method=Method.SQUEEZELLM, n_init=4, dp_bins=64)
+    self.assertEqual((cfg.n_init, cfg.dp_bins), (1, 0))
 
   def test_rtn_rejects_nan_and_bad_bits(self):
     w, _ = rows(0)

@@ -1,0 +1,230 @@
+"""Optimal nested quantization: the tree of ranges that minimises sum_b lambda_b E_b.
+
+Beyond the paper (Park et al., ICML 2024, §3.2 upscale greedily: the seed is the best
+seed-bit k-means, then every cluster is split in two by a 2-means of its own range).
+In 1-D every level b is a partition of the sorted row into 2^b contiguous ranges and the
+upscaled levels form a binary tree of ranges: a level-b range is the union of its two
+children at level b + 1 (either may be empty). The best such tree for the weighted sum
+of the levels' Fisher-weighted errors,
+
+    J = sum_{b = seed}^{D} lambda_b E_b,   E_b = sum over level-b ranges of their SSE,
+
+is a dynamic program over the sorted row. With SSE(i, j) the weighted squared error of
+the range [i, j) around its weighted mean,
+
+    T_D(i, j) = lambda_D SSE(i, j),
+    T_d(i, j) = lambda_d SSE(i, j) + min_{i <= t <= j} T_{d+1}(i, t) + T_{d+1}(t, j),
+
+and the seed partition is the best split of the whole row into 2^seed ranges for the
+range cost T_seed (dp.partition, the same DP as the seed's binned start).
+
+Binning and cost. Over E candidate borders the interval levels cost O(E^3) each and the
+seed partition O(2^seed E^2) per row. The candidates are dp.bin_edges (half at equal
+counts, half at equal value spacing): E = bins + 2. Bins are too coarse for the fine
+levels (2^8 parent ranges), so the DP covers levels seed..D only, D = the deepest level
+with 4 * 2^D <= bins (D = 4 at the default 64 bins, 5 at 128), and the finer levels enter the DP through a
+tail factor: a range at level D is charged (lambda_D + sum_{b > D} lambda_b 4^-(b-D))
+times its SSE (a range split g more times keeps about 4^-g of its error). Then
+`refine` moves the level seed..D borders at full resolution (exact coordinate descent on
+J over the levels seed..D: red-black sweeps, each border to its best position between
+its two neighbours; J never increases), and the levels below D are split greedily at
+full resolution (split.py). `upscaling` keeps the better of this tree and the greedy
+one on the exact objective over all levels, so the result is never worse than greedy.
+Per row: (D - seed) E^3 + 2^seed E^2 + sweeps * K * (D - seed + 1) steps: at the
+default 64 bins (seed 3) about 0.3M min-plus steps + the sweeps, at 128 bins 4.4M
+(levels 3-5 by the DP; better 5-bit trees, ~15x the DP time). All jitted and vmapped
+over rows.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from anyprec_jax.quantize import dp
+from anyprec_jax.quantize import rowops
+
+DEFAULT_BINS = 64
+DEFAULT_SWEEPS = 8
+TAIL_DECAY = 0.25  # error kept per further split, for the levels below the DP
+
+
+def dp_depth(seed_bits: int, parent_bits: int, bins: int) -> int:
+  """Deepest level D the binned DP decides: 4 * 2^D <= bins, seed <= D <= parent."""
+  d = int(np.floor(np.log2(max(bins, 1) / 4)))
+  return int(min(parent_bits, max(seed_bits, d)))
+
+
+def dp_weights(weights: tuple[float, ...], seed_bits: int, depth: int) -> tuple[float, ...]:
+  """Level weights of the DP (seed..depth), the last one with the tail factor.
+
+  Args:
+    weights: lambda_b for b = seed..parent.
+  """
+  used = list(weights[:depth - seed_bits + 1])
+  tail = weights[depth - seed_bits + 1:]
+  used[-1] += sum(lam * TAIL_DECAY ** (g + 1) for g, lam in enumerate(tail))
+  return tuple(float(v) for v in used)
+
+
+def _split_min(t_next: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """min_t t_next[i, t] + t_next[t, j] and its first argmin t, for all i, j.
+
+  Args:
+    t_next: float32 [E, E] (inf below the diagonal).
+
+  Returns:
+    (best float32 [E, E], arg int32 [E, E]).
+  """
+  e = t_next.shape[0]
+
+  def body(t, carry):
+    best, arg = carry
+    cand = t_next[:, t][:, None] + t_next[t, :][None, :]  # [E, E]
+    better = cand < best
+    return jnp.where(better, cand, best), jnp.where(better, t, arg)
+
+  init = (jnp.full((e, e), jnp.inf, jnp.float32), jnp.zeros((e, e), jnp.int32))
+  return jax.lax.fori_loop(0, e, body, init)
+
+
+def nested_tree(cost: jax.Array, n_seed: int,
+                weights: tuple[float, ...]) -> tuple[list[jax.Array], jax.Array]:
+  """Optimal nested tree of ranges over E candidate borders.
+
+  Args:
+    cost: float32 [E, E] SSE of [edge i, edge j) (inf below the diagonal).
+    n_seed: number of seed ranges 2^seed (static).
+    weights: lambda of each level seed..D (static, >= 0).
+
+  Returns:
+    ([idx_seed int32 [n_seed + 1], ..., idx_D [n_seed 2^(D-seed) + 1]] edge indices
+    of every level, children of range c being 2c and 2c + 1; the minimal J).
+  """
+  e = cost.shape[0]
+  upper = jnp.arange(e)[None, :] >= jnp.arange(e)[:, None]
+
+  def own(lam):
+    return jnp.where(upper, lam * cost, jnp.inf)
+
+  total = own(weights[-1])
+  args = []
+  for lam in reversed(weights[:-1]):
+    best, arg = _split_min(total)
+    args.append(arg)
+    total = own(lam) + best
+  idx, value = dp.partition(total, n_seed)
+  levels = [idx]
+  for arg in reversed(args):
+    start, stop = idx[:-1], idx[1:]
+    t = arg[start, stop]
+    idx = jnp.concatenate([jnp.stack([start, t], axis=-1).reshape(-1), stop[-1:]])
+    levels.append(idx)
+  return levels, value
+
+
+def range_sse(row: rowops.SortedRow, start: jax.Array, stop: jax.Array) -> jax.Array:
+  """Weighted SSE of x[start:stop] around its weighted mean (0 for empty ranges)."""
+  sums = rowops.range_sums(row, start, stop)  # [..., 4]
+  w, s1, s2 = sums[..., rowops.S], sums[..., rowops.SX], sums[..., rowops.SXX]
+  return jnp.where(w > 0, jnp.maximum(s2 - s1 * s1 / jnp.where(w > 0, w, 1.0), 0.0), 0.0)
+
+
+def objective(row: rowops.SortedRow, borders: jax.Array, weights: tuple[float, ...],
+              seed_bits: int) -> jax.Array:
+  """J = sum_b lambda_b E_b of nested borders [2^D + 1], D = seed + len(weights) - 1."""
+  depth = seed_bits + len(weights) - 1
+  total = jnp.float32(0.0)
+  for i, lam in enumerate(weights):
+    edge = borders[::1 << (depth - seed_bits - i)]
+    total = total + lam * jnp.sum(range_sse(row, edge[:-1], edge[1:]))
+  return total
+
+
+def _level_table(n_borders: int, depth_levels: int, parity: int):
+  """Static tables of the borders of one parity that move together.
+
+  Returns:
+    (moving int [M]: border indices m = parity, parity + 2, ... in 1..C-1;
+     step int [M, L]: 2^(D - b) for the levels b where m is a border, else 0).
+  """
+  c = n_borders - 1
+  moving = np.arange(2 - parity if parity == 0 else 1, c, 2)
+  steps = np.array([[(1 << l) if m % (1 << l) == 0 and l <= depth_levels else 0
+                     for l in range(depth_levels, -1, -1)] for m in moving], np.int32)
+  return moving, steps.reshape(len(moving), depth_levels + 1)
+
+
+def _half_sweep(row: rowops.SortedRow, bd: jax.Array, weights: tuple[float, ...],
+                parity: int) -> jax.Array:
+  """Moves every border of one parity to its best position between its neighbours."""
+  k = row.x.shape[0]
+  levels = len(weights) - 1
+  moving, steps = _level_table(bd.shape[0], levels, parity)
+  if moving.size == 0:
+    return bd
+  lam = jnp.asarray(weights, jnp.float32)  # [L + 1] seed..D
+  m = jnp.asarray(moving)
+  st = jnp.asarray(steps)  # [M, L + 1]
+  on = st > 0
+  left = bd[jnp.where(on, m[:, None] - st, 0)]  # [M, L + 1]
+  right = bd[jnp.where(on, m[:, None] + st, 0)]
+  lo, hi = bd[m - 1], bd[m + 1]  # [M] window of each moving border
+
+  def cost(w_idx, q):  # w_idx [Q], q [Q] -> [Q]
+    a, z = left[w_idx], right[w_idx]  # [Q, L + 1]
+    qq = jnp.broadcast_to(q[:, None], a.shape)
+    per = range_sse(row, a, qq) + range_sse(row, qq, z)
+    return jnp.sum(jnp.where(on[w_idx], per * lam, 0.0), axis=-1)
+
+  q = jnp.arange(k + 1, dtype=jnp.int32)
+  win = jnp.clip(jnp.searchsorted(hi, q, side="left"), 0, m.shape[0] - 1)
+  valid = (lo[win] <= q) & (q <= hi[win])
+  c = jnp.where(valid, cost(win, q), jnp.inf)  # [K + 1]
+  n_seg = m.shape[0]
+  best = jax.ops.segment_min(c, win, num_segments=n_seg)  # [M]
+  pos = jax.ops.segment_min(jnp.where(valid & (c <= best[win]), q, k + 1), win,
+                            num_segments=n_seg)
+  current = cost(jnp.arange(n_seg), bd[m])
+  take = (best < current * (1 - 1e-6)) & (pos <= k)
+  return bd.at[m].set(jnp.where(take, pos, bd[m]).astype(bd.dtype))
+
+
+def refine(row: rowops.SortedRow, borders: jax.Array, weights: tuple[float, ...],
+           sweeps: int = DEFAULT_SWEEPS) -> jax.Array:
+  """Exact coordinate descent on J at full resolution (J never increases).
+
+  Args:
+    row: SortedRow; borders: int32 [2^D + 1] nested borders of level D.
+    weights: lambda of the levels seed..D (static).
+    sweeps: red-black sweeps (static).
+
+  Returns:
+    int32 [2^D + 1] nested borders.
+  """
+  def body(_, bd):
+    return _half_sweep(row, _half_sweep(row, bd, weights, 1), weights, 0)
+
+  return jax.lax.fori_loop(0, sweeps, body, borders)
+
+
+def optimal_borders(row: rowops.SortedRow, seed_bits: int, depth: int, bins: int,
+                    weights: tuple[float, ...], sweeps: int = DEFAULT_SWEEPS) -> jax.Array:
+  """Level-D borders of the binned nested DP, refined at full resolution.
+
+  Args:
+    row: SortedRow.
+    seed_bits, depth: levels seed..D decided here (static).
+    bins: DP bins (static).
+    weights: lambda of the levels seed..D, tail factor included (static).
+    sweeps: refinement sweeps (static).
+
+  Returns:
+    int32 [2^D + 1] borders; level b is borders[::2^(D - b)].
+  """
+  edges = dp.bin_edges(row.x, bins)  # [E]
+  levels, _ = nested_tree(dp.range_costs(row.pre[edges]), 1 << seed_bits, weights)
+  borders = edges[levels[-1]]
+  assert depth == seed_bits + len(weights) - 1
+  return refine(row, borders, weights, sweeps)
