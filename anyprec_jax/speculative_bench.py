@@ -17,6 +17,7 @@ the acceptance logic and sampling, which the end-to-end speculative timing inclu
 from __future__ import annotations
 
 import functools
+import pathlib
 import statistics
 import time
 from typing import Callable, Sequence
@@ -103,6 +104,14 @@ def acceptance_rows(model, ids, mask, *, target: int, drafts: Sequence[int],
           f"{row['tokens_per_round']:.2f} tokens / round, identical rows "
           f"{row['identical_rows']}")
   return rows
+
+
+def write_report(path: str, title: str, header: str, body: str) -> None:
+  """The markdown results file of the speculative scripts: title, header lines as
+  paragraphs, body."""
+  out = pathlib.Path(path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(f"# {title}\n\n" + header.replace("\n", "\n\n") + "\n\n" + body + "\n")
 
 
 def acceptance_table(rows: Sequence[dict]) -> str:

@@ -113,10 +113,9 @@ def main(argv):
           + speculative_bench.decode_table(e2e, _TARGET.value))
   print("\n" + header + "\n\n" + body)
   if _OUTPUT.value:
-    path = pathlib.Path(_OUTPUT.value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# Self-speculative decoding: per-round costs and decode speed\n\n"
-                    + header.replace("\n", "\n\n") + "\n\n" + body + "\n")
+    speculative_bench.write_report(
+        _OUTPUT.value, "Self-speculative decoding: per-round costs and decode speed",
+        header, body)
 
 
 if __name__ == "__main__":

@@ -76,10 +76,8 @@ def main(argv):
   table = speculative_bench.acceptance_table(rows)
   print("\n" + header + "\n\n" + table)
   if _OUTPUT.value:
-    path = pathlib.Path(_OUTPUT.value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# Self-speculative decoding: acceptance\n\n"
-                    + header.replace("\n", "\n\n") + "\n\n" + table + "\n")
+    speculative_bench.write_report(_OUTPUT.value, "Self-speculative decoding: acceptance",
+                                   header, table)
   if _JSON.value:
     pathlib.Path(_JSON.value).write_text(json.dumps(rows, indent=1))
 

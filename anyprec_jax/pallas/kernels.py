@@ -114,11 +114,11 @@ def anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, interpret: bool = False) -> 
       return jnp.dot(x2.astype(dtype), wd.T, preferred_element_type=jnp.float32)
   if tiled:  # Every other kernel reads TC planes row by row: an XLA transpose first.
     planes = plane_layout.untile(planes[:bits])
-  if not interpret and backend.mosaic_available():
-    if m == 1 and (tc or backend.gemv_backend(bits) is backend.GpuBackend.MOSAIC):
-      from anyprec_jax.pallas.mosaic import gemv as mosaic_gemv  # Hopper only.
-      return mosaic_gemv.gemv(x2, planes, lut, bits=bits, tc_order=tc,
-                              cfg=mosaic_gemv.config_for(bits, n, k))
+  if (m == 1 and not interpret and backend.mosaic_available()
+      and (tc or backend.gemv_backend(bits) is backend.GpuBackend.MOSAIC)):
+    from anyprec_jax.pallas.mosaic import gemv as mosaic_gemv  # Hopper only.
+    return mosaic_gemv.gemv(x2, planes, lut, bits=bits, tc_order=tc,
+                            cfg=mosaic_gemv.config_for(bits, n, k))
   if tc:  # The Triton kernels read TC planes with activations in TC word order.
     x2 = plane_layout.x_to_tc(x2, k)  # [M, 32 W_tc]
     k = x2.shape[1]

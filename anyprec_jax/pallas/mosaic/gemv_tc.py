@@ -279,8 +279,9 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
   zero = ptx.const(0)
   ragged_k = k % tc_layout.BLOCK != 0
 
-  xs = ptx.add(red, ptx.const(lay.red_bytes + lay.ring_bytes))  # x in shared memory
-  x_lane = ptx.add(xs, ptx.add(ptx.mul(xm, ptx.const(lay.x_row_bytes)), ptx.shl(q, 4)))
+  if lay.x_smem:  # x in shared memory, after the tables, reduction slots and ring
+    xs = ptx.add(red, ptx.const(lay.red_bytes + lay.ring_bytes))
+    x_lane = ptx.add(xs, ptx.add(ptx.mul(xm, ptx.const(lay.x_row_bytes)), ptx.shl(q, 4)))
 
   def b_frags(blk):
     """[8][2] B registers (two x values each) of block `blk`; 0 for rows >= M."""
@@ -365,20 +366,19 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
             for st, a in enumerate(regs):  # a = [g01, h01, g23, h23]
               ptx.st_global_b32(addr, a[half], imm=32 * st)
               ptx.st_global_b32(addr, a[2 + half], imm=32 * st + 16)
-      scf.YieldOp(acc + nxt)
-    elif pre_x:
-      itb = iter(carried[4 * rt_n + nwords:])
-      bf = [[next(itb), next(itb)] for _ in range(8)]
-      nxt += flat_b(b_frags(following))
     else:
-      bf = b_frags(blk)
-    for rt in range(rt_n if not dequant else 0):
-      a_acc = acc[4 * rt:4 * rt + 4]
-      for st, a_regs in enumerate(tile_a_regs(rt, cur[rt])):
-        a_acc = ptx.mma_m16n8k16(a_regs, bf[st], a_acc, lay.mma_dtype)
-      acc[4 * rt:4 * rt + 4] = a_acc
-    if not dequant:
-      scf.YieldOp(acc + nxt)
+      if pre_x:
+        itb = iter(carried[4 * rt_n + nwords:])
+        bf = [[next(itb), next(itb)] for _ in range(8)]
+        nxt += flat_b(b_frags(following))
+      else:
+        bf = b_frags(blk)
+      for rt in range(rt_n):
+        a_acc = acc[4 * rt:4 * rt + 4]
+        for st, a_regs in enumerate(tile_a_regs(rt, cur[rt])):
+          a_acc = ptx.mma_m16n8k16(a_regs, bf[st], a_acc, lay.mma_dtype)
+        acc[4 * rt:4 * rt + 4] = a_acc
+    scf.YieldOp(acc + nxt)
   acc = list(loop.results[:4 * rt_n])
   if ring:
     ptx.cp_async_wait(0)  # the ring's last (empty) copies land before the CTA ends
