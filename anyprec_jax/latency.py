@@ -23,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
+from models import params as models_params
 from anyprec_jax import format as fmt
 from anyprec_jax import plane_layout
 from anyprec_jax.plane_layout import PlaneLayout
-from anyprec_jax.weight import AnyPrecWeight, set_precision
+from anyprec_jax.weight import AnyPrecWeight, concat_rows, set_precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,11 +132,13 @@ def _random_anyprec(key, *, n, k, planes, precisions, layout=PlaneLayout.FORMAT)
 
 def random_anyprec_params(cfg: models.ModelConfig, dense_params,
                           precisions: Sequence[int], seed: int = 1,
-                          layout: PlaneLayout = PlaneLayout.FORMAT):
+                          layout: PlaneLayout = PlaneLayout.FORMAT,
+                          fuse: bool = True):
   """`dense_params` with every decoder linear replaced by a random `AnyPrecWeight`.
 
   Random parent codes and LUTs (fine for speed); only max(precisions) planes are
   allocated, in `layout`'s bit order. Unquantized leaves are shared with `dense_params`.
+  `fuse`: q/k/v and gate/up stored as one weight each, as `from_quantized` loads them.
   """
   precisions = tuple(sorted(precisions))
   names = models.linear_names(cfg)  # Decoder linears, in layer order.
@@ -149,7 +152,8 @@ def random_anyprec_params(cfg: models.ModelConfig, dense_params,
                                    precisions=precisions, layout=lay)
     new[name] = AnyPrecWeight(planes=planes, luts=luts, in_features=k,
                               bits=max(precisions), layout=lay)
-  return models.replace_params(dense_params, new)
+  out = models.replace_params(dense_params, new)
+  return models_params.fuse_projections(out, concat_rows) if fuse else out
 
 
 def require_matplotlib():
@@ -210,7 +214,7 @@ def plot_latency_and_ppl(latency_rows: Sequence[dict], eval_record: dict | None,
 
 def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len: int,
               new_tokens: int, dtype=jnp.bfloat16, repeats: int = 3, batch: int = 1,
-              layout: PlaneLayout = PlaneLayout.FORMAT,
+              layout: PlaneLayout = PlaneLayout.FORMAT, fuse: bool = True,
               log: Callable[[str], None] = print) -> list[dict]:
   """End-to-end batch-1 generation speed: dense baseline, then each precision.
 
@@ -222,6 +226,8 @@ def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len:
     repeats: timed runs per model (median).
     batch: sequences decoded together (same prompt length).
     layout: bit order of the random planes (kernels are chosen by it).
+    fuse: any-precision q/k/v and gate/up stored fused, as `from_quantized` does (the
+      dense baseline keeps separate weights, as the Hugging Face model has them).
     log: progress printer.
 
   Returns:
@@ -231,7 +237,7 @@ def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len:
   """
   precisions = sorted(precisions)
   dense = random_dense_params(cfg, dtype)
-  quant = random_anyprec_params(cfg, dense, precisions, layout=layout)
+  quant = random_anyprec_params(cfg, dense, precisions, layout=layout, fuse=fuse)
   ids = np.asarray(jax.random.randint(jax.random.key(2), (batch, prompt_len), 3,
                                       cfg.vocab_size), np.int32)
 
@@ -308,3 +314,105 @@ def demo_rows(prompt_ids: np.ndarray, *, new_tokens: int, original=None, anyprec
                  "tokens_per_s": lat.tokens_per_s, "tokens": last["tokens"].tolist()})
     log(f"{label} {bits}b: {lat.decode_ms_per_token:.2f} ms/token")
   return rows
+
+
+def _profiler(call: str) -> None:
+  """cuProfilerStart / cuProfilerStop through the CUDA driver (for ncu)."""
+  import ctypes
+  rc = getattr(ctypes.CDLL("libcuda.so.1"), call)()
+  if rc:
+    raise RuntimeError(f"{call} returned CUDA error {rc}")
+
+
+def profile_decode_step(cfg: models.ModelConfig, models_to_run: Sequence[str], *,
+                        batch: int = 1, context: int = 384, iters: int = 50,
+                        ncu: bool = False, fuse: bool | None = None,
+                        dtype=jnp.bfloat16, log: Callable[[str], None] = print):
+  """Wall time of one jitted decode step (cache donated) per model.
+
+  Args:
+    cfg: model shape (random weights).
+    models_to_run: "bf16" (the dense baseline) and/or bit widths as strings.
+    batch, context: sequences and KV-cache slots (the step attends over all slots).
+    iters: timed steps (after 3 warm-up steps); ms/step = total / iters.
+    ncu: run exactly one step between cuProfilerStart and cuProfilerStop instead of
+      timing (for `ncu --profile-from-start off`).
+    fuse: fused q/k/v and gate/up any-precision weights (None: True, as loading).
+    dtype: activations and dense weights.
+
+  Returns:
+    [(label, ms per step)] (empty with `ncu`).
+  """
+  import time
+  bits = sorted(int(b) for b in models_to_run if b != "bf16")
+  dense = random_dense_params(cfg, dtype)
+  from anyprec_jax import runtime  # Local: runtime imports this module's users.
+  quant = (random_anyprec_params(cfg, dense, bits, layout=runtime.default_layout(),
+                                 fuse=True if fuse is None else fuse) if bits else None)
+  ids = jnp.full((batch, 8), 5, jnp.int32)
+  step = jax.jit(functools.partial(models.decode_step, cfg), donate_argnums=(3,))
+  rows = []
+  for label in models_to_run:
+    params = dense if label == "bf16" else set_precision(quant, int(label))
+    state, cache = models.prefill(cfg, params, ids, jnp.ones_like(ids), cache_len=context)
+    tokens = jnp.zeros((batch,), jnp.int32)
+    for _ in range(3):
+      state, cache = step(params, tokens, state, cache)
+    jax.block_until_ready(state)
+    if ncu:
+      _profiler("cuProfilerStart")
+      state, cache = step(params, tokens, state, cache)
+      jax.block_until_ready(state)
+      _profiler("cuProfilerStop")
+      log(f"{label}: one step recorded")
+      continue
+    start = time.perf_counter()
+    for _ in range(iters):
+      state, cache = step(params, tokens, state, cache)
+    jax.block_until_ready(state)
+    ms = (time.perf_counter() - start) * 1e3 / iters
+    rows.append((label, ms))
+    log(f"{label}: {ms:.3f} ms/step")
+  return rows
+
+
+def kernel_family(name: str) -> str:
+  """Coarse family of a CUDA kernel name, for `ncu_kernel_table`."""
+  low = name.lower()
+  if "mosaic" in low:
+    return "mosaic (any-precision GEMV)"
+  if "triton" in low:
+    return "triton"
+  if any(s in low for s in ("gemm", "gemv", "cublas", "nvjet", "cutlass", "dot")):
+    return "dense matmul (cuBLAS / XLA)"
+  return "other XLA (fusions, copies)"
+
+
+def ncu_kernel_table(csv_text: str) -> str:
+  """Markdown table of an `ncu --csv --page raw --metrics gpu__time_duration.sum` log:
+  kernels grouped by family and by name, count and total GPU microseconds."""
+  import csv
+  lines = csv_text.splitlines()
+  start = next(i for i, l in enumerate(lines) if '"Kernel Name"' in l)
+  reader = csv.DictReader(lines[start:])
+  fam: dict[str, list[float]] = {}
+  byname: dict[str, list[float]] = {}
+  for row in reader:
+    v = row.get("gpu__time_duration.sum", "")
+    try:
+      t = float(v.replace(",", ""))
+    except ValueError:
+      continue  # the units row
+    name = row["Kernel Name"]
+    fam.setdefault(kernel_family(name), []).append(t)
+    byname.setdefault(name[:60], []).append(t)
+  # ncu reports gpu__time_duration in ns (usecond only if asked).
+  total = sum(sum(v) for v in fam.values())
+  out = ["| family | kernels | GPU us | share |", "|---|---:|---:|---:|"]
+  for f, v in sorted(fam.items(), key=lambda kv: -sum(kv[1])):
+    out.append(f"| {f} | {len(v)} | {sum(v) / 1e3:.1f} | {sum(v) / total:.0%} |")
+  out.append(f"| total | {sum(len(v) for v in fam.values())} | {total / 1e3:.1f} | |")
+  out += ["", "| kernel | count | GPU us | us each |", "|---|---:|---:|---:|"]
+  for nm, v in sorted(byname.items(), key=lambda kv: -sum(kv[1]))[:25]:
+    out.append(f"| `{nm}` | {len(v)} | {sum(v) / 1e3:.1f} | {sum(v) / len(v) / 1e3:.2f} |")
+  return "\n".join(out)

@@ -29,8 +29,10 @@ import jax
 import jax.numpy as jnp
 
 import models
+from models import params as models_params
 from anyprec_jax import checkpoint_reader as reader
 from anyprec_jax import errors, evaluation
+from anyprec_jax import weight as weight_lib
 from anyprec_jax.plane_layout import PlaneLayout
 from anyprec_jax.weight import AnyPrecWeight, set_precision
 
@@ -52,6 +54,12 @@ def default_layout() -> PlaneLayout:
   elsewhere."""
   from anyprec_jax.pallas import backend  # Local: no Pallas import on plain use.
   return PlaneLayout.TC_TILED if backend.mosaic_available() else PlaneLayout.FORMAT
+
+
+def fuse_projections(params):
+  """`params` with each layer's any-precision q/k/v and gate/up weights stored as one
+  (`models.params.fuse_projections`): one kernel launch each instead of three / two."""
+  return models_params.fuse_projections(params, weight_lib.concat_rows)
 
 
 def with_plane_layout(tree, layout):
@@ -101,7 +109,8 @@ class AnyPrecisionForCausalLM:
 
   @classmethod
   def from_quantized(cls, path, precisions: Iterable[int] | int | None = None,
-                     dtype=None, layout=None) -> "AnyPrecisionForCausalLM":
+                     dtype=None, layout=None, fuse: bool = True
+                     ) -> "AnyPrecisionForCausalLM":
     """Loads an any-precision checkpoint directory (or hub id).
 
     Args:
@@ -114,6 +123,8 @@ class AnyPrecisionForCausalLM:
       layout: in-memory bit order of the planes (`PlaneLayout` or its value); None
         picks TC where the Mosaic GPU kernels run (Hopper), FORMAT elsewhere. The
         checkpoint stores FORMAT; TC is one re-ordering on the device at load.
+      fuse: store each layer's q/k/v and gate/up weights as one (`fuse_projections`;
+        one GEMV launch each at decode, the same bytes).
 
     Returns:
       The model, active at max(precisions).
@@ -131,6 +142,8 @@ class AnyPrecisionForCausalLM:
     cfg = models.hf_loader.parse_config(config, model_dir)
     params = reader.load_quantized_params(model_dir, cfg, meta, want, dtype)
     params = with_plane_layout(params, default_layout() if layout is None else layout)
+    if fuse:
+      params = fuse_projections(params)
     return cls(cfg, params, model_dir=model_dir)
 
   def _check(self, precision: int) -> int:

@@ -147,6 +147,28 @@ def from_codes(codes: np.ndarray, luts: Mapping[int, np.ndarray], parent_bits: i
       bits=int(max(luts) if bits is None else bits))
 
 
+def concat_rows(weights) -> AnyPrecWeight | None:
+  """One weight whose rows are those of `weights` in order ([sum N_i, K]), or None
+  where they cannot share one: other K, active precision, loaded precisions or layout,
+  or TC_TILED rows that do not fill whole 16-row tiles (`plane_layout.tileable`).
+
+  Every layout keeps whole rows, so the planes and LUTs just concatenate along N; the
+  result runs one kernel launch where the parts ran one each (q/k/v, gate/up).
+  """
+  first = weights[0]
+  for w in weights:
+    if (not isinstance(w, AnyPrecWeight) or w.in_features != first.in_features
+        or w.bits != first.bits or w.precisions != first.precisions
+        or w.layout is not first.layout or w.planes.shape[0] != first.planes.shape[0]
+        or (w.layout is PlaneLayout.TC_TILED
+            and not plane_layout.tileable(w.out_features))):
+      return None
+  planes = jnp.concatenate([w.planes for w in weights], axis=1)  # [P, sum N, W]
+  luts = {b: jnp.concatenate([w.luts[b] for w in weights], axis=0)
+          for b in first.precisions}  # [sum N, 2^b]
+  return dataclasses.replace(first, planes=planes, luts=luts)
+
+
 def dequantize(w: AnyPrecWeight, bits: int | None = None,
                dtype=jnp.float32) -> jax.Array:
   """Dense weight [N, K] at precision `bits` (default: the active one). Pure jnp."""

@@ -133,3 +133,9 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)
   return inv_freq
+
+
+# Projections that read the same input, stored as one weight by `params.fuse_projections`
+# (rows concatenated in this order): (fused name, parts) inside a layer's `attn` / `mlp`.
+FUSED_ATTN = ("qkv_proj", ("q_proj", "k_proj", "v_proj"))
+FUSED_MLP = ("gate_up_proj", ("gate_proj", "up_proj"))

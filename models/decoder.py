@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from anyprec_jax import ops
-from models.config import (Activation, ModelConfig, NormKind, PositionKind,
+from models.config import (FUSED_ATTN, FUSED_MLP, Activation, ModelConfig, NormKind, PositionKind,
                            rope_inv_freq)
 
 _NEG = -1e30  # Finite: rows with every key masked (padding queries) stay NaN-free.
@@ -99,6 +99,16 @@ def _get_or_init(module: nn.Module, name: str, shape, dtype, init=None):
   if module.has_variable("params", name):
     return module.get_variable("params", name)
   return module.param(name, init or nn.initializers.normal(0.02), shape, dtype)
+
+
+def _fused(module: nn.Module, spec) -> bool:
+  """Whether the params hold `spec`'s fused weight (init always builds the parts)."""
+  return spec[0] in module.variables.get("params", {})
+
+
+def _split(y, widths):  # [..., sum(widths)] -> one array per width
+  bounds = [sum(widths[:i]) for i in range(1, len(widths))]
+  return jnp.split(y, bounds, axis=-1)
 
 
 class Linear(nn.Module):
@@ -203,9 +213,12 @@ class Attention(nn.Module):
     c = self.cfg
     b, t, _ = x.shape
     lin = functools.partial(Linear, use_bias=c.attention_bias, param_dtype=self.param_dtype)
-    q = lin(c.hidden_size, c.num_heads * c.head_dim, name="q_proj")(x)
-    k = lin(c.hidden_size, c.num_kv_heads * c.head_dim, name="k_proj")(x)
-    v = lin(c.hidden_size, c.num_kv_heads * c.head_dim, name="v_proj")(x)
+    widths = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
+              c.num_kv_heads * c.head_dim)
+    if _fused(self, FUSED_ATTN):  # one [B, T, (H + 2 KVH) Dh] product
+      q, k, v = _split(lin(c.hidden_size, sum(widths), name=FUSED_ATTN[0])(x), widths)
+    else:
+      q, k, v = (lin(c.hidden_size, w, name=n)(x) for w, n in zip(widths, FUSED_ATTN[1]))
     q = q.reshape(b, t, c.num_heads, c.head_dim)  # [B, T, H, Dh]
     k = k.reshape(b, t, c.num_kv_heads, c.head_dim)  # [B, T, KVH, Dh]
     v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
@@ -230,9 +243,13 @@ class Mlp(nn.Module):
     lin = functools.partial(Linear, use_bias=c.mlp_bias, param_dtype=self.param_dtype)
     act = {Activation.SILU: jax.nn.silu, Activation.RELU: jax.nn.relu,
            Activation.GELU: functools.partial(jax.nn.gelu, approximate=False)}[c.activation]
-    if c.gated_mlp:
-      h = act(lin(c.hidden_size, c.intermediate_size, name="gate_proj")(x))  # [B, T, F]
-      h = h * lin(c.hidden_size, c.intermediate_size, name="up_proj")(x)
+    f = c.intermediate_size
+    if c.gated_mlp and _fused(self, FUSED_MLP):  # one [B, T, 2F] product
+      gate, up = _split(lin(c.hidden_size, 2 * f, name=FUSED_MLP[0])(x), (f, f))
+      h = act(gate) * up
+    elif c.gated_mlp:
+      h = act(lin(c.hidden_size, f, name="gate_proj")(x))  # [B, T, F]
+      h = h * lin(c.hidden_size, f, name="up_proj")(x)
     else:
       h = act(lin(c.hidden_size, c.intermediate_size, name="up_proj")(x))  # [B, T, F]
     return lin(c.intermediate_size, c.hidden_size, name="down_proj")(h)

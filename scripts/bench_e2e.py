@@ -44,6 +44,8 @@ _LAYOUT = flags.DEFINE_enum("layout", "auto", ["auto", "format", "tc", "tc_tiled
                             "kernels run, as from_quantized does).")
 _BACKEND = flags.DEFINE_enum("backend", "auto", [b.value for b in ops.Backend],
                              "Kernel backend of the quantized linears.")
+_FUSE = flags.DEFINE_bool("fuse", True, "Any-precision q/k/v and gate/up stored fused "
+                          "(one GEMV launch each), as from_quantized loads them.")
 _OUTPUT = flags.DEFINE_string("output_md", "benchmarks/results/e2e.md",
                               "Markdown output ('' to skip).")
 
@@ -57,7 +59,7 @@ def main(argv):
     rows = latency.bench_e2e(cfg, [int(b) for b in _PRECISIONS.value],
                              prompt_len=_PROMPT.value, new_tokens=_NEW.value,
                              dtype=_DTYPES[_DTYPE.value], repeats=_REPEATS.value,
-                             batch=_BATCH.value, layout=layout)
+                             batch=_BATCH.value, layout=layout, fuse=_FUSE.value)
   table = latency.latency_table(rows)
   device = jax.devices()[0]
   with ops.use_backend(_BACKEND.value):
@@ -65,7 +67,8 @@ def main(argv):
   header = (f"device: {getattr(device, 'device_kind', device.platform)} "
             f"({device.platform}); date: {datetime.date.today().isoformat()}; "
             f"jax {jax.__version__}; kernel backend: {backend} (Mosaic GPU kernels: "
-            f"{pallas_backend.mosaic_available()}; planes: {layout.value} order)\n"
+            f"{pallas_backend.mosaic_available()}; planes: {layout.value} order; fused "
+            f"q/k/v and gate/up: {_FUSE.value})\n"
             f"shape: {_SHAPE.value}, layers {cfg.num_layers}; batch {_BATCH.value}, prompt "
             f"{_PROMPT.value} tokens, {_NEW.value} new tokens; median of {_REPEATS.value} "
             "runs after a warm-up; decode ms/token excludes prefill; speed-up = decode "

@@ -96,6 +96,18 @@ class RuntimeTest(parameterized.TestCase):
     self.assertGreater(np.abs(ref).max(), 0.5)
     np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=2e-4)
 
+  def test_loading_fuses_projections(self):
+    """q/k/v and gate/up load as one weight each; fuse=False keeps the parts; the
+    logits agree."""
+    layer = self.model._base["layers_0"]
+    self.assertEqual(sorted(layer["attn"]), ["o_proj", "qkv_proj"])
+    self.assertEqual(sorted(layer["mlp"]), ["down_proj", "gate_up_proj"])
+    parts = AnyPrecisionForCausalLM.from_quantized(self.dir, precisions=[3], fuse=False)
+    self.assertIn("q_proj", parts._base["layers_0"]["attn"])
+    ids = np.arange(10, dtype=np.int32).reshape(2, 5) % 90 + 3
+    np.testing.assert_allclose(parts.forward(ids, precision=3),
+                               self.model.forward(ids, precision=3), atol=1e-5, rtol=1e-5)
+
   def test_precisions_differ(self):
     """Different precisions really run different weights."""
     a = np.asarray(self.model.forward(self.ids, precision=3))

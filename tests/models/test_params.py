@@ -91,5 +91,48 @@ class AnyPrecSubstitutionTest(parameterized.TestCase):
     np.testing.assert_array_equal(quant.tokens, dense.tokens)
 
 
+class FuseProjectionsTest(parameterized.TestCase):
+  """q/k/v and gate/up stored as one weight: the same model, fewer launches."""
+
+  def _quantized(self, name, bits=4):
+    cfg, params = models.load_pretrained(fx.hf_model(name)[1])
+    new = {m: _random_anyprec(models.get_param(params, m).shape, seed=i, bits=bits)
+           for i, m in enumerate(models.linear_names(cfg))}
+    return cfg, models.replace_params(params, new)
+
+  @parameterized.parameters(("llama_gqa", "format"), ("llama_gqa", "tc_tiled"),
+                            ("opt_125m", "tc"))
+  def test_fused_forward_equals_separate(self, name, layout):
+    """GQA widths, OPT's q/k/v biases and ungated MLP, every plane layout."""
+    cfg, params = self._quantized(name)
+    params = anyprec_jax.runtime.with_plane_layout(params, layout)
+    fused = anyprec_jax.runtime.fuse_projections(params)
+    layer = fused["layers_0"]
+    self.assertEqual(sorted(layer["attn"]), ["o_proj", "qkv_proj"])
+    want_mlp = ["down_proj", "gate_up_proj"] if cfg.gated_mlp else ["down_proj", "up_proj"]
+    self.assertEqual(sorted(layer["mlp"]), want_mlp)
+    if cfg.attention_bias:
+      self.assertEqual(layer["attn"]["qkv_proj"]["bias"].shape,
+                       (cfg.num_heads * cfg.head_dim + 2 * cfg.num_kv_heads * cfg.head_dim,))
+    ids = jnp.asarray(fx.random_ids(22, (2, 7)))
+    np.testing.assert_allclose(_forward(cfg, fused, ids), _forward(cfg, params, ids),
+                               atol=2e-5, rtol=2e-5)
+
+  def test_mismatched_parts_stay_separate(self):
+    """Different active precisions cannot share one launch; dense weights are left
+    alone by `weight.concat_rows`."""
+    cfg, params = self._quantized("llama_gqa")
+    k_name = "model.layers.0.self_attn.k_proj"
+    params = models.replace_params(
+        params, {k_name: models.get_param(params, k_name).with_bits(5)})
+    fused = anyprec_jax.runtime.fuse_projections(params)
+    self.assertIn("q_proj", fused["layers_0"]["attn"])
+    self.assertIn("qkv_proj", fused["layers_1"]["attn"])
+    dense_cfg, dense = models.load_pretrained(fx.hf_model("llama_gqa")[1])
+    del dense_cfg
+    self.assertEqual(jax.tree_util.tree_structure(
+        anyprec_jax.runtime.fuse_projections(dense)), jax.tree_util.tree_structure(dense))
+
+
 if __name__ == "__main__":
   absltest.main()
