@@ -8,6 +8,7 @@ operand precision), times it in the same run as bf16 `jnp.dot` and a device copy
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -26,7 +27,8 @@ flags.DEFINE_string("variants", "", "comma list of variant names, each optionall
                     "@layout (default: all, on every layout of --layouts)")
 flags.DEFINE_string("layouts", "tc", "comma list of plane layouts: tc, tc_tiled")
 flags.DEFINE_string("shapes", "", "comma list of gate/up, down, q/k/v/o, tiny (16x256: "
-                    "the per-call floor) (default: the three 7B shapes)")
+                    "the per-call floor), qkv and gate_up (fused, 12288 and 22016 rows) "
+                    "(default: the three 7B shapes)")
 FLAGS = flags.FLAGS
 
 
@@ -51,6 +53,11 @@ def main(argv):
               "rt4_t1_s2_xs": C(row_tiles=4, warpgroups=1, stages=2, x_smem=True),
               "rt1_t1": C(row_tiles=1, warpgroups=1), "rt1_t2": C(row_tiles=1, warpgroups=2),
               "rt1_t4": C(row_tiles=1, warpgroups=4), "rt2_t4": C(warpgroups=4)}
+  # "<name>_late": the same with the LUTs loaded before the first block (before step 5).
+  variants |= {f"{k}_late": dataclasses.replace(v, early_loads=False)
+               for k, v in list(variants.items())}
+  # "model": what `config_for` picks for the shape, bits and M.
+  variants["model"] = None
   # A variant "name@tc_tiled" runs `name` on TC_TILED planes; plain names run on each
   # layout of --layouts.
   wanted = (FLAGS.variants.split(",") if FLAGS.variants
@@ -59,7 +66,8 @@ def main(argv):
             for lay in ([None] if "@" in w else FLAGS.layouts.split(","))]
   runs = [(w, variants[w.split("@")[0]], w.split("@")[1] == "tc_tiled") for w in wanted]
   shapes = [bm.Shape("7b gate/up", 11008, 4096), bm.Shape("7b down", 4096, 11008),
-            bm.Shape("7b q/k/v/o", 4096, 4096), bm.Shape("probe tiny", 16, 256)]
+            bm.Shape("7b q/k/v/o", 4096, 4096), bm.Shape("probe tiny", 16, 256),
+            bm.Shape("7b qkv", 12288, 4096), bm.Shape("7b gate_up", 22016, 4096)]
   wanted_shapes = (FLAGS.shapes or "gate/up,down,q/k/v/o").split(",")  # tiny: the floor
   shapes = [s for s in shapes if s.name.split()[1] in wanted_shapes]
   cases = [bm.copy_case()]
@@ -68,6 +76,9 @@ def main(argv):
       cases.append(bm.bf16_case(s, m))
       for bits in (int(b) for b in FLAGS.bits.split(",")):
         for label, cfg, tiled in runs:
+          if cfg is None:
+            from anyprec_jax.pallas.mosaic import gemv_tc as gt
+            cfg = gt.config_for(bits, m, s.n, s.k, tiled=tiled)
           if bits >= 5 and cfg.row_tiles % 2 and cfg.row_tiles != 1:
             continue  # two tiles share a shared-memory table
           cases.append(bm.tc_gemv_case(s, bits, m, cfg, tiled=tiled, label=label))

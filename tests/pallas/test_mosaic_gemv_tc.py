@@ -207,11 +207,11 @@ class TcLoweringTest(parameterized.TestCase):
             jax.ShapeDtypeStruct((n, 1 << bits), jnp.float16))
     self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
 
-  @parameterized.parameters((3, 1, 0, True), (5, 8, 3, True), (8, 1, 2, False),
-                            (4, 3, 0, False))
-  def test_tiled_and_shared_x_lower_for_cuda(self, bits, m, stages, x_smem):
+  @parameterized.parameters((3, 1, 0, True, True), (5, 8, 3, True, False),
+                            (8, 1, 2, False, True), (4, 3, 0, False, False))
+  def test_tiled_and_shared_x_lower_for_cuda(self, bits, m, stages, x_smem, early):
     n, k = 1008, 4000
-    cfg = gt.TcGemvConfig(warpgroups=1, stages=stages, x_smem=x_smem)
+    cfg = gt.TcGemvConfig(warpgroups=1, stages=stages, x_smem=x_smem, early_loads=early)
     fn = jax.jit(lambda x, p, l: gt.gemv_tc(x, p, l, bits=bits, cfg=cfg, tiled=True))
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
             jax.ShapeDtypeStruct((bits, n, tc_layout.num_words(k)), jnp.uint32),

@@ -95,12 +95,16 @@ class TcGemvConfig:
     B-fragment order (four 16-byte loads per block instead of 16 4-byte global loads,
     no registers held across blocks); ignored where the copy does not fit
     (`SMEM_BUDGET`).
+  early_loads: issue the first block's plane (and activation) loads before loading
+    the LUTs, so the two memory latencies overlap (False: tables first, as before
+    step 5; kept to compare).
   """
   row_tiles: int = 2
   warpgroups: int | None = None
   prefetch: bool = True
   stages: int = 0
   x_smem: bool = False
+  early_loads: bool = True
 
 
 SMEM_BUDGET = 200 * 1024  # shared bytes a CTA may ask for (227 KB on Hopper)
@@ -122,6 +126,7 @@ class _Layout:
   stages: int
   tiled: bool  # planes in PlaneLayout.TC_TILED
   x_smem: bool
+  early_loads: bool = True
 
   @property
   def warps(self) -> int:
@@ -198,7 +203,8 @@ def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
     raise ValueError(f"tiled planes need N % {tc_layout.TILE_ROWS} == 0, got N={n}")
   lay = _Layout(bits=bits, m=m, n=n, k=k, blocks=blocks, row_tiles=cfg.row_tiles,
                 warpgroups=t, ctas=ctas, prefetch=cfg.prefetch, mma_dtype=mma,
-                stages=cfg.stages, tiled=tiled, x_smem=cfg.x_smem)
+                stages=cfg.stages, tiled=tiled, x_smem=cfg.x_smem,
+                early_loads=cfg.early_loads)
   if lay.x_smem and lay.smem_bytes > SMEM_BUDGET:
     lay = dataclasses.replace(lay, x_smem=False)
   return lay
@@ -244,10 +250,13 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
   for rt in range(rt_n):
     ra = ptx.add(row0, ptx.add(g, ptx.const(16 * rt)))
     rows.append((ptx.umin(ra, n - 1), ptx.umin(ptx.add(ra, ptx.const(8)), n - 1)))
-  if b < SMEM_TABLE_BITS:
-    tile_a_regs = _register_tables(ptx, lay, lg, rows)
-  else:
-    tile_a_regs = _shared_tables(ptx, lay, lg, smem, row0, tid, lane)
+  def make_tables():
+    if b < SMEM_TABLE_BITS:
+      return _register_tables(ptx, lay, lg, rows)
+    return _shared_tables(ptx, lay, lg, smem, row0, tid, lane)
+
+  if not lay.early_loads:
+    tile_a_regs = make_tables()
 
   tiles_n = -(-n // 16)
   # TC_TILED: word offset of this lane's pair in block 0 of each of the CTA's tiles.
@@ -335,6 +344,8 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
       store_rows.append(halves)
   pre0 += flat_b(b_frags(first)) if pre_x else []
   nwords = rt_n * 2 * b if pre_words else 0
+  if lay.early_loads:  # the first block's loads above are in flight while the LUT
+    tile_a_regs = make_tables()  # rows load: a short K range pays one latency, not two
 
   loop = scf.ForOp(ptx.to_index(start), ptx.to_index(end), ptx.to_index(ptx.const(1)),
                    acc0 + pre0)
