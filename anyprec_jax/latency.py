@@ -133,12 +133,13 @@ def _random_anyprec(key, *, n, k, planes, precisions, layout=PlaneLayout.FORMAT)
 def random_anyprec_params(cfg: models.ModelConfig, dense_params,
                           precisions: Sequence[int], seed: int = 1,
                           layout: PlaneLayout = PlaneLayout.FORMAT,
-                          fuse: bool = True):
+                          fuse: bool = True, fuse_mlp: bool = False):
   """`dense_params` with every decoder linear replaced by a random `AnyPrecWeight`.
 
   Random parent codes and LUTs (fine for speed); only max(precisions) planes are
   allocated, in `layout`'s bit order. Unquantized leaves are shared with `dense_params`.
-  `fuse`: q/k/v and gate/up stored as one weight each, as `from_quantized` loads them.
+  `fuse`: q/k/v stored as one weight, as `from_quantized` loads them (`fuse_mlp`:
+  gate/up too).
   """
   precisions = tuple(sorted(precisions))
   names = models.linear_names(cfg)  # Decoder linears, in layer order.
@@ -153,7 +154,7 @@ def random_anyprec_params(cfg: models.ModelConfig, dense_params,
     new[name] = AnyPrecWeight(planes=planes, luts=luts, in_features=k,
                               bits=max(precisions), layout=lay)
   out = models.replace_params(dense_params, new)
-  return models_params.fuse_projections(out, concat_rows) if fuse else out
+  return models_params.fuse_projections(out, concat_rows, mlp=fuse_mlp) if fuse else out
 
 
 def require_matplotlib():
@@ -215,7 +216,7 @@ def plot_latency_and_ppl(latency_rows: Sequence[dict], eval_record: dict | None,
 def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len: int,
               new_tokens: int, dtype=jnp.bfloat16, repeats: int = 3, batch: int = 1,
               layout: PlaneLayout = PlaneLayout.FORMAT, fuse: bool = True,
-              log: Callable[[str], None] = print) -> list[dict]:
+              fuse_mlp: bool = False, log: Callable[[str], None] = print) -> list[dict]:
   """End-to-end batch-1 generation speed: dense baseline, then each precision.
 
   Args:
@@ -226,8 +227,8 @@ def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len:
     repeats: timed runs per model (median).
     batch: sequences decoded together (same prompt length).
     layout: bit order of the random planes (kernels are chosen by it).
-    fuse: any-precision q/k/v and gate/up stored fused, as `from_quantized` does (the
-      dense baseline keeps separate weights, as the Hugging Face model has them).
+    fuse: any-precision q/k/v stored fused, as `from_quantized` does (the dense
+      baseline keeps separate weights, as the Hugging Face model has them).
     log: progress printer.
 
   Returns:
@@ -237,7 +238,8 @@ def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len:
   """
   precisions = sorted(precisions)
   dense = random_dense_params(cfg, dtype)
-  quant = random_anyprec_params(cfg, dense, precisions, layout=layout, fuse=fuse)
+  quant = random_anyprec_params(cfg, dense, precisions, layout=layout, fuse=fuse,
+                                fuse_mlp=fuse_mlp)
   ids = np.asarray(jax.random.randint(jax.random.key(2), (batch, prompt_len), 3,
                                       cfg.vocab_size), np.int32)
 
@@ -328,47 +330,55 @@ def profile_decode_step(cfg: models.ModelConfig, models_to_run: Sequence[str], *
                         batch: int = 1, context: int = 384, iters: int = 50,
                         ncu: bool = False, fuse: bool | None = None,
                         dtype=jnp.bfloat16, log: Callable[[str], None] = print):
-  """Wall time of one jitted decode step (cache donated) per model.
+  """Time per decode step, `iters` steps in one jitted on-device loop (no host
+  dispatch between steps, as in `models.decode`), per model.
 
   Args:
     cfg: model shape (random weights).
     models_to_run: "bf16" (the dense baseline) and/or bit widths as strings.
-    batch, context: sequences and KV-cache slots (the step attends over all slots).
-    iters: timed steps (after 3 warm-up steps); ms/step = total / iters.
-    ncu: run exactly one step between cuProfilerStart and cuProfilerStop instead of
-      timing (for `ncu --profile-from-start off`).
-    fuse: fused q/k/v and gate/up any-precision weights (None: True, as loading).
+    batch, context: sequences and KV-cache slots (context >= 8 + 2 iters).
+    iters: steps per timed loop (one untimed loop first compiles and warms up).
+    ncu: run exactly one jitted step between cuProfilerStart and cuProfilerStop
+      instead of timing (for `ncu --profile-from-start off`).
+    fuse: fused q/k/v any-precision weights (None: True, as loading).
     dtype: activations and dense weights.
 
   Returns:
     [(label, ms per step)] (empty with `ncu`).
   """
   import time
+  if context < 8 + 2 * iters + 1:
+    raise ValueError(f"context {context} too short for 2 x {iters} steps")
   bits = sorted(int(b) for b in models_to_run if b != "bf16")
   dense = random_dense_params(cfg, dtype)
   from anyprec_jax import runtime  # Local: runtime imports this module's users.
   quant = (random_anyprec_params(cfg, dense, bits, layout=runtime.default_layout(),
                                  fuse=True if fuse is None else fuse) if bits else None)
   ids = jnp.full((batch, 8), 5, jnp.int32)
-  step = jax.jit(functools.partial(models.decode_step, cfg), donate_argnums=(3,))
+  tokens = jnp.zeros((batch,), jnp.int32)
+
+  def steps(params, state, cache, n):
+    body = lambda _, c: models.decode_step(cfg, params, tokens, *c)
+    return jax.lax.fori_loop(0, n, body, (state, cache))
+
+  loop = jax.jit(steps, static_argnums=3, donate_argnums=2)
   rows = []
   for label in models_to_run:
     params = dense if label == "bf16" else set_precision(quant, int(label))
     state, cache = models.prefill(cfg, params, ids, jnp.ones_like(ids), cache_len=context)
-    tokens = jnp.zeros((batch,), jnp.int32)
-    for _ in range(3):
-      state, cache = step(params, tokens, state, cache)
-    jax.block_until_ready(state)
     if ncu:
+      state, cache = loop(params, state, cache, 1)
+      jax.block_until_ready(state)
       _profiler("cuProfilerStart")
-      state, cache = step(params, tokens, state, cache)
+      state, cache = loop(params, state, cache, 1)
       jax.block_until_ready(state)
       _profiler("cuProfilerStop")
       log(f"{label}: one step recorded")
       continue
+    state, cache = loop(params, state, cache, iters)  # compile + warm-up
+    jax.block_until_ready(state)
     start = time.perf_counter()
-    for _ in range(iters):
-      state, cache = step(params, tokens, state, cache)
+    state, cache = loop(params, state, cache, iters)
     jax.block_until_ready(state)
     ms = (time.perf_counter() - start) * 1e3 / iters
     rows.append((label, ms))
@@ -397,16 +407,17 @@ def ncu_kernel_table(csv_text: str) -> str:
   reader = csv.DictReader(lines[start:])
   fam: dict[str, list[float]] = {}
   byname: dict[str, list[float]] = {}
+  scale = 1.0  # to ns
   for row in reader:
     v = row.get("gpu__time_duration.sum", "")
     try:
-      t = float(v.replace(",", ""))
-    except ValueError:
-      continue  # the units row
+      t = float(v.replace(",", "")) * scale
+    except ValueError:  # the units row
+      scale = {"usecond": 1e3, "msecond": 1e6, "second": 1e9}.get(v.strip(), 1.0)
+      continue
     name = row["Kernel Name"]
     fam.setdefault(kernel_family(name), []).append(t)
     byname.setdefault(name[:60], []).append(t)
-  # ncu reports gpu__time_duration in ns (usecond only if asked).
   total = sum(sum(v) for v in fam.values())
   out = ["| family | kernels | GPU us | share |", "|---|---:|---:|---:|"]
   for f, v in sorted(fam.items(), key=lambda kv: -sum(kv[1])):

@@ -56,10 +56,11 @@ def default_layout() -> PlaneLayout:
   return PlaneLayout.TC_TILED if backend.mosaic_available() else PlaneLayout.FORMAT
 
 
-def fuse_projections(params):
-  """`params` with each layer's any-precision q/k/v and gate/up weights stored as one
-  (`models.params.fuse_projections`): one kernel launch each instead of three / two."""
-  return models_params.fuse_projections(params, weight_lib.concat_rows)
+def fuse_projections(params, mlp: bool = False):
+  """`params` with each layer's any-precision q/k/v weights (and gate/up with `mlp`)
+  stored as one (`models.params.fuse_projections`): one kernel launch instead of
+  three (two)."""
+  return models_params.fuse_projections(params, weight_lib.concat_rows, mlp=mlp)
 
 
 def with_plane_layout(tree, layout):
@@ -123,8 +124,8 @@ class AnyPrecisionForCausalLM:
       layout: in-memory bit order of the planes (`PlaneLayout` or its value); None
         picks TC where the Mosaic GPU kernels run (Hopper), FORMAT elsewhere. The
         checkpoint stores FORMAT; TC is one re-ordering on the device at load.
-      fuse: store each layer's q/k/v and gate/up weights as one (`fuse_projections`;
-        one GEMV launch each at decode, the same bytes).
+      fuse: store each layer's q/k/v weights as one (`fuse_projections`; one GEMV
+        launch instead of three at decode, the same bytes).
 
     Returns:
       The model, active at max(precisions).

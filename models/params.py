@@ -87,11 +87,11 @@ def replace_params(params, new_weights: Mapping[str, Any]):
   return out
 
 
-def fuse_projections(params, concat_rows):
+def fuse_projections(params, concat_rows, mlp: bool = False):
   """Returns params with each layer's q/k/v (and gate/up) weights stored as one.
 
   The decoder runs a fused weight as one product and splits its output
-  (`decoder.FUSED_ATTN`, `FUSED_MLP`): one kernel launch instead of three (two), for
+  (`config.FUSED_ATTN`, `FUSED_MLP`): one kernel launch instead of three (two), for
   the same bytes. Layers whose parts `concat_rows` refuses (returns None) stay as
   they are.
 
@@ -99,6 +99,9 @@ def fuse_projections(params, concat_rows):
     params: params tree (not modified).
     concat_rows: parts' weights -> their row concatenation or None (e.g.
       `weight.concat_rows`, which fuses any-precision weights only).
+    mlp: also fuse gate/up. Off by default: on the H200 the 22016-row 3-bit GEMV
+      took 43-46 us where the two 11008-row ones take ~27 (more CTAs than one wave
+      holds); equal at 5 and 8 bits (kernels_tc.md step 5).
 
   Returns:
     A new tree; untouched leaves are shared.
@@ -107,7 +110,7 @@ def fuse_projections(params, concat_rows):
     if not isinstance(node, Mapping):
       return node
     node = {k: visit(v) for k, v in node.items()}
-    for block, (fused, parts) in (("attn", FUSED_ATTN), ("mlp", FUSED_MLP)):
+    for block, (fused, parts) in (("attn", FUSED_ATTN), ("mlp", FUSED_MLP))[:1 + mlp]:
       sub = node.get(block)
       if not isinstance(sub, Mapping) or not all(p in sub for p in parts):
         continue

@@ -44,8 +44,9 @@ _LAYOUT = flags.DEFINE_enum("layout", "auto", ["auto", "format", "tc", "tc_tiled
                             "kernels run, as from_quantized does).")
 _BACKEND = flags.DEFINE_enum("backend", "auto", [b.value for b in ops.Backend],
                              "Kernel backend of the quantized linears.")
-_FUSE = flags.DEFINE_bool("fuse", True, "Any-precision q/k/v and gate/up stored fused "
-                          "(one GEMV launch each), as from_quantized loads them.")
+_FUSE = flags.DEFINE_bool("fuse", True, "Any-precision q/k/v stored fused (one GEMV "
+                          "launch), as from_quantized loads them.")
+_FUSE_MLP = flags.DEFINE_bool("fuse_mlp", False, "Also fuse gate/up (not done on load).")
 _OUTPUT = flags.DEFINE_string("output_md", "benchmarks/results/e2e.md",
                               "Markdown output ('' to skip).")
 
@@ -59,7 +60,8 @@ def main(argv):
     rows = latency.bench_e2e(cfg, [int(b) for b in _PRECISIONS.value],
                              prompt_len=_PROMPT.value, new_tokens=_NEW.value,
                              dtype=_DTYPES[_DTYPE.value], repeats=_REPEATS.value,
-                             batch=_BATCH.value, layout=layout, fuse=_FUSE.value)
+                             batch=_BATCH.value, layout=layout, fuse=_FUSE.value,
+                             fuse_mlp=_FUSE_MLP.value)
   table = latency.latency_table(rows)
   device = jax.devices()[0]
   with ops.use_backend(_BACKEND.value):
@@ -68,7 +70,7 @@ def main(argv):
             f"({device.platform}); date: {datetime.date.today().isoformat()}; "
             f"jax {jax.__version__}; kernel backend: {backend} (Mosaic GPU kernels: "
             f"{pallas_backend.mosaic_available()}; planes: {layout.value} order; fused "
-            f"q/k/v and gate/up: {_FUSE.value})\n"
+            f"q/k/v: {_FUSE.value}; fused gate/up: {_FUSE_MLP.value})\n"
             f"shape: {_SHAPE.value}, layers {cfg.num_layers}; batch {_BATCH.value}, prompt "
             f"{_PROMPT.value} tokens, {_NEW.value} new tokens; median of {_REPEATS.value} "
             "runs after a warm-up; decode ms/token excludes prefill; speed-up = decode "

@@ -56,8 +56,8 @@ def main(argv):
   # "<name>_late": the same with the LUTs loaded before the first block (before step 5).
   variants |= {f"{k}_late": dataclasses.replace(v, early_loads=False)
                for k, v in list(variants.items())}
-  # "model": what `config_for` picks for the shape, bits and M.
-  variants["model"] = None
+  # "model" ("model_late"): what `config_for` picks for the shape, bits and M.
+  variants["model"], variants["model_late"] = None, "late"
   # A variant "name@tc_tiled" runs `name` on TC_TILED planes; plain names run on each
   # layout of --layouts.
   wanted = (FLAGS.variants.split(",") if FLAGS.variants
@@ -76,9 +76,10 @@ def main(argv):
       cases.append(bm.bf16_case(s, m))
       for bits in (int(b) for b in FLAGS.bits.split(",")):
         for label, cfg, tiled in runs:
-          if cfg is None:
+          if cfg in (None, "late"):
             from anyprec_jax.pallas.mosaic import gemv_tc as gt
-            cfg = gt.config_for(bits, m, s.n, s.k, tiled=tiled)
+            cfg = dataclasses.replace(gt.config_for(bits, m, s.n, s.k, tiled=tiled),
+                                      early_loads=cfg is None)
           if bits >= 5 and cfg.row_tiles % 2 and cfg.row_tiles != 1:
             continue  # two tiles share a shared-memory table
           cases.append(bm.tc_gemv_case(s, bits, m, cfg, tiled=tiled, label=label))

@@ -22,10 +22,10 @@ _LAYERS = flags.DEFINE_integer("layers", None, "Override the number of layers.")
 _PRECISIONS = flags.DEFINE_list("precisions", ["bf16", "3", "8"],
                                 "bf16 (the dense baseline) and/or bit widths.")
 _BATCH = flags.DEFINE_integer("batch", 1, "Sequences per step.")
-_CONTEXT = flags.DEFINE_integer("context", 384, "KV-cache slots (prompt 128 + room).")
+_CONTEXT = flags.DEFINE_integer("context", 384, "KV-cache slots (>= 8 + 2 iters).")
 _ITERS = flags.DEFINE_integer("iters", 50, "Timed steps per model.")
 _NCU = flags.DEFINE_bool("ncu", False, "Bracket one step for ncu (no timing).")
-_FUSE = flags.DEFINE_bool("fuse", None, "Fuse q/k/v and gate/up (default: as loading).")
+_FUSE = flags.DEFINE_bool("fuse", None, "Fuse q/k/v (default: as loading).")
 _PARSE = flags.DEFINE_string("parse", None, "Print the kernel table of this ncu CSV.")
 
 

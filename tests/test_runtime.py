@@ -97,11 +97,10 @@ class RuntimeTest(parameterized.TestCase):
     np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=2e-4)
 
   def test_loading_fuses_projections(self):
-    """q/k/v and gate/up load as one weight each; fuse=False keeps the parts; the
-    logits agree."""
+    """q/k/v load as one weight; fuse=False keeps the parts; the logits agree."""
     layer = self.model._base["layers_0"]
     self.assertEqual(sorted(layer["attn"]), ["o_proj", "qkv_proj"])
-    self.assertEqual(sorted(layer["mlp"]), ["down_proj", "gate_up_proj"])
+    self.assertEqual(sorted(layer["mlp"]), ["down_proj", "gate_proj", "up_proj"])
     parts = AnyPrecisionForCausalLM.from_quantized(self.dir, precisions=[3], fuse=False)
     self.assertIn("q_proj", parts._base["layers_0"]["attn"])
     ids = np.arange(10, dtype=np.int32).reshape(2, 5) % 90 + 3

@@ -106,7 +106,7 @@ class FuseProjectionsTest(parameterized.TestCase):
     """GQA widths, OPT's q/k/v biases and ungated MLP, every plane layout."""
     cfg, params = self._quantized(name)
     params = anyprec_jax.runtime.with_plane_layout(params, layout)
-    fused = anyprec_jax.runtime.fuse_projections(params)
+    fused = anyprec_jax.runtime.fuse_projections(params, mlp=True)
     layer = fused["layers_0"]
     self.assertEqual(sorted(layer["attn"]), ["o_proj", "qkv_proj"])
     want_mlp = ["down_proj", "gate_up_proj"] if cfg.gated_mlp else ["down_proj", "up_proj"]
@@ -117,6 +117,9 @@ class FuseProjectionsTest(parameterized.TestCase):
     ids = jnp.asarray(fx.random_ids(22, (2, 7)))
     np.testing.assert_allclose(_forward(cfg, fused, ids), _forward(cfg, params, ids),
                                atol=2e-5, rtol=2e-5)
+    default = anyprec_jax.runtime.fuse_projections(params)["layers_0"]  # q/k/v only
+    self.assertIn("qkv_proj", default["attn"])
+    self.assertNotIn("gate_up_proj", default["mlp"])
 
   def test_mismatched_parts_stay_separate(self):
     """Different active precisions cannot share one launch; dense weights are left

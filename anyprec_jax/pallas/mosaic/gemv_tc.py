@@ -96,15 +96,16 @@ class TcGemvConfig:
     no registers held across blocks); ignored where the copy does not fit
     (`SMEM_BUDGET`).
   early_loads: issue the first block's plane (and activation) loads before loading
-    the LUTs, so the two memory latencies overlap (False: tables first, as before
-    step 5; kept to compare).
+    the LUTs, so the two memory latencies overlap. Off by default: on the H200 it
+    was no faster (7B shapes, M = 1: 3-bit down 20.3 against 14.8 us tables first,
+    other cases within the run's noise; kernels_tc.md step 5).
   """
   row_tiles: int = 2
   warpgroups: int | None = None
   prefetch: bool = True
   stages: int = 0
   x_smem: bool = False
-  early_loads: bool = True
+  early_loads: bool = False
 
 
 SMEM_BUDGET = 200 * 1024  # shared bytes a CTA may ask for (227 KB on Hopper)
@@ -126,7 +127,7 @@ class _Layout:
   stages: int
   tiled: bool  # planes in PlaneLayout.TC_TILED
   x_smem: bool
-  early_loads: bool = True
+  early_loads: bool = False
 
   @property
   def warps(self) -> int:
