@@ -3,18 +3,17 @@
 Every request type is checked against a direct computation with the runtime
 (`forward` logits, our perplexity code, `generate`), and the local tasks in
 tests/data/lm_eval_tasks run through lm_eval end to end, in Python and on the command
-line. The tokenizer is character level with a Llama-style BOS, so token counts are
+line (in this process). The tokenizer is character level with a Llama-style BOS, so token counts are
 character counts. Skips when lm_eval is not installed (`pip install -e .[eval]`).
 """
 
 import json
 import pathlib
 import shutil
-import string
-import subprocess
 import sys
 import tempfile
 import unittest
+from unittest import mock
 
 import jax
 import numpy as np
@@ -23,6 +22,7 @@ from absl.testing import absltest
 from anyprec_jax import errors, evaluation
 from anyprec_jax.runtime import AnyPrecisionForCausalLM
 from tests import synthetic_checkpoint as synth
+from tests.char_tokenizer import BOS, EOS, write_char_tokenizer
 
 try:
   import lm_eval
@@ -32,27 +32,7 @@ except ImportError:
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TASKS = REPO / "tests" / "data" / "lm_eval_tasks"
-BOS, EOS = 1, 2
 BITS = 4
-
-
-def write_char_tokenizer(directory: pathlib.Path) -> None:
-  """One token per character (94 of them), <unk> 0, <s> 1 (added in front), </s> 2."""
-  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-  from transformers import PreTrainedTokenizerFast
-  chars = [" ", "\n"] + [c for c in string.digits + string.ascii_letters +
-                         string.punctuation if c not in "`|"]
-  vocab = {"<unk>": 0, "<s>": BOS, "</s>": EOS}
-  vocab.update({c: i + 3 for i, c in enumerate(chars)})
-  assert len(vocab) == synth.TINY_CONFIG["vocab_size"]
-  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-  tok.decoder = decoders.Fuse()
-  tok.post_processor = processors.TemplateProcessing(
-      single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS)])
-  PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                          eos_token="</s>", clean_up_tokenization_spaces=False
-                          ).save_pretrained(str(directory))
 
 
 def instances(kind: str, args: list[tuple]) -> list:
@@ -92,7 +72,7 @@ class LmEvalAdapterTest(absltest.TestCase):
     128 positions and run with no mask at all: causal attention keeps the filler out
     of the real positions.
     """
-    rows, spans = np.zeros((len(pairs), 128), np.int32), []
+    rows, spans = np.zeros((-(-len(pairs) // 8) * 8, 128), np.int32), []  # [8k, 128]
     for r, (ctx, cont) in enumerate(pairs):
       cut = len(ctx.rstrip())
       ids = self.tok(ctx + cont)["input_ids"]  # [BOS] + one id per character
@@ -125,12 +105,13 @@ class LmEvalAdapterTest(absltest.TestCase):
     for (ctx, _), (logp, greedy), (want_logp, want_greedy) in zip(pairs, got, want):
       np.testing.assert_allclose(logp, want_logp, rtol=1e-5, atol=1e-4, err_msg=ctx)
       self.assertEqual(greedy, want_greedy, ctx)
-    # The model's own greedy continuation is greedy, and scores as forward says.
-    prompt = "The sky is"
-    ids = self.tok(prompt, return_tensors="np")["input_ids"]
-    out = self.model.generate(ids, precision=BITS, max_new_tokens=5, eos_token_id=())
-    cont = self.tok.decode(out.tokens[0], skip_special_tokens=True)
-    self.assertLen(cont, 5)
+    # The model's own greedy continuation (argmax after argmax) is greedy.
+    prompt, cont = "The sky is", ""
+    for _ in range(5):
+      ids = np.zeros((8, 128), np.int32)
+      ids[0, :11 + len(cont)] = self.tok(prompt + cont)["input_ids"]
+      logits = self.model.forward(ids, precision=BITS)
+      cont += self.tok.decode([int(np.argmax(logits[0, 10 + len(cont)]))])
     [(logp, greedy)] = self.lm.loglikelihood(instances("loglikelihood", [(prompt, cont)]),
                                              disable_tqdm=True)
     self.assertTrue(greedy)
@@ -138,7 +119,7 @@ class LmEvalAdapterTest(absltest.TestCase):
                                rtol=1e-5, atol=1e-4)
 
   def test_rolling_equals_perplexity_code(self):
-    texts = ["Short text.", "A somewhat longer text for the rolling loglikelihood."]
+    texts = ["A text for the rolling loglikelihood."]
     got = self.lm.loglikelihood_rolling(instances("loglikelihood_rolling",
                                                   [(t,) for t in texts]), True)
     for text, total in zip(texts, got):
@@ -159,11 +140,16 @@ class LmEvalAdapterTest(absltest.TestCase):
   def test_generate_until_stops_and_equals_generate(self):
     prompts = ["Once upon a", "The sky is", "abc", "Q: 2+2?\nA:"]  # one 16 bucket
     raw = []
-    for p in prompts:
-      ids = self.tok(p, return_tensors="np")["input_ids"]
-      out = self.model.generate(ids, precision=BITS, max_new_tokens=12, eos_token_id=EOS)
-      raw.append(self.tok.decode(out.tokens[0, :out.lengths[0]],
-                                 skip_special_tokens=True))
+    for group in (prompts[:3], prompts[3:] * 3):  # [3, 16]: the adapter's shape
+      ids, mask = np.zeros((3, 16), np.int32), np.zeros((3, 16), np.int32)
+      for r, p in enumerate(group):
+        ids[r, 16 - len(p) - 1:] = self.tok(p)["input_ids"]
+        mask[r, 16 - len(p) - 1:] = 1
+      out = self.model.generate(ids, precision=BITS, attention_mask=mask,
+                                max_new_tokens=12, eos_token_id=EOS)
+      raw += [self.tok.decode(out.tokens[r, :out.lengths[r]], skip_special_tokens=True)
+              for r in range(3)]
+    raw = raw[:4]
     # Stop strings that occur mid-continuation: one character (stops on device) and
     # two characters (cut from the text).
     until = [raw[0][5], raw[1][3:5]]
@@ -226,21 +212,22 @@ class LmEvalAdapterTest(absltest.TestCase):
       self.assertFalse(set(text) & {"\n", ","}, text)
 
   def test_command_line(self):
+    """`python -m anyprec_jax.lm_eval_cli` (lm_eval's CLI with `anyprec` registered),
+    run in this process: the same numbers as the Python API."""
+    from anyprec_jax import lm_eval_cli
     out = pathlib.Path(tempfile.mkdtemp(prefix="anyprec_lm_eval_cli_"))
-    try:
-      cmd = [sys.executable, "-m", "anyprec_jax.lm_eval_cli", "--model", "anyprec",
-             "--model_args", f"path={self.dir},precision=3,batch_size=4",
-             "--tasks", "anyprec_tiny_mc", "--include_path", str(TASKS),
-             "--output_path", str(out)]
-      proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-      self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-      [path] = out.rglob("results_*.json")
-      got = json.loads(path.read_text())["results"]["anyprec_tiny_mc"]
-      want = self.end_to_end()["results"]["anyprec_tiny_mc"]
-      self.assertAlmostEqual(got["acc,none"], want["acc,none"])
-      self.assertAlmostEqual(got["acc_norm,none"], want["acc_norm,none"])
-    finally:
-      shutil.rmtree(out, ignore_errors=True)
+    self.addCleanup(shutil.rmtree, out, True)
+    argv = ["lm_eval", "--model", "anyprec",
+            "--model_args", f"path={self.dir},precision=3,batch_size=4",
+            "--tasks", "anyprec_tiny_mc", "--include_path", str(TASKS),
+            "--output_path", str(out)]
+    with mock.patch.object(sys, "argv", argv):
+      lm_eval_cli.main()
+    [path] = out.rglob("results_*.json")
+    got = json.loads(path.read_text())["results"]["anyprec_tiny_mc"]
+    want = self.end_to_end()["results"]["anyprec_tiny_mc"]
+    self.assertAlmostEqual(got["acc,none"], want["acc,none"])
+    self.assertAlmostEqual(got["acc_norm,none"], want["acc_norm,none"])
 
 
 if __name__ == "__main__":
