@@ -102,6 +102,9 @@ class AnyPrecLM(TemplateLM):
     if path is not None:
       self.model = lm_scoring.load(path, precision, dtype)
     elif isinstance(model, lm_scoring.EvalModel):
+      if precision is not None and precision != model.bits:
+        raise errors.UsageError(f"model is fixed at {model.bits} bits; precision="
+                                f"{precision} cannot change it")
       self.model = model
     else:
       self.model = lm_scoring.from_anyprec(model, precision)
