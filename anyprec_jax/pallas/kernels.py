@@ -93,6 +93,8 @@ def anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, interpret: bool = False) -> 
   """
   bits = w.bits
   planes, lut = w.planes, w.luts[bits]
+  if bits <= 4 and lut.dtype not in (jnp.float16, jnp.bfloat16):
+    lut = lut.astype(jnp.float16)  # register byte tables hold 16-bit values only
   m, k = x2.shape
   n = w.out_features
   if k != w.in_features:

@@ -121,6 +121,21 @@ class FuseProjectionsTest(parameterized.TestCase):
     self.assertIn("qkv_proj", default["attn"])
     self.assertNotIn("gate_up_proj", default["mlp"])
 
+  def test_kernels_run_fused_weights(self):
+    """The Pallas kernels (interpreted here, native on a GPU) on a fused weight with
+    float32 LUTs (4-bit byte tables take them as float16) equal the parts."""
+    parts = [_random_anyprec((n, 40), seed=n) for n in (32, 16, 16)]
+    fused = anyprec_jax.weight.concat_rows(parts)
+    x = jnp.asarray(np.random.RandomState(0).randn(2, 40), jnp.float32)
+    backend = (anyprec_jax.ops.Backend.PALLAS if jax.default_backend() == "gpu"
+               else anyprec_jax.ops.Backend.INTERPRET)
+    with anyprec_jax.ops.use_backend(backend):
+      got = anyprec_jax.ops.linear(x, fused)
+      want = jnp.concatenate([anyprec_jax.ops.linear(x, w) for w in parts], axis=-1)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    ref = x @ anyprec_jax.dequantize(fused).T  # float32 LUTs: within f16 rounding
+    np.testing.assert_allclose(got, ref, atol=2e-2, rtol=2e-2)
+
   def test_mismatched_parts_stay_separate(self):
     """Different active precisions cannot share one launch; dense weights are left
     alone by `weight.concat_rows`."""
