@@ -254,3 +254,27 @@ def format_paired_table(rows: list[dict], datasets: Sequence[str], reference: st
     lines.append(f"| {p['model']} | {p['method']} | {p['bits']} | " + " | ".join(cells)
                  + " |")
   return "\n".join(lines)
+
+
+def fractional_table(rows: list[dict], dataset: str, method: str = "anyprec",
+                     baselines: Sequence[str] = ("interpolated", "anyprec-random")) -> str:
+  """Markdown: `method`'s perplexity at every width it was evaluated at (integer:
+  uniform; fractional: allocated), each baseline's at the same bits, and the paired
+  change of `method` against each (same chunks; +- 1 s.e. in % of ppl)."""
+  paired = {ref: {p["bits"]: p["paired"].get(dataset) for p in
+                  paired_rows(rows, [dataset], ref) if p["method"] == method}
+            for ref in baselines}
+  ppl = {(r["method"], r["bits"]): r["results"][dataset]["ppl"] for r in rows
+         if dataset in r["results"]}
+  lines = [f"| bits | {method} | " + " | ".join(baselines) + " | " +
+           " | ".join(f"{method} vs {b}" for b in baselines) + " |",
+           "|---:|" + "---:|" * (1 + 2 * len(baselines))]
+  for bits in sorted(b for m, b in ppl if m == method):
+    cells = [f"{ppl[method, bits]:.3f}"]
+    cells += [f"{ppl[b, bits]:.3f}" if (b, bits) in ppl else "" for b in baselines]
+    for b in baselines:
+      q = paired[b].get(bits)
+      cells.append("" if q is None else
+                   f"{100 * (q['ppl_ratio'] - 1):+.2f} +- {100 * q['stderr']:.2f}%")
+    lines.append(f"| {bits} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
