@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from anyprec_jax import errors, weight
+from anyprec_jax import allocation, errors, weight
 from anyprec_jax import format as fmt
 from anyprec_jax.weight import AnyPrecWeight, as_precision, as_precisions  # noqa: F401
 from models import hf_loader, registry
@@ -48,16 +48,25 @@ class AnyPrecMeta:
     lut_dtype: storage dtype of the LUTs ("float16", "bfloat16", "float32").
     modules: {hf_module_name: (in_features K, out_features N)}.
     calibration: provenance of the Fisher statistics (free-form).
+    fisher_errors: {module: (E(seed), ..., E(parent))}, sum F (W - W_b)^2 per width
+      (`allocation.fisher_errors`), or None when the checkpoint has none.
+    allocations: the stored optimal allocations, {target: `allocation.Allocation`}.
   """
   seed_bits: int
   parent_bits: int
   lut_dtype: str
   modules: dict[str, tuple[int, int]]
   calibration: dict
+  fisher_errors: dict[str, tuple[float, ...]] | None = None
+  allocations: dict[float, allocation.Allocation] = dataclasses.field(default_factory=dict)
 
   @property
   def precisions(self) -> tuple[int, ...]:
     return tuple(range(self.seed_bits, self.parent_bits + 1))
+
+  @property
+  def lut_itemsize(self) -> int:
+    return 4 if self.lut_dtype == "float32" else 2
 
 
 def parse_meta(config: dict, model_dir=None) -> AnyPrecMeta:
@@ -103,23 +112,100 @@ def parse_meta(config: dict, model_dir=None) -> AnyPrecMeta:
     raise QuantizedCheckpointError(
         f"{invalid}.quantized_modules is malformed ({type(e).__name__}: {e}); expected "
         "{module: {in_features, out_features}}") from e
-  return AnyPrecMeta(seed_bits=seed, parent_bits=parent,
+  meta = AnyPrecMeta(seed_bits=seed, parent_bits=parent,
                      lut_dtype=str(sec.get("lut_dtype", "float16")), modules=modules,
                      calibration=dict(sec.get("calibration") or {}))
+  return dataclasses.replace(meta, fisher_errors=_parse_errors(sec, meta, invalid),
+                             allocations=_parse_allocations(sec, meta, invalid))
+
+
+def _parse_errors(sec: dict, meta: AnyPrecMeta, invalid: str):
+  """`anyprec.fisher_errors` ({"widths": [seed..parent], "modules": {M: [E(b)]}})."""
+  if sec.get("fisher_errors") is None:
+    return None
+  try:
+    widths = tuple(int(b) for b in sec["fisher_errors"]["widths"])
+    errs = {str(m): tuple(float(e) for e in v)
+            for m, v in sec["fisher_errors"]["modules"].items()}
+  except (KeyError, TypeError, ValueError, AttributeError) as e:
+    raise QuantizedCheckpointError(
+        f"{invalid}.fisher_errors is malformed ({type(e).__name__}: {e}); expected "
+        "{widths: [...], modules: {module: [E per width]}}") from e
+  if widths != meta.precisions or set(errs) != set(meta.modules) or any(
+      len(v) != len(widths) or not all(np.isfinite(v)) for v in errs.values()):
+    raise QuantizedCheckpointError(
+        f"{invalid}.fisher_errors does not hold one finite error per width "
+        f"{meta.seed_bits}..{meta.parent_bits} for every quantized module")
+  return errs
+
+
+def _parse_allocations(sec: dict, meta: AnyPrecMeta, invalid: str):
+  """`anyprec.allocations` (a list of `Allocation.to_json`), checked against the
+  modules and the widths."""
+  out = {}
+  for i, entry in enumerate(sec.get("allocations") or ()):
+    where = f"{invalid}.allocations[{i}]"
+    try:
+      a = allocation.Allocation.from_json(entry)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+      raise QuantizedCheckpointError(f"{where} is malformed ({type(e).__name__}: {e})") from e
+    if set(a.bits) != set(meta.modules):
+      raise QuantizedCheckpointError(f"{where} does not name every quantized module")
+    if not (meta.seed_bits <= a.target <= meta.parent_bits
+            and all(b in meta.precisions for b in a.bits.values())):
+      raise QuantizedCheckpointError(
+          f"{where} (target {a.target}) uses widths outside {meta.seed_bits}.."
+          f"{meta.parent_bits}")
+    if a.method == allocation.Method.OPTIMAL.value:
+      out[a.target] = a
+  return out
+
+
+def allocation_for(meta: AnyPrecMeta, cfg: ModelConfig, target: float,
+                   method: allocation.Method = allocation.Method.OPTIMAL,
+                   model_dir=None) -> allocation.Allocation:
+  """The per-module widths of a fractional precision.
+
+  OPTIMAL: the stored allocation of `target` (`anyprec.allocations`), else one
+  computed now from the stored `anyprec.fisher_errors` (the same exact knapsack, per
+  fusion group). RANDOM: the equal-bytes baseline (no errors needed).
+
+  Raises:
+    errors.UsageError: target below the seed / above the parent, or no stored
+      allocation and no stored errors to compute one (says how to add them).
+  """
+  allocation.check_target(target, meta.seed_bits, meta.parent_bits)
+  if method is allocation.Method.OPTIMAL and target in meta.allocations:
+    return meta.allocations[target]
+  if method is allocation.Method.OPTIMAL and meta.fisher_errors is None:
+    where = f" {model_dir}" if model_dir else ""
+    raise errors.UsageError(
+        f"precision {target}: the checkpoint{where} has no stored allocation for it and "
+        "no anyprec.fisher_errors to compute one; add them with scripts/allocate.py "
+        "--model=CHECKPOINT --fisher_dir=... (stored: "
+        f"{sorted(meta.allocations) or 'none'})")
+  problem = allocation.make_problem(
+      meta.modules, meta.precisions, allocation.fusion_groups(cfg, list(meta.modules)),
+      meta.fisher_errors, meta.lut_itemsize)
+  return allocation.allocate(problem, [target], method)[0]
 
 
 def check_precisions(meta: AnyPrecMeta, precisions: Iterable[int] | int | None
-                     ) -> tuple[int, ...]:
-  """Sorted requested precisions (all when None); error listing the supported ones.
+                     ) -> tuple[int | float, ...]:
+  """Sorted requested precisions (all integer widths when None); error listing the
+  supported ones. Fractional precisions must lie between the seed and the parent.
 
   Raises:
-    errors.UsageError: not an int / list of ints (`weight.as_precisions`), or
-      unsupported.
+    errors.UsageError: not a number / list of numbers (`weight.as_precisions`), an
+      unsupported width, or a fractional one below the seed / above the parent.
   """
   want = weight.as_precisions(precisions)
   if want is None:
     return meta.precisions
-  bad = [b for b in want if b not in meta.precisions]
+  for b in want:
+    if weight.is_fractional(b):
+      allocation.check_target(b, meta.seed_bits, meta.parent_bits)
+  bad = [b for b in want if not weight.is_fractional(b) and b not in meta.precisions]
   if not want:
     raise errors.UsageError(f"no precision asked for; supported: {list(meta.precisions)}")
   if bad:
@@ -189,14 +275,15 @@ def read_weight(get_slice, name: str, in_features: int,
 
 
 def load_quantized_params(model_dir: pathlib.Path, cfg: ModelConfig, meta: AnyPrecMeta,
-                          precisions: tuple[int, ...], dtype=jnp.float32) -> dict:
+                          precisions, dtype=jnp.float32) -> dict:
   """Params tree with `AnyPrecWeight` leaves for the quantized modules.
 
   Args:
     model_dir: the checkpoint directory.
     cfg: model config.
     meta: its `anyprec` section.
-    precisions: precisions to load (validated).
+    precisions: integer widths to load (validated), for every module; or
+      {module: its widths} (an allocation's modules need only their own).
     dtype: floating dtype of the unquantized tensors (LUTs keep their stored dtype).
 
   Returns:
@@ -223,7 +310,8 @@ def load_quantized_params(model_dir: pathlib.Path, cfg: ModelConfig, meta: AnyPr
     for path, (name, file) in plan.items():
       if name in quantized:
         module = name[:-len(".weight")]
-        value = read_weight(get_slice, module, meta.modules[module][0], precisions)
+        widths = precisions[module] if isinstance(precisions, dict) else precisions
+        value = read_weight(get_slice, module, meta.modules[module][0], tuple(widths))
       else:
         value = jnp.asarray(handles[file].get_tensor(name))
         if jnp.issubdtype(value.dtype, jnp.floating):

@@ -87,6 +87,28 @@ def run(main, argv: list[str] | None = None) -> None:
   app.run(wrapped, argv=argv, flags_parser=parse)
 
 
+def parse_precisions(values, flag: str) -> list:
+  """A list flag's texts as precisions ("4" -> 4, "3.5" -> 3.5; `weight.as_precision`).
+
+  Raises:
+    errors.UsageError: a value that is not a number, naming `flag`.
+  """
+  from anyprec_jax import errors, weight  # noqa: PLC0415
+  out = []
+  for text in values:
+    try:
+      value = int(text)
+    except ValueError:
+      try:
+        value = float(text)
+      except ValueError:
+        raise errors.UsageError(
+            f"{flag} must be a comma-separated list of numbers (bits, e.g. 3,3.5,4), "
+            f"got {','.join(values)!r}") from None
+    out.append(weight.as_precision(value, flag))
+  return out
+
+
 def dir_size(path) -> int:
   """Bytes of the regular files under `path`."""
   total = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import pathlib
 import re
 from typing import Callable, Iterator, Sequence
@@ -20,6 +21,7 @@ import numpy as np
 
 import models
 from anyprec_jax import errors, evaluation
+from anyprec_jax.allocation import Method
 from anyprec_jax.runtime import AnyPrecisionForCausalLM
 
 
@@ -29,14 +31,15 @@ class ModelEntry:
 
   Attributes:
     label: model name (directory name or hub id).
-    method: "original", "anyprec", "independent" or "rtn".
-    bits: weight bits (the original: its dtype's width).
+    method: "original", "anyprec" (fractional bits: the optimal allocation),
+      "anyprec-random" (the random equal-bytes allocation), "independent" or "rtn".
+    bits: weight bits (the original: its dtype's width; fractional: the average).
     tokenizer_dir: directory with the tokenizer files.
     nll_fn: input_ids [B, T] -> [B] mean NLL.
   """
   label: str
   method: str
-  bits: int
+  bits: int | float
   tokenizer_dir: pathlib.Path
   nll_fn: Callable
 
@@ -49,11 +52,52 @@ def original_entries(path: str, dtype=jnp.float32) -> Iterator[ModelEntry]:
                    evaluation.dense_nll_fn(cfg, params))
 
 
-def anyprec_entries(path: str, precisions=None, dtype=jnp.float32) -> Iterator[ModelEntry]:
-  """Every precision of one any-precision checkpoint (loaded once)."""
-  model = AnyPrecisionForCausalLM.from_quantized(path, precisions, dtype)
+def anyprec_entries(path: str, precisions=None, dtype=jnp.float32,
+                    allocation: Method = Method.OPTIMAL) -> Iterator[ModelEntry]:
+  """Every precision of one any-precision checkpoint (loaded once); fractional ones
+  with the `allocation` method (method label "anyprec", or "anyprec-random")."""
+  model = AnyPrecisionForCausalLM.from_quantized(path, precisions, dtype,
+                                                 allocation=allocation)
+  method = "anyprec" if allocation is Method.OPTIMAL else f"anyprec-{allocation.value}"
   for b in model.supported_precisions:
-    yield ModelEntry(model.model_dir.name, "anyprec", b, model.model_dir, model.nll_fn(b))
+    yield ModelEntry(model.model_dir.name, method, b, model.model_dir, model.nll_fn(b))
+
+
+def interpolated_rows(rows: list[dict], datasets: Sequence[str],
+                      method: str = "anyprec") -> list[dict]:
+  """Straight-line rows at each fractional precision of `method`'s rows.
+
+  At B between the integer widths lo < hi of the same model (evaluated on the same
+  chunks), every chunk's NLL is (hi - B) NLL_lo + (B - lo) NLL_hi (so the perplexity
+  is the geometric interpolation, below the linear one: the stricter baseline).
+
+  Returns:
+    rows labelled method "interpolated", one per fractional row with both neighbours.
+  """
+  out = []
+  for r in rows:
+    b = r["bits"]
+    if r["method"] != method or float(b).is_integer():
+      continue
+    lo, hi = math.floor(b), math.ceil(b)
+    ends = [next((q for q in rows if q["method"] == method and q["model"] == r["model"]
+                  and q["bits"] == w), None) for w in (lo, hi)]
+    if None in ends:
+      continue
+    results = {}
+    for d in datasets:
+      a, c = (e["results"].get(d) for e in ends)
+      if a is None or c is None or a.get("chunks_sha1") != c.get("chunks_sha1"):
+        continue
+      nll = (hi - b) * np.asarray(a["chunk_nll"]) + (b - lo) * np.asarray(c["chunk_nll"])
+      mean = float(nll.mean())
+      results[d] = {"ppl": math.exp(mean), "mean_nll": mean, "num_chunks": len(nll),
+                    "chunk_nll": nll.tolist(), "chunks_sha1": a["chunks_sha1"],
+                    "source": a.get("source")}
+    if results:
+      out.append({"model": r["model"], "method": "interpolated", "bits": b,
+                  "results": results})
+  return out
 
 
 def _baseline_dirs(path: pathlib.Path) -> list[pathlib.Path]:
@@ -209,4 +253,28 @@ def format_paired_table(rows: list[dict], datasets: Sequence[str], reference: st
                    f"+- {q['stderr']:.4f})")
     lines.append(f"| {p['model']} | {p['method']} | {p['bits']} | " + " | ".join(cells)
                  + " |")
+  return "\n".join(lines)
+
+
+def fractional_table(rows: list[dict], dataset: str, method: str = "anyprec",
+                     baselines: Sequence[str] = ("interpolated", "anyprec-random")) -> str:
+  """Markdown: `method`'s perplexity at every width it was evaluated at (integer:
+  uniform; fractional: allocated), each baseline's at the same bits, and the paired
+  change of `method` against each (same chunks; +- 1 s.e. in % of ppl)."""
+  paired = {ref: {p["bits"]: p["paired"].get(dataset) for p in
+                  paired_rows(rows, [dataset], ref) if p["method"] == method}
+            for ref in baselines}
+  ppl = {(r["method"], r["bits"]): r["results"][dataset]["ppl"] for r in rows
+         if dataset in r["results"]}
+  lines = [f"| bits | {method} | " + " | ".join(baselines) + " | " +
+           " | ".join(f"{method} vs {b}" for b in baselines) + " |",
+           "|---:|" + "---:|" * (1 + 2 * len(baselines))]
+  for bits in sorted(b for m, b in ppl if m == method):
+    cells = [f"{ppl[method, bits]:.3f}"]
+    cells += [f"{ppl[b, bits]:.3f}" if (b, bits) in ppl else "" for b in baselines]
+    for b in baselines:
+      q = paired[b].get(bits)
+      cells.append("" if q is None else
+                   f"{100 * (q['ppl_ratio'] - 1):+.2f} +- {100 * q['stderr']:.2f}%")
+    lines.append(f"| {bits} | " + " | ".join(cells) + " |")
   return "\n".join(lines)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
 import statistics
 from typing import Callable, Sequence
 
@@ -27,6 +28,8 @@ from models import params as models_params
 from anyprec_jax import format as fmt
 from anyprec_jax import plane_layout
 from anyprec_jax.plane_layout import PlaneLayout
+from anyprec_jax import allocation
+from anyprec_jax import weight as weight_lib
 from anyprec_jax.weight import AnyPrecWeight, concat_rows, set_precision
 
 
@@ -157,6 +160,31 @@ def random_anyprec_params(cfg: models.ModelConfig, dense_params,
   return models_params.fuse_projections(out, concat_rows, mlp=fuse_mlp) if fuse else out
 
 
+def loaded_widths(precisions: Sequence) -> tuple[int, ...]:
+  """Integer widths a random parent needs for `precisions` (a fractional B needs
+  floor(B) and ceil(B))."""
+  out = set()
+  for p in precisions:
+    out |= {math.floor(p), math.ceil(p)}
+  return tuple(sorted(out))
+
+
+def at_precision(params, precision, seed: int = 0):
+  """`params` at an integer width, or at a fractional average with the random
+  equal-bytes allocation over its weights (`allocation.Method.RANDOM`: the speed of
+  a B-bit allocation depends on how many bytes it reads, not on which layers)."""
+  precision = weight_lib.as_precision(precision)
+  if not weight_lib.is_fractional(precision):
+    return set_precision(params, precision)
+  leaves = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda x: isinstance(x, AnyPrecWeight))[0]
+  shapes = {weight_lib.tree_path(p): (w.in_features, w.out_features) for p, w in leaves
+            if isinstance(w, AnyPrecWeight)}
+  problem = allocation.make_problem(shapes, loaded_widths([precision]))
+  chosen = allocation.allocate(problem, [precision], allocation.Method.RANDOM, seed)[0]
+  return weight_lib.set_widths(params, chosen.bits)
+
+
 def require_matplotlib():
   """matplotlib.pyplot (Agg backend); ImportError with the fix when missing."""
   try:
@@ -173,7 +201,8 @@ def plot_latency_and_ppl(latency_rows: Sequence[dict], eval_record: dict | None,
   """PNG of decode ms/token (and perplexity, from an evaluate JSON) against bits.
 
   Args:
-    latency_rows: [{"model", "bits", "decode_ms_per_token"}]; bits >= 16: unquantized.
+    latency_rows: [{"model", "bits", "decode_ms_per_token"}]; bits >= 16: unquantized;
+      empty: perplexity only.
     eval_record: the `--output_json` of scripts/evaluate.py, or None.
     out_png: output path.
     dataset: corpus to plot (default: the first one in the record).
@@ -182,7 +211,7 @@ def plot_latency_and_ppl(latency_rows: Sequence[dict], eval_record: dict | None,
     ImportError: matplotlib is not installed (it is optional).
   """
   plt = require_matplotlib()
-  n_axes = 2 if eval_record else 1
+  n_axes = bool(latency_rows) + bool(eval_record)
   fig, axes = plt.subplots(1, n_axes, figsize=(5 * n_axes, 4), squeeze=False)
   quant = sorted((r["bits"], r["decode_ms_per_token"]) for r in latency_rows
                  if r["bits"] < 16)
@@ -193,12 +222,13 @@ def plot_latency_and_ppl(latency_rows: Sequence[dict], eval_record: dict | None,
     if r["bits"] >= 16:
       ax.axhline(r["decode_ms_per_token"], ls="--", color="gray",
                  label=f"{r['model']} ({r['bits']}-bit)")
-  ax.set(xlabel="bits", ylabel="decode ms / token", title="latency")
-  ax.legend()
+  if latency_rows:
+    ax.set(xlabel="bits", ylabel="decode ms / token", title="latency")
+    ax.legend()
   if eval_record:
     rows = eval_record["rows"]
     dataset = dataset or next(iter(rows[0]["results"]))
-    ax = axes[0, 1]
+    ax = axes[0, n_axes - 1]
     for method in sorted({r["method"] for r in rows if r["bits"] < 16}):
       pts = sorted((r["bits"], r["results"][dataset]["ppl"]) for r in rows
                    if r["method"] == method and dataset in r["results"])
@@ -221,7 +251,8 @@ def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len:
 
   Args:
     cfg: model config (random weights are built on device).
-    precisions: any-precision widths to time (one random parent holds them all).
+    precisions: any-precision widths to time (one random parent holds them all);
+      fractional ones run the random equal-bytes allocation (`at_precision`).
     prompt_len, new_tokens: prompt length and tokens generated (never stopping early).
     dtype: activation / dense weight dtype of every model.
     repeats: timed runs per model (median).
@@ -236,10 +267,10 @@ def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len:
     the dense baseline first (bits = its dtype's width); speedup = decode tokens/s
     over the baseline's.
   """
-  precisions = sorted(precisions)
+  precisions = sorted(weight_lib.as_precision(p) for p in precisions)
   dense = random_dense_params(cfg, dtype)
-  quant = random_anyprec_params(cfg, dense, precisions, layout=layout, fuse=fuse,
-                                fuse_mlp=fuse_mlp)
+  quant = random_anyprec_params(cfg, dense, loaded_widths(precisions), layout=layout,
+                                fuse=fuse, fuse_mlp=fuse_mlp)
   ids = np.asarray(jax.random.randint(jax.random.key(2), (batch, prompt_len), 3,
                                       cfg.vocab_size), np.int32)
 
@@ -251,7 +282,7 @@ def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len:
   rows = []
   runs = [(name, jnp.dtype(dtype).itemsize * 8)] + [("anyprec", b) for b in precisions]
   for label, bits in runs:
-    params = dense if label == name else set_precision(quant, bits)
+    params = dense if label == name else at_precision(quant, bits)
     lat = time_generation(functools.partial(run, params), repeats)
     rows.append({"model": label, "bits": bits, "prefill_ms": lat.prefill_ms,
                  "decode_ms_per_token": lat.decode_ms_per_token,

@@ -11,6 +11,12 @@ precision b has its own treedef, so each jitted function (forward, prefill, the 
 loop, perplexity) compiles one program per precision on first use and caches it;
 switching precision costs nothing after that.
 
+A fractional precision (3.5) runs each module at its own width, chosen by the
+checkpoint's allocation for that average (`anyprec_jax.allocation`: per fusion group,
+so q/k/v and gate/up stay one launch each); it is just another params tree (one
+program per allocation), and loading reads each module's planes and LUTs only up to
+the widths it runs at.
+
     model = AnyPrecisionForCausalLM.from_quantized("out/smollm2-anyprec", precisions=[3, 4])
     logits = model.forward(ids, precision=3)          # [B, T, V]
     tokens = model.generate(ids, precision=4, max_new_tokens=32).tokens
@@ -30,11 +36,12 @@ import jax.numpy as jnp
 
 import models
 from models import params as models_params
+from anyprec_jax import allocation as allocation_lib
 from anyprec_jax import checkpoint_reader as reader
 from anyprec_jax import errors, evaluation
 from anyprec_jax import weight as weight_lib
 from anyprec_jax.plane_layout import PlaneLayout
-from anyprec_jax.weight import AnyPrecWeight, set_precision
+from anyprec_jax.weight import AnyPrecWeight, set_precision, set_widths
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -71,53 +78,106 @@ def with_plane_layout(tree, layout):
       tree, is_leaf=lambda x: isinstance(x, AnyPrecWeight))
 
 
+def widths_by_path(params, module_bits: dict[str, int], paths: dict[str, str],
+                   target=None) -> dict[str, int]:
+  """An allocation's {module: width} as {params path: width} for `params` (fused
+  q/k/v and gate/up take the width of their parts).
+
+  Args:
+    params: the params tree the widths are for (fused or not).
+    module_bits: {HF module name: width}.
+    paths: {HF module name: its path in the unfused tree}.
+    target: the allocation's precision (for the error message).
+
+  Raises:
+    errors.UsageError: the parts of a fused weight have different widths (load with
+      fuse=False to run such an allocation).
+  """
+  present = set(weight_lib.weight_paths(params))
+  out: dict[str, int] = {}
+  for module, bits in module_bits.items():
+    path = paths[module]
+    if path not in present:
+      path = models_params.fused_path(path)
+    if out.setdefault(path, bits) != bits:
+      raise errors.UsageError(
+          f"precision {target}: the allocation gives the parts of the fused weight "
+          f"{path} different widths; load with fuse=False to run it")
+  return out
+
+
 class AnyPrecisionForCausalLM:
   """A causal LM whose quantized linears can run at any loaded precision.
 
   Attributes:
     cfg: the model config (`models.ModelConfig`).
-    supported_precisions: sorted precisions held in memory.
+    supported_precisions: sorted precisions held in memory (ints: every module at
+      that width; floats: a per-module allocation of that average).
     precision: the default precision of `forward` / `generate`.
+    allocations: {fractional precision: `allocation.Allocation`} where known.
     model_dir: the checkpoint directory (tokenizer files live there), or None.
   """
 
   def __init__(self, cfg: models.ModelConfig, params, *, model_dir=None,
-               precision: int | None = None):
-    """Wraps a params tree holding `AnyPrecWeight`s (all with the same precisions).
+               precision: int | float | None = None,
+               widths: dict[float, dict[str, int]] | None = None,
+               allocations: dict[float, allocation_lib.Allocation] | None = None,
+               precisions=None):
+    """Wraps a params tree holding `AnyPrecWeight`s.
 
     Args:
       cfg: model config.
-      params: params tree; its `AnyPrecWeight` leaves define the precisions.
+      params: params tree; the widths loaded in every `AnyPrecWeight` are the
+        integer precisions.
       model_dir: directory with tokenizer files (optional).
-      precision: default precision; None: the highest loaded.
+      precision: default precision; None: the highest supported.
+      widths: {fractional precision: {params path: width}} (`widths_by_path`).
+      allocations: the `Allocation`s behind `widths` (for inspection).
+      precisions: the supported precisions; None: every width all weights hold,
+        plus the keys of `widths`.
     """
     weights = [x for x in jax.tree_util.tree_leaves(
         params, is_leaf=lambda x: isinstance(x, AnyPrecWeight))
                if isinstance(x, AnyPrecWeight)]
     if not weights:
       raise ValueError("params hold no AnyPrecWeight")
-    sets = {w.precisions for w in weights}
-    if len(sets) != 1:
-      raise ValueError(f"quantized weights disagree on their precisions: {sorted(sets)}")
+    ints = set.intersection(*(set(w.precisions) for w in weights))
+    self._widths = {weight_lib.as_precision(p): dict(v) for p, v in (widths or {}).items()}
+    for p, v in self._widths.items():
+      set_widths(params, v)  # every weight has a loaded width (raises otherwise)
+    if not ints and not self._widths:
+      raise ValueError("quantized weights share no precision: "
+                       f"{sorted({w.precisions for w in weights})}")
     self.cfg = cfg
     self.model_dir = None if model_dir is None else pathlib.Path(model_dir)
-    self.supported_precisions: tuple[int, ...] = sets.pop()
+    runnable = ints | set(self._widths)
+    self.supported_precisions: tuple[int | float, ...] = (
+        tuple(sorted(runnable)) if precisions is None
+        else weight_lib.as_precisions(precisions))
+    missing = set(self.supported_precisions) - runnable
+    if missing:
+      raise ValueError(f"precisions {sorted(missing)} are not loaded in every weight")
+    self.allocations = dict(allocations or {})
     self._base = params
-    self._at: dict[int, object] = {}
+    self._at: dict[int | float, object] = {}
     self._tokenizer = None
     self.precision = self._check(max(self.supported_precisions)
                                  if precision is None else precision)
 
   @classmethod
   def from_quantized(cls, path, precisions: Iterable[int] | int | None = None,
-                     dtype=None, layout=None, fuse: bool = True
+                     dtype=None, layout=None, fuse: bool = True,
+                     allocation: allocation_lib.Method = allocation_lib.Method.OPTIMAL
                      ) -> "AnyPrecisionForCausalLM":
     """Loads an any-precision checkpoint directory (or hub id).
 
     Args:
       path: directory written by `scripts/quantize.py --method=anyprec`, or hub id.
-      precisions: precisions to load (subset of seed..parent); None: all. Only
-        `planes[:max(precisions)]` and those LUTs are read from disk.
+      precisions: precisions to load: ints in seed..parent, and/or fractional
+        averages strictly between them (3.5: each fusion group at its own width, the
+        checkpoint's allocation, `anyprec.allocations`, or one computed from its
+        `anyprec.fisher_errors`); None: every integer width. Each module reads only
+        `planes[:w]` and the LUTs of the widths it runs at (w: the largest).
       dtype: dtype of the unquantized tensors and of the activations; None:
         `default_dtype()` (bfloat16 on GPU, float32 on CPU), the same default as
         `scripts/generate.py`. LUTs keep their stored dtype.
@@ -126,13 +186,16 @@ class AnyPrecisionForCausalLM:
         checkpoint stores FORMAT; TC is one re-ordering on the device at load.
       fuse: store each layer's q/k/v weights as one (`fuse_projections`; one GEMV
         launch instead of three at decode, the same bytes).
+      allocation: how fractional precisions pick widths: `Method.OPTIMAL` (the
+        Fisher-weighted knapsack) or `Method.RANDOM` (the equal-bytes baseline).
 
     Returns:
       The model, active at max(precisions).
 
     Raises:
-      errors.UsageError: `precisions` not an int / iterable of ints, or outside the
-        checkpoint's range (lists the supported).
+      errors.UsageError: `precisions` not a number / iterable of numbers, outside the
+        checkpoint's range (lists the supported; a fractional one below the seed or
+        above the parent says so), or fractional with no allocation to be had.
       QuantizedCheckpointError: not a valid any-precision checkpoint (names the file).
     """
     dtype = default_dtype() if dtype is None else dtype
@@ -141,31 +204,42 @@ class AnyPrecisionForCausalLM:
     meta = reader.parse_meta(config, model_dir)
     want = reader.check_precisions(meta, precisions)
     cfg = models.hf_loader.parse_config(config, model_dir)
-    params = reader.load_quantized_params(model_dir, cfg, meta, want, dtype)
+    method = allocation_lib.Method(allocation)
+    allocs = {p: reader.allocation_for(meta, cfg, p, method, model_dir)
+              for p in want if weight_lib.is_fractional(p)}
+    ints = {p for p in want if not weight_lib.is_fractional(p)}
+    loaded = {m: tuple(sorted(ints | {a.bits[m] for a in allocs.values()}))
+              for m in meta.modules}
+    params = reader.load_quantized_params(model_dir, cfg, meta, loaded, dtype)
+    paths = {m: models_params.param_path(params, m) for m in meta.modules}
     params = with_plane_layout(params, default_layout() if layout is None else layout)
     if fuse:
       params = fuse_projections(params)
-    return cls(cfg, params, model_dir=model_dir)
+    widths = {p: widths_by_path(params, a.bits, paths, p) for p, a in allocs.items()}
+    return cls(cfg, params, model_dir=model_dir, widths=widths, allocations=allocs,
+               precisions=want)
 
-  def _check(self, precision: int) -> int:
+  def _check(self, precision) -> int | float:
     b = reader.as_precision(precision)
     if b not in self.supported_precisions:
       raise errors.UsageError(f"precision {b} not supported; supported: "
                               f"{list(self.supported_precisions)}")
     return b
 
-  def set_precision(self, precision: int) -> None:
+  def set_precision(self, precision: int | float) -> None:
     """Sets the default precision of `forward` / `generate` / `nll_fn`."""
     self.precision = self._check(precision)
 
-  def params_at(self, precision: int | None = None):
-    """The params tree with every quantized weight active at `precision` (shared arrays)."""
+  def params_at(self, precision: int | float | None = None):
+    """The params tree with every quantized weight active at `precision` (shared
+    arrays): one width for all, or each at its allocated width (fractional)."""
     b = self.precision if precision is None else self._check(precision)
     if b not in self._at:
-      self._at[b] = set_precision(self._base, b)
+      self._at[b] = (set_widths(self._base, self._widths[b]) if b in self._widths
+                     else set_precision(self._base, b))
     return self._at[b]
 
-  def forward(self, input_ids, precision: int | None = None, attention_mask=None):
+  def forward(self, input_ids, precision: int | float | None = None, attention_mask=None):
     """Full-sequence logits (no cache).
 
     Args:
@@ -181,10 +255,10 @@ class AnyPrecisionForCausalLM:
         attention_mask)
     return _forward(self.cfg, self.params_at(precision), ids, mask)
 
-  def generate(self, input_ids, precision: int | None = None, attention_mask=None, *,
+  def generate(self, input_ids, precision: int | float | None = None, attention_mask=None, *,
                max_new_tokens: int, sampling: models.SamplingConfig | None = None,
                rng=None, eos_token_id=None, pad_token_id: int | None = None,
-               draft_precision: int | None = None, num_draft: int | None = None
+               draft_precision: int | float | None = None, num_draft: int | None = None
                ) -> models.GenerationResult:
     """Generates with the foundation's jitted prefill + on-device decode loop.
 
@@ -216,8 +290,8 @@ class AnyPrecisionForCausalLM:
     return self.timed_generate(input_ids, precision, attention_mask, **kwargs)[0]
 
   def timed_speculative_generate(
-      self, input_ids, precision: int | None = None, attention_mask=None, *,
-      draft_precision: int, num_draft: int | None = None, **kwargs
+      self, input_ids, precision: int | float | None = None, attention_mask=None, *,
+      draft_precision: int | float, num_draft: int | None = None, **kwargs
   ) -> tuple[models.GenerationResult, models.Timing, "speculative.SpeculativeStats"]:
     """Self-speculative `generate` plus wall times and acceptance counts.
 
@@ -242,7 +316,7 @@ class AnyPrecisionForCausalLM:
                                       self.params_at(draft), input_ids, attention_mask,
                                       num_draft=num_draft, **kwargs)
 
-  def timed_generate(self, input_ids, precision: int | None = None, attention_mask=None,
+  def timed_generate(self, input_ids, precision: int | float | None = None, attention_mask=None,
                      **kwargs) -> tuple[models.GenerationResult, models.Timing]:
     """`generate` plus prefill / decode wall times (see `models.timed_generate`)."""
     if kwargs.get("sampling") is None:
@@ -250,7 +324,7 @@ class AnyPrecisionForCausalLM:
     return models.timed_generate(self.cfg, self.params_at(precision), input_ids,
                                  attention_mask, **kwargs)
 
-  def check_draft(self, precision: int | None, draft_precision: int,
+  def check_draft(self, precision: int | float | None, draft_precision: int | float,
                   num_draft: int | None = None) -> tuple[int, int, int]:
     """(target, draft, k) of a speculative call, checked.
 
@@ -268,7 +342,7 @@ class AnyPrecisionForCausalLM:
         speculative.DEFAULT_NUM_DRAFT if num_draft is None else num_draft)
     return target, draft, k
 
-  def nll_fn(self, precision: int | None = None):
+  def nll_fn(self, precision: int | float | None = None):
     """input_ids [B, T] -> [B] mean next-token NLL at `precision` (for perplexity)."""
     return evaluation.dense_nll_fn(self.cfg, self.params_at(precision))
 

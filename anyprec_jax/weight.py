@@ -26,11 +26,8 @@ def is_int(value) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def as_precision(value, what: str = "precision") -> int:
-  """`value` as a precision: an int (or numpy integer), nothing else.
-
-  The one rule for every API and flag that takes a precision ("4", 4.0 and True are
-  refused rather than guessed at).
+def as_bits(value, what: str = "precision") -> int:
+  """`value` as the width of one weight: an int (or numpy integer), nothing else.
 
   Raises:
     errors.UsageError: naming `what` and the value.
@@ -41,19 +38,42 @@ def as_precision(value, what: str = "precision") -> int:
   return int(value)
 
 
-def as_precisions(value) -> tuple[int, ...] | None:
-  """None, one int, or an iterable (list, tuple, set, range) of ints; sorted, unique.
+def as_precision(value, what: str = "precision") -> int | float:
+  """`value` as a precision: the one rule for every API and flag that takes one.
+
+  An int (or numpy integer) b is the uniform b-bit model; a finite float is an
+  average precision (3.5: a per-module allocation, `anyprec_jax.allocation`), and an
+  integral float is the int (4.0 is 4). Strings and bools are refused rather than
+  guessed at ("4", True).
 
   Raises:
-    errors.UsageError: a string, float, bool or other value (e.g. "34" is not (3, 4)).
+    errors.UsageError: naming `what` and the value.
+  """
+  if is_int(value):
+    return int(value)
+  if isinstance(value, (float, np.floating)) and np.isfinite(value):
+    return int(value) if float(value).is_integer() else float(value)
+  raise errors.UsageError(f"{what} must be a number of bits (an int, or a float such "
+                          f"as 3.5 for a per-layer allocation), got {value!r} of type "
+                          f"{type(value).__name__}")
+
+
+def is_fractional(precision) -> bool:
+  """A precision (`as_precision`'s result) that is not a whole number of bits."""
+  return isinstance(precision, float)
+
+
+def as_precisions(value) -> tuple[int | float, ...] | None:
+  """None, one precision, or an iterable (list, tuple, set, range) of them; sorted,
+  unique (`as_precision`).
+
+  Raises:
+    errors.UsageError: a string, bool or other value (e.g. "34" is not (3, 4)).
   """
   if value is None:
     return None
-  if is_int(value):
-    return (int(value),)
   if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-    raise errors.UsageError(f"precisions must be an int or a list of ints, got {value!r} "
-                            f"of type {type(value).__name__}")
+    return (as_precision(value, "precisions"),)
   return tuple(sorted({as_precision(b, "each of precisions") for b in value}))
 
 
@@ -128,8 +148,8 @@ class AnyPrecWeight:
     return tuple(sorted(self.luts))
 
   def with_bits(self, bits: int) -> "AnyPrecWeight":
-    """Same arrays, another active precision."""
-    bits = as_precision(bits)
+    """Same arrays, another active precision (a loaded width)."""
+    bits = as_bits(bits)
     if bits not in self.luts:
       raise errors.UsageError(
           f"precision {bits} not supported; supported: {sorted(self.luts)}")
@@ -172,7 +192,7 @@ def concat_rows(weights) -> AnyPrecWeight | None:
 def dequantize(w: AnyPrecWeight, bits: int | None = None,
                dtype=jnp.float32) -> jax.Array:
   """Dense weight [N, K] at precision `bits` (default: the active one). Pure jnp."""
-  bits = w.bits if bits is None else as_precision(bits)
+  bits = w.bits if bits is None else as_bits(bits)
   if bits not in w.luts:
     raise errors.UsageError(
         f"precision {bits} not supported; supported: {sorted(w.luts)}")
@@ -191,3 +211,34 @@ def set_precision(tree, bits: int):
   return jax.tree_util.tree_map(
       lambda x: x.with_bits(bits) if isinstance(x, AnyPrecWeight) else x,
       tree, is_leaf=lambda x: isinstance(x, AnyPrecWeight))
+
+
+def tree_path(key_path) -> str:
+  """"layers_0/attn/qkv_proj/weight" of a `jax.tree_util` key path of a dict tree."""
+  return "/".join(str(getattr(k, "key", k)) for k in key_path)
+
+
+def weight_paths(tree) -> list[str]:
+  """Paths (`tree_path`) of every `AnyPrecWeight` in `tree`, in leaf order."""
+  leaves = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: isinstance(x, AnyPrecWeight))[0]
+  return [tree_path(p) for p, x in leaves if isinstance(x, AnyPrecWeight)]
+
+
+def set_widths(tree, widths: Mapping[str, int]):
+  """Returns `tree` with each `AnyPrecWeight` at its own width: `widths[path]` (a
+  per-module allocation; one jit program per allocation, as per precision).
+
+  Raises:
+    KeyError: an `AnyPrecWeight` whose path is not in `widths`.
+  """
+  def visit(key_path, x):
+    if not isinstance(x, AnyPrecWeight):
+      return x
+    path = tree_path(key_path)
+    if path not in widths:
+      raise KeyError(f"no width for the quantized weight {path}")
+    return x.with_bits(widths[path])
+
+  return jax.tree_util.tree_map_with_path(
+      visit, tree, is_leaf=lambda x: isinstance(x, AnyPrecWeight))

@@ -87,6 +87,17 @@ def replace_params(params, new_weights: Mapping[str, Any]):
   return out
 
 
+def fused_path(path: str) -> str:
+  """Path of the weight that holds `path` once `fuse_projections` fused its layer,
+  e.g. "layers_0/attn/q_proj/weight" -> "layers_0/attn/qkv_proj/weight"; paths
+  outside q/k/v and gate/up are returned as they are."""
+  parts = path.split("/")
+  for block, (fused, names) in (("attn", FUSED_ATTN), ("mlp", FUSED_MLP)):
+    if len(parts) >= 3 and parts[-3] == block and parts[-2] in names:
+      return "/".join(parts[:-2] + [fused, parts[-1]])
+  return path
+
+
 def fuse_projections(params, concat_rows, mlp: bool = False):
   """Returns params with each layer's q/k/v (and gate/up) weights stored as one.
 

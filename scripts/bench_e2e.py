@@ -3,6 +3,12 @@
   PYTHONPATH=. python3 scripts/bench_e2e.py                      # Llama-2-7B shape, GPU
   PYTHONPATH=. python3 scripts/bench_e2e.py --shape=llama-3-8b --batch=8
   PYTHONPATH=. python scripts/bench_e2e.py --shape=tiny --new_tokens=16   # CPU smoke test
+  PYTHONPATH=. python3 scripts/bench_e2e.py --precisions=3,3.25,3.5,3.75,4 \
+      --output_md=benchmarks/results/e2e_fractional.md   # fractional precisions
+
+A fractional precision (3.5) runs a random allocation at that byte budget (a random set
+of weights at ceil, the rest at floor: `latency.at_precision`); its speed depends on the
+bytes read, not on which layers get the wider codes.
 
 `ANYPREC_GPU_BACKEND=triton|mosaic` forces the GEMV lowering (default: Mosaic GPU on
 compute capability >= 9.0).
@@ -15,6 +21,7 @@ and writes it as markdown (device, date, jax version, command) to `--output_md`.
 from __future__ import annotations
 
 import datetime
+import json
 import pathlib
 import sys
 
@@ -33,7 +40,10 @@ _DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.floa
 _SHAPE = flags.DEFINE_enum("shape", "llama-2-7b", [s.value for s in latency.Shape],
                            "Model shape.")
 _LAYERS = flags.DEFINE_integer("layers", None, "Override the number of layers.")
-_PRECISIONS = flags.DEFINE_list("precisions", ["3", "4", "5", "6", "7", "8"], "Bits.")
+_PRECISIONS = flags.DEFINE_list("precisions", ["3", "4", "5", "6", "7", "8"],
+                                "Bits (fractional: a random allocation at that budget).")
+_JSON = flags.DEFINE_string("output_json", None, "Also write the rows as JSON (for "
+                            "scripts/plot_fractional.py).")
 _PROMPT = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens.")
 _NEW = flags.DEFINE_integer("new_tokens", 256, "Generated tokens.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", list(_DTYPES), "Baseline / activation dtype.")
@@ -57,7 +67,7 @@ def main(argv):
   layout = (runtime.default_layout() if _LAYOUT.value == "auto"
             else PlaneLayout(_LAYOUT.value))
   with ops.use_backend(_BACKEND.value):
-    rows = latency.bench_e2e(cfg, [int(b) for b in _PRECISIONS.value],
+    rows = latency.bench_e2e(cfg, cli.parse_precisions(_PRECISIONS.value, "--precisions"),
                              prompt_len=_PROMPT.value, new_tokens=_NEW.value,
                              dtype=_DTYPES[_DTYPE.value], repeats=_REPEATS.value,
                              batch=_BATCH.value, layout=layout, fuse=_FUSE.value,
@@ -77,6 +87,9 @@ def main(argv):
             "tokens/s over the dense baseline.\n"
             f"command: `{' '.join(['python3'] + sys.argv)}`")
   print("\n" + header + "\n\n" + table)
+  if _JSON.value:
+    pathlib.Path(_JSON.value).write_text(json.dumps({"header": header, "rows": rows},
+                                                    indent=1))
   if _OUTPUT.value:
     path = pathlib.Path(_OUTPUT.value)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,8 @@ def main(argv):
   dtype = _DTYPES[_DTYPE.value]
   anyprec = original = None
   if _QUANTIZED.value:
-    precisions = [int(b) for b in _PRECISIONS.value] if _PRECISIONS.value else None
+    precisions = (cli.parse_precisions(_PRECISIONS.value, "--precisions")
+                  if _PRECISIONS.value else None)
     anyprec = AnyPrecisionForCausalLM.from_quantized(_QUANTIZED.value, precisions, dtype)
   if _MODEL.value:
     original = models.load_pretrained(models.resolve_alias(_MODEL.value), dtype)

@@ -11,7 +11,12 @@ matched at the same bits (e.g. --paired=original,squeezellm,independent).
 --inputs_json merges the rows of earlier --output_json files (evaluate models in
 separate runs, report them together; with no model flags it only reports).
 
-Every precision of `--quantized` is evaluated; `--baselines` are directories written by
+Every integer precision of `--quantized` is evaluated, or those of --precisions, which
+may be fractional (3.5: the checkpoint's per-layer allocation; --allocation=random: the
+equal-bytes random baseline, rows labelled anyprec-random). --interpolate adds, at
+each fractional precision, the straight line between the neighbouring integer widths
+(per-chunk NLL interpolated; rows labelled "interpolated", so --paired=interpolated
+compares with it). `--baselines` are directories written by
 `scripts/quantize.py --method=independent|rtn` (their `w{b}/` subdirectories). Without
 `--data_dir` the corpora come from the Hugging Face hub (needs `datasets`).
 """
@@ -30,13 +35,18 @@ from absl import app, flags
 
 from anyprec_jax import cli
 
-from anyprec_jax import eval_runner
+from anyprec_jax import allocation, eval_runner
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
 _MODEL = flags.DEFINE_string("model", None, "Original model: HF dir, hub id or alias.")
 _QUANTIZED = flags.DEFINE_string("quantized", None, "Any-precision checkpoint dir.")
-_PRECISIONS = flags.DEFINE_list("precisions", None, "Subset of precisions (default all).")
+_PRECISIONS = flags.DEFINE_list("precisions", None, "Precisions, e.g. 3,3.5,4 (default: "
+                                "every integer width).")
+_ALLOCATION = flags.DEFINE_enum("allocation", "optimal", ["optimal", "random"],
+                                "How fractional precisions choose widths.")
+_INTERPOLATE = flags.DEFINE_bool("interpolate", False, "Add straight-line rows at "
+                                 "fractional precisions.")
 _BASELINES = flags.DEFINE_list("baselines", [], "Baseline dirs (independent / rtn).")
 _DATASETS = flags.DEFINE_list("datasets", ["wikitext2", "c4", "ptb"],
                               "Corpora (wikitext2, c4, ptb, tinystories) or file paths.")
@@ -59,12 +69,10 @@ def main(argv):
   if _MODEL.value:
     sources.append(eval_runner.original_entries(_MODEL.value, dtype))
   if _QUANTIZED.value:
-    try:
-      precisions = [int(b) for b in _PRECISIONS.value] if _PRECISIONS.value else None
-    except ValueError as e:
-      raise app.UsageError(f"--precisions must be a comma-separated list of ints (bits), "
-                           f"got {','.join(_PRECISIONS.value)!r}") from e
-    sources.append(eval_runner.anyprec_entries(_QUANTIZED.value, precisions, dtype))
+    precisions = (cli.parse_precisions(_PRECISIONS.value, "--precisions")
+                  if _PRECISIONS.value else None)
+    sources.append(eval_runner.anyprec_entries(_QUANTIZED.value, precisions, dtype,
+                                               allocation.Method(_ALLOCATION.value)))
   sources += [eval_runner.baseline_entries(b, dtype) for b in _BASELINES.value]
   if not sources and not _INPUTS.value:
     raise app.UsageError("give --model, --quantized, --baselines and/or --inputs_json")
@@ -75,6 +83,8 @@ def main(argv):
     rows += eval_runner.evaluate_entries(
         itertools.chain(*sources), _DATASETS.value, data_dir=_DATA_DIR.value,
         seq_len=_SEQ_LEN.value, max_chunks=_MAX_CHUNKS.value, batch_size=_BATCH.value)
+  if _INTERPOLATE.value:
+    rows += eval_runner.interpolated_rows(rows, _DATASETS.value)
   print("\nperplexity (lower is better)\n")
   print(eval_runner.format_table(rows, _DATASETS.value))
   for ref in _PAIRED.value:

@@ -3,6 +3,7 @@ checkpoint written by scripts/quantize.py, in JAX.
 
   python scripts/generate.py --model=smollm2-135m --prompt="The capital of France is"
   python scripts/generate.py --model=/tmp/model-anyprec --precision=4
+  python scripts/generate.py --model=/tmp/model-anyprec --precision=3.5  # per-layer widths
   python scripts/generate.py --model=/tmp/model-anyprec --precision=8 --draft_precision=3 \
       --num_draft=4        # self-speculative: 3-bit drafts verified at 8 bits
 
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from anyprec_jax import cli, errors
+from anyprec_jax import cli, errors, weight
 
 import models
 from models import hf_loader, speculative
@@ -38,11 +39,13 @@ _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed for sampling.")
 _DTYPE = flags.DEFINE_enum("dtype", None, list(_DTYPES),
                            "Parameter / activation dtype (default: bfloat16 on GPU, "
                            "float32 on CPU, as AnyPrecisionForCausalLM.from_quantized).")
-_PRECISION = flags.DEFINE_integer(
-    "precision", None, "Bits (any-precision checkpoints only); default the highest.")
-_DRAFT = flags.DEFINE_integer(
-    "draft_precision", None, "Self-speculative decoding: bits of the draft (a loaded "
-    "precision below --precision; any-precision checkpoints only).")
+_PRECISION = flags.DEFINE_float(
+    "precision", None, "Bits (any-precision checkpoints only): an integer width, or an "
+    "average between the seed and the parent (3.5: the checkpoint's per-layer "
+    "allocation); default the highest integer width.")
+_DRAFT = flags.DEFINE_float(
+    "draft_precision", None, "Self-speculative decoding: bits of the draft (below "
+    "--precision, integer or fractional; any-precision checkpoints only).")
 _NUM_DRAFT = flags.DEFINE_integer(
     "num_draft", None, "Draft tokens per round, 1..7 (default "
     "models.speculative.DEFAULT_NUM_DRAFT); with --draft_precision.")
@@ -55,7 +58,8 @@ def _load(model_dir, dtype):
   --draft_precision)."""
   if (hf_loader.read_hf_config(model_dir).get("anyprec") or {}).get("method") == "anyprec":
     from anyprec_jax.runtime import AnyPrecisionForCausalLM
-    draft, target = _DRAFT.value, _PRECISION.value
+    draft, target = (None if f.value is None else weight.as_precision(f.value, f"--{f.name}")
+                     for f in (_DRAFT, _PRECISION))
     precisions = None if target is None else sorted({target} | ({draft} - {None}))
     try:
       model = AnyPrecisionForCausalLM.from_quantized(model_dir, precisions, dtype=dtype)
@@ -88,9 +92,11 @@ def main(argv):
   sampling = models.SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
   kwargs = dict(max_new_tokens=_MAX_NEW.value, sampling=sampling,
                 rng=jax.random.key(_SEED.value))
-  what = "" if _PRECISION.value is None else f" for precision {_PRECISION.value}"
-  if _DRAFT.value is not None:
-    what += f" with {_DRAFT.value}-bit drafts"
+  target, draft = (None if f.value is None else weight.as_precision(f.value)
+                   for f in (_PRECISION, _DRAFT))
+  what = "" if target is None else f" for precision {target}"
+  if draft is not None:
+    what += f" with {draft}-bit drafts"
   print(f"compiling{what} ...", file=sys.stderr, flush=True)
   t0 = time.perf_counter()
   jax.block_until_ready(run(ids, **kwargs)[0].tokens)
@@ -107,7 +113,7 @@ def main(argv):
         f"tokens/s), end to end {n / (timing.prefill_s + timing.decode_s):.1f} tokens/s")
   if stats is not None:
     rounds = int(stats.rounds[0])
-    print(f"speculative: {_DRAFT.value}-bit drafts, {rounds} rounds, "
+    print(f"speculative: {draft}-bit drafts, {rounds} rounds, "
           f"{int(stats.accepted[0]) / max(rounds, 1):.2f} drafts accepted per round "
           f"(of {_NUM_DRAFT.value or speculative.DEFAULT_NUM_DRAFT}), "
           f"{steps / max(rounds, 1):.2f} tokens per round")

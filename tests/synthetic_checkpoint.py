@@ -51,7 +51,18 @@ def _linear_shapes(cfg: models.ModelConfig) -> dict[str, tuple[int, int]]:
   return shapes
 
 
-def write(out_dir: pathlib.Path | None = None, seed: int = 0, shards: int = 1):
+def fisher_errors(seed: int = 0) -> dict[str, list[float]]:
+  """Random Fisher-weighted errors per module, decreasing in the width (about 4x per
+  bit, with a random sensitivity per module), for widths SEED_BITS..PARENT_BITS."""
+  rng = np.random.default_rng(seed + 1000)
+  widths = np.arange(SEED_BITS, PARENT_BITS + 1)
+  return {m: list(rng.lognormal(0, 1) * 4.0 ** -(widths - SEED_BITS)
+                  * rng.uniform(0.7, 1.3, len(widths)).cumprod())
+          for m in linear_names()}
+
+
+def write(out_dir: pathlib.Path | None = None, seed: int = 0, shards: int = 1,
+          allocations=None):
   """Writes a random any-precision checkpoint.
 
   Args:
@@ -59,6 +70,9 @@ def write(out_dir: pathlib.Path | None = None, seed: int = 0, shards: int = 1):
     seed: RNG seed.
     shards: 1: `model.safetensors`; 2: two shards + index (planes and LUTs of a module
       in different shards).
+    allocations: None: no allocation fields; else the targets to store, with
+      `fisher_errors(seed)` as `anyprec.fisher_errors` (written by the quantizer's
+      `fractional.section_fields`).
 
   Returns:
     (directory, {module: (codes [N, K] int, {b: lut [N, 2^b] float16})}, dense tensors).
@@ -83,6 +97,12 @@ def write(out_dir: pathlib.Path | None = None, seed: int = 0, shards: int = 1):
       "format_version": 1, "method": "anyprec", "seed_bits": SEED_BITS,
       "parent_bits": PARENT_BITS, "lut_dtype": "float16", "quantized_modules": modules,
       "calibration": {"dataset": "synthetic", "num_samples": 0, "seq_len": 0, "seed": seed}})
+  if allocations is not None:
+    from anyprec_jax.quantize import fractional  # noqa: PLC0415
+    shapes = {m: (v["in_features"], v["out_features"]) for m, v in modules.items()}
+    config["anyprec"].update(fractional.section_fields(
+        fisher_errors(seed), shapes, cfg, SEED_BITS, PARENT_BITS, 2, None,
+        list(allocations)))
   (out / "config.json").write_text(json.dumps(config, indent=1))
   if shards == 1:
     save_file({**dense, **tensors_a, **tensors_b}, str(out / "model.safetensors"))
@@ -98,14 +118,17 @@ def write(out_dir: pathlib.Path | None = None, seed: int = 0, shards: int = 1):
   return out, quant, dense
 
 
-def dense_reference_dir(quant: dict, dense: dict, bits: int) -> pathlib.Path:
-  """A plain HF directory whose linears are the b-bit weights computed in NumPy."""
-  out = pathlib.Path(tempfile.mkdtemp(prefix=f"anyprec_dense{bits}_"))
+def dense_reference_dir(quant: dict, dense: dict, bits) -> pathlib.Path:
+  """A plain HF directory whose linears are the b-bit weights computed in NumPy.
+
+  `bits`: one width for every module, or {module: width} (an allocation)."""
+  out = pathlib.Path(tempfile.mkdtemp(prefix="anyprec_dense_"))
   tensors = dict(dense)
   for name, (codes, luts) in quant.items():
-    top = codes >> (PARENT_BITS - bits)  # [N, K] top b bits of the parent code.
+    b = bits[name] if isinstance(bits, dict) else bits
+    top = codes >> (PARENT_BITS - b)  # [N, K] top b bits of the parent code.
     tensors[f"{name}.weight"] = np.take_along_axis(
-        luts[bits].astype(np.float32), top, axis=1)
+        luts[b].astype(np.float32), top, axis=1)
   save_file(tensors, str(out / "model.safetensors"))
   (out / "config.json").write_text(json.dumps(TINY_CONFIG))
   return out

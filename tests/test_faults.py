@@ -264,10 +264,14 @@ class LoadFaultsTest(_Base):
     self.assert_fails(run_script("generate", [f"--model={model}", "--precision=9"]), 2,
                       r"precision\(s\) \[9\] not supported by this checkpoint; supported: "
                       r"\[3, 4, 5, 6, 7, 8\]")
-    self.assert_fails(run_script("generate", [f"--model={model}", "--precision=4.0"]), 2,
-                      r"--precision=4\.0")
+    self.assert_fails(run_script("generate", [f"--model={model}", "--precision=four"]), 2,
+                      r"--precision=four")
+    self.assert_fails(run_script("generate", [f"--model={model}", "--precision=2.5"]), 2,
+                      r"precision 2\.5 is below the seed \(3 bits\)")
+    self.assert_fails(run_script("generate", [f"--model={model}", "--precision=3.5"]), 2,
+                      r"precision 3\.5: the checkpoint .* has no stored allocation")
     self.assert_fails(run_script("evaluate", [f"--quantized={model}", "--precisions=3,x"]),
-                      2, r"--precisions must be a comma-separated list of ints")
+                      2, r"--precisions must be a comma-separated list of numbers")
     self.assert_fails(run_script("generate", [f"--model={model}", "--precision=4",
                                               "--draft_precision=5"]), 2,
                       r"draft_precision \(5\) must be below the target precision \(4\)")

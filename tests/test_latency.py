@@ -49,14 +49,19 @@ class RandomModelTest(absltest.TestCase):
   def test_bench_e2e_smoke(self):
     cfg = latency.shape_config(latency.Shape.TINY, layers=1)
     dense = latency.random_dense_params(cfg, jnp.float32)
-    quant = latency.random_anyprec_params(cfg, dense, [3, 4])
-    w = models.get_param(quant, models.linear_names(cfg)[0])
+    parts = latency.random_anyprec_params(cfg, dense, [3, 4], fuse=False)
+    w = models.get_param(parts, models.linear_names(cfg)[0])
     self.assertIsInstance(w, AnyPrecWeight)
     self.assertEqual(w.planes.shape[0], 4)
-    rows = latency.bench_e2e(cfg, [3], prompt_len=5, new_tokens=3, dtype=jnp.float32,
+    quant = latency.random_anyprec_params(cfg, dense, [3, 4])  # fused, as loaded
+    mixed = latency.at_precision(quant, 3.5)  # random widths at the 3.5-bit budget
+    widths = [w.bits for w in jax.tree_util.tree_leaves(
+        mixed, is_leaf=lambda x: isinstance(x, AnyPrecWeight)) if isinstance(w, AnyPrecWeight)]
+    self.assertEqual(set(widths), {3, 4})
+    rows = latency.bench_e2e(cfg, [3, 3.5], prompt_len=5, new_tokens=3, dtype=jnp.float32,
                              repeats=1, log=lambda s: None)
     self.assertEqual([(r["model"], r["bits"]) for r in rows],
-                     [("float32", 32), ("anyprec", 3)])
+                     [("float32", 32), ("anyprec", 3), ("anyprec", 3.5)])
     self.assertEqual(rows[0]["speedup"], 1.0)
     self.assertTrue(all(r["new_tokens"] == 3 for r in rows))
     self.assertIn("| anyprec | 3 |", latency.latency_table(rows))

@@ -41,7 +41,7 @@ class ReadmeTest(absltest.TestCase):
   def test_python_api_block_runs(self):
     code = python_api_block()
     self.assertIn(CHECKPOINT, code)
-    directory, _, _ = synth.write(seed=3)
+    directory, _, _ = synth.write(seed=3, allocations=[3.5])
     try:
       write_tokenizer(directory, synth.TINY_CONFIG["vocab_size"])
       out = io.StringIO()
@@ -49,7 +49,8 @@ class ReadmeTest(absltest.TestCase):
         exec(compile(code.replace(CHECKPOINT, str(directory)), str(README), "exec"), {})
       lines = out.getvalue().splitlines()
       self.assertEqual(lines[0], "(3, 4)")
-      self.assertEqual(len(lines), 2, lines)  # the supported precisions, the text
+      self.assertEqual(lines[2], "[3, 4]")  # the widths of the 3.5-bit allocation
+      self.assertEqual(len(lines), 3, lines)  # supported precisions, text, widths
     finally:
       shutil.rmtree(directory, ignore_errors=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -16,7 +17,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import models
-from anyprec_jax import checkpoint_reader, errors, eval_runner, runtime
+from anyprec_jax import allocation, checkpoint_reader, errors, eval_runner, runtime
 from anyprec_jax.runtime import AnyPrecisionForCausalLM
 from anyprec_jax.weight import AnyPrecWeight
 from tests import shared_data
@@ -180,20 +181,24 @@ class RuntimeTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"supported: \[4, 6\]"):
       model.generate(self.ids, precision=3, max_new_tokens=2)
 
-  def test_precision_arguments_are_ints_only(self):
+  def test_precision_arguments_are_numbers_only(self):
     one = AnyPrecisionForCausalLM.from_quantized(self.dir, precisions=np.int64(4))
     self.assertEqual(one.supported_precisions, (4,))
-    for bad, shown in (("34", "'34' of type str"), (4.0, "4.0 of type float"),
-                       ([3, 4.0], "4.0 of type float"), (True, "True of type bool"),
-                       (["4"], "'4' of type str")):
-      with self.assertRaisesRegex(errors.UsageError, f"must be an int.*{shown}"):
+    same = AnyPrecisionForCausalLM.from_quantized(self.dir, precisions=[4.0, np.float32(5)])
+    self.assertEqual(same.supported_precisions, (4, 5))  # integral floats are the ints
+    for bad, shown in (("34", "'34' of type str"), ([3, "4"], "'4' of type str"),
+                       (True, "True of type bool"), ([float("nan")], "nan of type float")):
+      with self.assertRaisesRegex(errors.UsageError, f"must be a number of bits.*{shown}"):
         AnyPrecisionForCausalLM.from_quantized(self.dir, precisions=bad)
     weight = _weights(self.model.params_at())[0]
-    for bad in ("4", 4.0, True):
+    for bad in ("4", True):
       for call in (lambda b: self.model.forward(self.ids, precision=b),
-                   self.model.set_precision, weight.with_bits):
-        with self.assertRaisesRegex(errors.UsageError, r"precision must be an int \(bits\)"):
+                   self.model.set_precision):
+        with self.assertRaisesRegex(errors.UsageError, r"precision must be a number of bits"):
           call(bad)
+    for bad in ("4", 4.5, True):  # one weight runs at one whole width
+      with self.assertRaisesRegex(errors.UsageError, r"precision must be an int \(bits\)"):
+        weight.with_bits(bad)
 
   def test_subset_reads_only_needed_planes_and_luts(self):
     log = []
@@ -251,6 +256,119 @@ class RuntimeTest(parameterized.TestCase):
       shutil.rmtree(tmp, ignore_errors=True)
 
 
+class FractionalRuntimeTest(parameterized.TestCase):
+  """Fractional precisions: per-module widths from the checkpoint's allocations."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.dir, cls.quant, cls.dense = synth.write(seed=4, allocations=[3.5, 4.25])
+    cls.model = AnyPrecisionForCausalLM.from_quantized(cls.dir, precisions=[3.5, 4, 8])
+    cls.ids = np.random.default_rng(2).integers(0, 97, (2, 7)).astype(np.int32)
+    cls.meta = checkpoint_reader.parse_meta(json.loads((cls.dir / "config.json").read_text()))
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.dir, ignore_errors=True)
+    super().tearDownClass()
+
+  def setUp(self):
+    super().setUp()
+    self.enter_context(jax.default_matmul_precision("highest"))
+
+  def test_forward_and_generate_match_the_allocated_dense_model(self):
+    self.assertEqual(self.model.supported_precisions, (3.5, 4, 8))
+    bits = self.model.allocations[3.5].bits
+    self.assertEqual(set(bits.values()), {3, 4})  # a real mix
+    self.assertEqual(bits, self.meta.allocations[3.5].bits)  # the stored one
+    cfg, params = models.load_pretrained(synth.dense_reference_dir(self.quant, self.dense,
+                                                                   dict(bits)))
+    ref = np.asarray(_dense_forward(cfg, params, jnp.asarray(self.ids)))
+    np.testing.assert_allclose(np.asarray(self.model.forward(self.ids, precision=3.5)),
+                               ref, atol=2e-4, rtol=2e-4)
+    plain = models.generate(cfg, params, self.ids, max_new_tokens=5, eos_token_id=())
+    self.model.set_precision(3.5)
+    ours = self.model.generate(self.ids, max_new_tokens=5, eos_token_id=())
+    np.testing.assert_array_equal(np.asarray(ours.tokens), np.asarray(plain.tokens))
+    fast = self.model.generate(self.ids, precision=8, draft_precision=3.5, num_draft=2,
+                               max_new_tokens=5, eos_token_id=())
+    slow = self.model.generate(self.ids, precision=8, max_new_tokens=5, eos_token_id=())
+    np.testing.assert_array_equal(np.asarray(fast.tokens), np.asarray(slow.tokens))
+    self.model.set_precision(8)
+
+  def test_fused_groups_and_one_program_per_allocation(self):
+    layer = self.model.params_at(3.5)["layers_0"]
+    self.assertIn("qkv_proj", layer["attn"])
+    self.assertIn("gate_proj", layer["mlp"])  # gate/up share a width, not a launch
+    ids = self.ids[:1, :3]  # a shape no other test uses
+    before = runtime._forward._cache_size()
+    for p in (3.5, 3.5, 4, 3.5):
+      self.model.forward(ids, precision=p)
+    self.assertEqual(runtime._forward._cache_size(), before + 2)
+
+  def test_unstored_target_computed_from_the_errors(self):
+    model = AnyPrecisionForCausalLM.from_quantized(self.dir, precisions=[3.75, 4.25])
+    self.assertNotIn(3.75, self.meta.allocations)
+    for p in (3.75, 4.25):
+      a = model.allocations[p]
+      self.assertLessEqual(a.nbytes, a.budget)
+      self.assertEqual(a, checkpoint_reader.allocation_for(
+          dataclasses.replace(self.meta, allocations={}), model.cfg, p))
+    random = AnyPrecisionForCausalLM.from_quantized(
+        self.dir, precisions=[3.5], allocation=allocation.Method.RANDOM)
+    self.assertEqual(random.allocations[3.5].method, "random")
+    self.assertGreater(random.allocations[3.5].objective, model.allocations[3.75].objective)
+
+  def test_reads_only_the_planes_each_module_runs_at(self):
+    log = []
+    real = checkpoint_reader.safe_open
+    with mock.patch.object(checkpoint_reader, "safe_open",
+                           lambda *a, **k: _RecordingHandle(real(*a, **k), log)):
+      model = AnyPrecisionForCausalLM.from_quantized(self.dir, precisions=3.5)
+    bits = model.allocations[3.5].bits
+    planes = {n[:-len(".planes")]: i for n, i in log if n.endswith(".planes")}
+    self.assertEqual(planes, {m: slice(None, b, None) for m, b in bits.items()})
+    luts = sorted(n for n, _ in log if ".lut" in n)
+    self.assertEqual(luts, sorted(f"{m}.lut{b}" for m, b in bits.items()))
+
+  def test_generate_script_at_a_fractional_precision(self):
+    from tests import script_runner, test_readme  # noqa: PLC0415
+    test_readme.write_tokenizer(self.dir, synth.TINY_CONFIG["vocab_size"])
+    result = script_runner.run_script("generate", [
+        f"--model={self.dir}", "--precision=3.5", "--max_new_tokens=3",
+        "--prompt=The capital of France is"])
+    self.assertEqual(result.code, 0, result.stderr)
+    self.assertIn("compiling for precision 3.5", result.stderr)
+    self.assertIn("decode", result.stdout)
+
+  def test_errors(self):
+    load = functools.partial(AnyPrecisionForCausalLM.from_quantized, self.dir)
+    with self.assertRaisesRegex(errors.UsageError, r"precision 2\.75 is below the seed "
+                                r"\(3 bits\)"):
+      load(precisions=[2.75, 4])
+    with self.assertRaisesRegex(errors.UsageError, r"precision 8\.5 is above the parent "
+                                r"\(8 bits\)"):
+      load(precisions=8.5)
+    with self.assertRaisesRegex(errors.UsageError, r"precision 3\.25 not supported; "
+                                r"supported: \[3\.5, 4, 8\]"):
+      self.model.forward(self.ids, precision=3.25)
+    plain, _, _ = synth.write(seed=5)
+    try:
+      with self.assertRaisesRegex(errors.UsageError, r"no stored allocation .* no "
+                                  r"anyprec\.fisher_errors .* scripts/allocate\.py"):
+        AnyPrecisionForCausalLM.from_quantized(plain, precisions=[3.5])
+      self.assertEqual(AnyPrecisionForCausalLM.from_quantized(
+          plain, precisions=[3, 4]).supported_precisions, (3, 4))
+    finally:
+      shutil.rmtree(plain, ignore_errors=True)
+    split = {m: (3 if m.endswith("q_proj") else 4) for m in synth.linear_names()}
+    unfused = AnyPrecisionForCausalLM.from_quantized(self.dir, precisions=[3, 4], fuse=False)
+    paths = {m: models.params.param_path(unfused.params_at(3), m) for m in split}
+    with self.assertRaisesRegex(errors.UsageError, r"different widths; load with fuse=False"):
+      runtime.widths_by_path(self.model.params_at(8), split, paths, 3.5)
+    self.assertLen(runtime.widths_by_path(unfused.params_at(3), split, paths), len(split))
+
+
 class RealQuantizedModelTest(absltest.TestCase):
   """stories260K quantized by the real pipeline, loaded and evaluated end to end."""
 
@@ -264,7 +382,7 @@ class RealQuantizedModelTest(absltest.TestCase):
     cls.dir = quantize.quantize_model(
         str(cls.src), str(cls.tmp / "ap"), quantize.QuantConfig(),
         quantize.CalibrationConfig(dataset=str(calib), num_samples=4, seq_len=128),
-        quantize.RunOptions(progress=False))
+        quantize.RunOptions(progress=False, keep_cache=True))
     cls.data_dir = shared_data.shared_path("data")
 
   @classmethod
@@ -297,6 +415,24 @@ class RealQuantizedModelTest(absltest.TestCase):
     self.assertEqual(paired["anyprec", 3]["num_chunks"], 2)
     self.assertIn("| anyprec | 4 | +", eval_runner.format_paired_table(
         rows, ["tinystories"], "original"))
+
+  def test_allocations_stored_and_recomputed_from_the_fisher_pass(self):
+    from anyprec_jax.quantize import fractional  # noqa: PLC0415
+    config = json.loads((self.dir / "config.json").read_text())
+    meta = checkpoint_reader.parse_meta(config)
+    self.assertEqual(sorted(meta.allocations), [b + q / 4 for b in range(3, 8)
+                                                for q in (1, 2, 3)])
+    copy = self.tmp / "copy"
+    shutil.copytree(self.dir, copy)
+    fisher = next(self.tmp.glob("ap.cache/fisher-*"))
+    section = fractional.recompute(copy, self.src, fisher, targets=[3.5])
+    self.assertEqual(section["fisher_errors"]["modules"],
+                     config["anyprec"]["fisher_errors"]["modules"])
+    self.assertEqual(section["allocations"][0]["bits"], meta.allocations[3.5].bits)
+    model = AnyPrecisionForCausalLM.from_quantized(copy, precisions=[3.5, 4])
+    ids = np.asarray([model.tokenizer("Once upon a time").input_ids], np.int32)
+    self.assertEqual(model.generate(ids, precision=3.5, max_new_tokens=4).tokens.shape,
+                     (1, 4))
 
   def test_generate_at_8_bits_follows_original(self):
     model = AnyPrecisionForCausalLM.from_quantized(self.dir)

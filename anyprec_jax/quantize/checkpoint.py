@@ -18,11 +18,11 @@ from typing import Callable, Iterable
 import numpy as np
 from tqdm import tqdm
 
-from anyprec_jax import faults
+from anyprec_jax import checkpoint_reader, faults
 from anyprec_jax.quantize import tensor_io
 from anyprec_jax.quantize.tensor_io import OutTensor
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = checkpoint_reader.FORMAT_VERSION  # the reader owns the format
 DEFAULT_MAX_SHARD_BYTES = 4 * 1024 ** 3
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -38,7 +38,7 @@ import models
 from anyprec_jax import errors, faults
 from anyprec_jax import format as fmt
 from anyprec_jax.quantize import baselines, cache, calibration as calib, checkpoint, kmeans
-from anyprec_jax.quantize import sensitivity, tensor_io, upscaling
+from anyprec_jax.quantize import fractional, sensitivity, tensor_io, upscaling
 from models import hf_loader, registry
 from anyprec_jax.quantize.config import (CalibrationConfig, LutDtype, Method, Nesting,
                                          QuantConfig)
@@ -321,13 +321,28 @@ def _output_config(hf_config: dict, config: QuantConfig, calibration: Calibratio
   return out
 
 
+def _allocation_fields(cfg, source, fisher_dir, results, config: QuantConfig,
+                       calibration: CalibrationConfig, layers: list[Layer]) -> dict:
+  """`fisher_errors` and `allocations` of the anyprec section (quantize/fractional.py)."""
+  shapes = {m: (k, n) for layer in layers for m, (n, k) in layer.modules}
+  fisher = tensor_io.TensorIndex([cache.layer_file(fisher_dir, layer.index)
+                                  for layer in layers])
+  errs = fractional.index_errors(source, fisher, results, list(shapes), config.bit_widths,
+                                 config.parent_bits)
+  itemsize = np.dtype(_LUT_DTYPES[config.lut_dtype]).itemsize
+  return fractional.section_fields(errs, shapes, cfg, config.seed_bits, config.parent_bits,
+                                   itemsize, dataclasses.asdict(calibration))
+
+
 def _write_outputs(output_dir, model_dir, hf_config, source, results, config, calibration,
-                   layers, model_path, options) -> None:
+                   layers, model_path, options, cfg=None, fisher_dir=None) -> None:
   shard = dict(max_shard_bytes=options.max_shard_bytes, progress=options.progress)
   modules = [m for layer in layers for m, _ in layer.modules]
   if config.method is Method.ANYPREC:
     tensors = checkpoint.anyprec_tensors(source, results, modules)
     cfg_json = _output_config(hf_config, config, calibration, layers, model_path)
+    cfg_json["anyprec"].update(_allocation_fields(cfg, source, fisher_dir, results, config,
+                                                  calibration, layers))
     checkpoint.write_model_dir(output_dir, tensors, cfg_json, model_dir, **shard)
     return
   for b in config.bit_widths:
@@ -394,7 +409,7 @@ def quantize_model(model_path: str, output_dir: str, config: QuantConfig = Quant
     faults.point("layer")
   results = tensor_io.TensorIndex(files)
   _write_outputs(output_dir, model_dir, hf_config, source, results, config, calibration,
-                 layers, model_path, options)
+                 layers, model_path, options, cfg, fisher_dir)
   keep = options.keep_cache if options.keep_cache is not None else bool(options.cache_dir)
   if not keep:
     cache.remove(cache_dir, fisher_dir, quant_dir)
