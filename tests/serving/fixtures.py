@@ -45,3 +45,46 @@ def engine():
   """One `Engine` at PRECISIONS over `checkpoint_dir()` (loaded once per process)."""
   from anyprec_jax.serving.engine import Engine
   return Engine.load(checkpoint_dir(), precisions=PRECISIONS)
+
+
+def needs_server_stack(cls):
+  """Skips a test class when the optional `serve` extra (FastAPI, httpx) is absent."""
+  import importlib.util
+  import unittest
+  missing = [m for m in ("fastapi", "httpx", "uvicorn") if importlib.util.find_spec(m) is None]
+  return unittest.skipIf(missing, f"needs {', '.join(missing)} (pip install -e .[serve])")(cls)
+
+
+def sse_events(text: str) -> list:
+  """The `data:` payloads of a server-sent-events body, JSON-decoded ('[DONE]' kept)."""
+  import json
+  out = []
+  for line in text.splitlines():
+    if line.startswith("data: "):
+      data = line[len("data: "):]
+      out.append(data if data == "[DONE]" else json.loads(data))
+  return out
+
+
+def greedy_text(engine, prompt, precision: int, max_tokens: int) -> tuple[str, int]:
+  """(text, tokens) of `models.generate` at `precision` for one prompt, cut after EOS:
+  what the server must answer greedily."""
+  import numpy as np
+  import models
+  out = models.generate(engine.cfg, engine.params_at(precision), np.asarray([prompt]),
+                        max_new_tokens=max_tokens)
+  n = int(out.lengths[0])
+  return engine.tokenizer.decode(np.asarray(out.tokens[0, :n]),
+                                 skip_special_tokens=True), n
+
+
+def row(prompt, max_tokens: int):
+  """A greedy `RowSpec` with the tokenizer's EOS (what the server builds)."""
+  from anyprec_jax.serving.engine import RowSpec
+  return RowSpec(tuple(prompt), max_tokens, eos=(2,))
+
+
+def decode(engine, steps) -> str:
+  """The text of row 0 of `Engine.run_batch` output (finished slots dropped)."""
+  return engine.tokenizer.decode([int(s[0]) for s in steps if s[0] >= 0],
+                                 skip_special_tokens=True)
