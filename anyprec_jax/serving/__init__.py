@@ -4,8 +4,9 @@ Modules, each with one job: `config` (ServeConfig, PolicyKind), `engine` (weight
 every precision, the batched step-by-step generation), `text` (incremental
 detokenizing, stop strings), `policy` (fixed / load-adaptive precision), `metrics`
 (Prometheus text), `batcher` (queues and the worker thread), `protocol` (OpenAI
-schemas, errors, bodies) and `app` (the FastAPI routes). Only `app` imports FastAPI
-(the optional `serve` extra).
+schemas, errors, bodies), `app` (the FastAPI routes) and `loadtest` (a bounded load
+run against a server). Only `app` imports FastAPI, and `loadtest` httpx (the optional
+`serve` extra).
 """
 
 from anyprec_jax.serving.config import PolicyKind, ServeConfig

@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import collections
 import threading
-from typing import Callable, Iterable
+from typing import Iterable
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
@@ -133,6 +133,3 @@ def parse(text: str) -> dict[str, float]:
       key, _, value = line.rpartition(" ")
       out[key] = float(value)
   return out
-
-
-GaugeFn = Callable[[], dict[str, tuple[str, dict[tuple, float]]]]

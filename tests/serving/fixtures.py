@@ -3,8 +3,10 @@ tokenizer with a chat template (a real `PreTrainedTokenizerFast`, 97 ids)."""
 
 from __future__ import annotations
 
+import atexit
 import functools
 import pathlib
+import shutil
 
 from tests import synthetic_checkpoint as synth
 
@@ -34,8 +36,10 @@ def write_tokenizer(directory: pathlib.Path, vocab_size: int) -> None:
 
 @functools.lru_cache(maxsize=None)
 def checkpoint_dir() -> pathlib.Path:
-  """The synthetic checkpoint with its tokenizer (written once per process)."""
+  """The synthetic checkpoint with its tokenizer (written once per process, removed
+  at exit)."""
   directory, _, _ = synth.write(seed=0)
+  atexit.register(shutil.rmtree, directory, ignore_errors=True)
   write_tokenizer(directory, synth.TINY_CONFIG["vocab_size"])
   return directory
 

@@ -92,8 +92,9 @@ class EngineTest(absltest.TestCase):
 class DenseEngineTest(absltest.TestCase):
 
   def test_dense_directory_is_one_precision(self):
-    _, quant, dense = synth.write(seed=1)
+    src, quant, dense = synth.write(seed=1)
     ref = synth.dense_reference_dir(quant, dense, 4)
+    shutil.rmtree(src)
     try:
       fixtures.write_tokenizer(ref, synth.TINY_CONFIG["vocab_size"])
       engine = Engine.load(ref)

@@ -15,11 +15,16 @@ import threading
 import time
 import unittest
 
-import httpx
 from absl.testing import absltest
+
+try:
+  import httpx
+except ImportError:  # The classes below skip (fixtures.needs_server_stack).
+  httpx = None
 
 from anyprec_jax.serving import metrics as metrics_lib
 from tests.serving import fixtures
+from tests.script_runner import run_script
 from tests.shared_data import REPO
 
 NAME = "tiny"
@@ -154,6 +159,17 @@ class SubprocessServerTest(absltest.TestCase):
     self.assertLess(m['anyprec_batches_total{precision="4"}'], 32)  # Some were batched.
     self.assertEqual(m['anyprec_running_requests{precision="4"}'], 0)
 
+  def test_6_bounded_load_run(self):
+    from anyprec_jax.serving import loadtest
+    got = loadtest.run_load(self.url, f"{NAME}@3", requests=8, concurrency=4,
+                            max_tokens=4, prompt=PROMPT)
+    self.assertEqual((got.precision, got.requests, len(got.latencies_s)), (3, 8, 8))
+    self.assertEqual(got.completion_tokens, 32)
+    self.assertLessEqual(got.percentile(50), got.percentile(99))
+    self.assertEqual(got.percentile(100), max(got.latencies_s))
+    self.assertGreater(got.tokens_per_s, 0)
+    self.assertIn("| 3 | 4 | 8 | 4 |", loadtest.markdown_table([got]))
+
   def test_9_graceful_shutdown(self):
     """SIGTERM while a stream is open: the stream still completes, then the server
     exits (uvicorn re-raises the signal after its graceful shutdown: -SIGTERM)."""
@@ -252,6 +268,23 @@ class DisconnectTest(absltest.TestCase):
     self.assert_freed(2)
     ok = httpx.post(self.url + "/v1/completions", json=self.body(max_tokens=3), timeout=30)
     self.assertEqual(ok.json()["usage"]["completion_tokens"], 3)  # Still serving.
+
+
+@fixtures.needs_server_stack
+class ServeScriptTest(absltest.TestCase):
+
+  def test_usage_errors_are_one_line(self):
+    for args, needle in (
+        (["--policy=adaptive"], "latency_target_ms"),
+        ([f"--model={fixtures.checkpoint_dir()}", "--precisions=9"], "precision"),
+        (["--max_batch=0"], "max_batch")):
+      with self.subTest(args=args):
+        model = [] if any(a.startswith("--model") for a in args) else [
+            f"--model={fixtures.checkpoint_dir()}"]
+        res = run_script("serve", model + args)
+        self.assertEqual(res.code, 2, res.stderr)
+        self.assertIn(needle, res.stderr.splitlines()[0])
+        self.assertNotIn("Traceback", res.stderr)
 
 
 if __name__ == "__main__":
