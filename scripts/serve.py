@@ -34,6 +34,9 @@ _TARGET = flags.DEFINE_float("latency_target_ms", None,
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 8, "Most requests per batched generation.")
 _MAX_TOKENS = flags.DEFINE_integer("default_max_tokens", 256,
                                    "Chat max_tokens when a request gives none.")
+_CHUNK = flags.DEFINE_integer("decode_chunk", 8,
+                              "Decode steps per device call (1, 2, 4, 8, 16); streams "
+                              "get tokens in bursts of this many.")
 _DTYPE = flags.DEFINE_enum("dtype", None, list(_DTYPES),
                            "Activation dtype (default: bfloat16 on GPU, float32 on CPU).")
 
@@ -50,7 +53,8 @@ def main(argv):
     precisions = None if _PRECISIONS.value is None else [int(b) for b in _PRECISIONS.value]
     config = ServeConfig(_NAME.value or model_name(_MODEL.value), _MAX_BATCH.value,
                          PolicyKind(_POLICY.value), _TARGET.value,
-                         default_max_tokens=_MAX_TOKENS.value)
+                         default_max_tokens=_MAX_TOKENS.value,
+                         decode_chunk=_CHUNK.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   dtype = None if _DTYPE.value is None else getattr(jnp, _DTYPE.value)

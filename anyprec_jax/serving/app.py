@@ -51,7 +51,8 @@ class Server:
     self.engine, self.config = engine, config
     self.policy = make_policy(engine, config) if policy is None else policy
     self.metrics = Metrics() if metrics is None else metrics
-    self.batcher = Batcher(engine, config.max_batch, self.metrics, self.policy)
+    self.batcher = Batcher(engine, config.max_batch, self.metrics, self.policy,
+                           chunk=config.decode_chunk)
     self.created = int(time.time())
 
   def pinned_precision(self, model: str, precision: int | None) -> int | None:

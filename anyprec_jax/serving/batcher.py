@@ -79,17 +79,18 @@ class Batcher:
   """The queue and the worker thread."""
 
   def __init__(self, engine: Engine, max_batch: int, metrics: Metrics, policy, *,
-               clock: Callable[[], float] = time.perf_counter):
+               chunk: int = 8, clock: Callable[[], float] = time.perf_counter):
     """Args:
       engine: runs the batches.
       max_batch: most requests per batch.
+      chunk: decode steps per device call (`Engine.run_batch`).
       metrics: where counts and latencies go.
       policy: gets `record(precision, batch, ms_per_token)` after each batch.
       clock: seconds (for latencies).
     """
     self.engine, self.max_batch, self.metrics, self.policy = (engine, max_batch,
                                                               metrics, policy)
-    self.clock = clock
+    self.clock, self.chunk = clock, chunk
     self._queues: dict[int, collections.deque[Job]] = {
         b: collections.deque() for b in engine.precisions}
     self._running: list[Job] = []
@@ -197,7 +198,7 @@ class Batcher:
 
     last, decode_s, steps = None, 0.0, 0
     for tokens in self.engine.run_batch(precision, [j.row for j in jobs],
-                                        self.max_batch, live):
+                                        self.max_batch, live, self.chunk):
       now = self.clock()
       if last is not None:
         decode_s, steps = decode_s + now - last, steps + 1

@@ -24,6 +24,8 @@ class ServeConfig:
     stale_s: the adaptive policy forgets a latency measurement this old (seconds).
     default_max_tokens: chat completions' `max_tokens` when the request gives none
       (capped by the context; completions default to 16, as OpenAI's).
+    decode_chunk: decode steps per device call (1, 2, 4, 8 or 16): streams get tokens
+      in bursts of this many; a disconnect or stop string is acted on within it.
   """
   model_name: str
   max_batch: int = 8
@@ -31,8 +33,11 @@ class ServeConfig:
   latency_target_ms: float | None = None
   stale_s: float = 30.0
   default_max_tokens: int = 256
+  decode_chunk: int = 8
 
   def __post_init__(self):
+    if self.decode_chunk not in (1, 2, 4, 8, 16):
+      raise ValueError(f"decode_chunk must be 1, 2, 4, 8 or 16, got {self.decode_chunk}")
     if self.max_batch < 1:
       raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
     if self.policy is PolicyKind.ADAPTIVE and not (self.latency_target_ms or 0) > 0:

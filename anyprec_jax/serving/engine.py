@@ -8,12 +8,16 @@ the single precision of its dtype (16 for bfloat16 / float16, 32 for float32).
 `Engine.run_batch` is the only generation path. It left-aligns the prompts into
 buckets (`models.generate.bucket`: batch rows to a power of two up to `max_batch`,
 prompt length and new-token room to powers of two >= 16), runs the jitted `prefill`,
-then calls one jitted `_step` per token (`models.generate.decode_step` plus per-row
-sampling, cache donated). Stepping token by token from Python, instead of the
-on-device `lax.while_loop` of `models.generate.decode`, is what lets the server
-stream each token, stop a row at a stop string or a client disconnect, and give each
-row its own `max_tokens`, temperature, top_p and seed; the jit cache holds one
-program per (precision, batch bucket, prompt bucket, room bucket, sampling mode).
+then decodes in chunks: one jitted `_steps` call runs `chunk` steps of
+`models.generate.decode_step` plus per-row sampling in a `fori_loop` (cache
+donated), and the host yields the chunk's tokens step by step. Chunks rather than the
+whole on-device `lax.while_loop` of `models.generate.decode` are what let the server
+stream tokens as they come, stop a row at a stop string or a client disconnect, and
+give each row its own `max_tokens`, temperature, top_p and seed; chunks rather than
+single steps keep the per-call cost (dispatch; on CPU the reference path's
+dequantisation, which XLA hoists out of the loop) once per chunk. The jit cache holds
+one program per (precision, batch bucket, prompt bucket, room bucket, chunk, sampling
+mode).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from models.generate import bucket, decode_step, filter_logits, left_align, prefill
+from models.generate import (MIN_BUCKET, bucket, decode_step, filter_logits, left_align,
+                             prefill)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,14 +91,28 @@ def _first(logits, keys, temperature, top_p, *, greedy, use_top_p):
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",),
-                   static_argnames=("cfg", "greedy", "use_top_p"))
-def _step(cfg, params, tokens, state, cache, keys, temperature, top_p, *, greedy,
-          use_top_p):
-  """Feeds `tokens` [B], samples the next [B]; returns (next, keys, state, cache)."""
-  state, cache = decode_step(cfg, params, tokens, state, cache)
-  nxt, keys = sample_rows(state.logits, keys, temperature, top_p, greedy=greedy,
-                          use_top_p=use_top_p)
-  return nxt, keys, state, cache
+                   static_argnames=("cfg", "chunk", "greedy", "use_top_p"))
+def _steps(cfg, params, tokens, state, cache, keys, temperature, top_p, n, *, chunk,
+           greedy, use_top_p):
+  """`n` <= chunk decode steps in one program: feeds `tokens` [B], samples the next,
+  feeds it, ... (a `fori_loop`, so XLA hoists loop-invariant work such as the CPU
+  reference path's dequantisation out of the steps).
+
+  Returns:
+    (sampled [chunk, B] int32 (rows past n undefined), last tokens [B], keys, state,
+    cache).
+  """
+  def body(i, carry):
+    tok, keys, state, cache, out = carry
+    state, cache = decode_step(cfg, params, tok, state, cache)
+    tok, keys = sample_rows(state.logits, keys, temperature, top_p, greedy=greedy,
+                            use_top_p=use_top_p)
+    return tok, keys, state, cache, out.at[i].set(tok)
+
+  out = jnp.zeros((chunk, tokens.shape[0]), jnp.int32)
+  tok, keys, state, cache, out = jax.lax.fori_loop(0, n, body,
+                                                   (tokens, keys, state, cache, out))
+  return out, tok, keys, state, cache
 
 
 def batch_bucket(n: int, max_batch: int) -> int:
@@ -162,21 +181,29 @@ class Engine:
     return self._params_at(precision)
 
   def run_batch(self, precision: int, rows: Sequence[RowSpec], max_batch: int,
-                live: Callable[[], Sequence[bool]] | None = None
+                live: Callable[[], Sequence[bool]] | None = None, chunk: int = 8
                 ) -> Iterator[np.ndarray]:
-    """Generates for `rows` at `precision`, one step at a time.
+    """Generates for `rows` at `precision`, yielding one token per row per step.
+
+    The device runs `chunk` steps per call (`_steps`); the tokens of a chunk are then
+    yielded one step at a time, so a row finished mid-chunk wastes at most chunk - 1
+    steps and a stream receives its tokens in bursts of up to `chunk`.
 
     Args:
       precision: a served precision.
       rows: 1..max_batch row specs.
       max_batch: the largest batch bucket.
-      live: called before each step; False for a row the caller has finished (a stop
-        string, a disconnect). When no row is live the generation ends.
+      live: called before each yielded step; False for a row the caller has finished
+        (a stop string, a disconnect). When no row is live the generation ends.
+      chunk: decode steps per device call, a power of two <= 16 (so the steps fit the
+        cache's room bucket).
 
     Yields:
       [len(rows)] int32 numpy per step: each row's next token, -1 for a row that is
       finished (EOS emitted, max_tokens reached, or not live).
     """
+    if chunk < 1 or chunk > MIN_BUCKET or chunk & (chunk - 1):
+      raise ValueError(f"chunk must be a power of two in 1..{MIN_BUCKET}, got {chunk}")
     cfg, params = self.cfg, self.params_at(precision)
     n, b = len(rows), batch_bucket(len(rows), max_batch)
     t_bucket = bucket(max(len(r.prompt) for r in rows))
@@ -189,28 +216,36 @@ class Engine:
         jnp.asarray([r.seed for r in rows] + [0] * (b - n), jnp.uint32))
     mode = dict(greedy=bool((temp == 0).all()), use_top_p=bool((top_p < 1).any()))
     state, cache = prefill(cfg, params, jnp.asarray(ids), jnp.asarray(mask),
-                               cache_len=t_bucket + bucket(room))
+                           cache_len=t_bucket + bucket(room))
     temp, top_p = jnp.asarray(temp), jnp.asarray(top_p)
     tok, keys = _first(state.logits, keys, temp, top_p, **mode)
     done = np.zeros(n, bool)
     counts = np.zeros(n, np.int64)
     limits = np.array([r.max_tokens for r in rows])
     eos = [set(r.eos) for r in rows]
-    for step in range(room):
-      if step:
-        tok, keys, state, cache = _step(cfg, params, tok, state, cache, keys, temp,
-                                        top_p, **mode)
-      if live is not None:
-        done |= ~np.asarray(live(), bool)
-      if done.all():
+    pending = [np.asarray(tok)[:n]]  # Steps computed, not yet yielded.
+    produced = 1
+    while True:
+      for host in pending:
+        if live is not None:
+          done |= ~np.asarray(live(), bool)
+        if done.all():
+          return
+        host = host.astype(np.int32)
+        out = np.where(done, -1, host)
+        counts += ~done
+        done |= (counts >= limits) | np.array([int(t) in e for t, e in zip(host, eos)])
+        yield out
+        if done.all():
+          return
+      steps = min(chunk, room - produced)
+      if steps <= 0:
         return
-      host = np.asarray(tok)[:n].astype(np.int32)
-      out = np.where(done, -1, host)
-      counts += ~done
-      done |= (counts >= limits) | np.array([int(t) in e for t, e in zip(host, eos)])
-      yield out
-      if done.all():
-        return
+      block, tok, keys, state, cache = _steps(
+          cfg, params, tok, state, cache, keys, temp, top_p, jnp.asarray(steps, jnp.int32),
+          chunk=chunk, **mode)
+      pending = list(np.asarray(block)[:steps, :n])
+      produced += steps
 
 
 def _ragged(prompts):

@@ -28,10 +28,10 @@ class GatedEngine:
   def __getattr__(self, name):
     return getattr(self._engine, name)
 
-  def run_batch(self, precision, rows, max_batch, live=None):
+  def run_batch(self, precision, rows, max_batch, live=None, chunk=8):
     self.batches.append((precision, len(rows)))
     self.gate.wait(30)
-    yield from self._engine.run_batch(precision, rows, max_batch, live)
+    yield from self._engine.run_batch(precision, rows, max_batch, live, chunk)
 
 
 class RecordingPolicy(FixedPolicy):

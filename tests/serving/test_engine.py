@@ -15,9 +15,9 @@ from tests.serving import fixtures
 PROMPTS = ((1, 5, 6, 7, 8), (1, 9), (1, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29))
 
 
-def run(engine, precision, rows, live=None, max_batch=4):
+def run(engine, precision, rows, live=None, max_batch=4, chunk=8):
   """[steps, rows] tokens of one batch (-1 where a row is finished)."""
-  return np.array(list(engine.run_batch(precision, rows, max_batch, live)))
+  return np.array(list(engine.run_batch(precision, rows, max_batch, live, chunk)))
 
 
 class EngineTest(absltest.TestCase):
@@ -37,6 +37,7 @@ class EngineTest(absltest.TestCase):
     rows = [RowSpec(p, n) for p, n in zip(PROMPTS, (6, 3, 9))]
     out = run(self.engine, 4, rows)
     self.assertEqual(out.shape, (9, 3))
+    np.testing.assert_array_equal(run(self.engine, 4, rows, chunk=2), out)  # 5 calls.
     for r, row in enumerate(rows):
       ref = models.generate(self.engine.cfg, self.engine.params_at(4),
                             np.asarray([row.prompt]), max_new_tokens=row.max_tokens,
@@ -82,6 +83,11 @@ class EngineTest(absltest.TestCase):
       return [len(steps) == 1] * 3
 
     self.assertEqual(len(run(self.engine, 4, rows, live_once)), 1)  # None live: ends.
+
+  def test_bad_chunk(self):
+    for chunk in (0, 3, 32):
+      with self.assertRaises(ValueError):
+        run(self.engine, 4, [RowSpec(PROMPTS[0], 2)], chunk=chunk)
 
   def test_batch_bucket(self):
     self.assertEqual([batch_bucket(n, 8) for n in (1, 2, 3, 5, 8, 20)],

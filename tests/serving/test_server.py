@@ -201,9 +201,9 @@ class SlowEngine:
   def __getattr__(self, name):
     return getattr(self._engine, name)
 
-  def run_batch(self, precision, rows, max_batch, live=None):
+  def run_batch(self, precision, rows, max_batch, live=None, chunk=8):
     self.steps.append(0)
-    for tokens in self._engine.run_batch(precision, rows, max_batch, live):
+    for tokens in self._engine.run_batch(precision, rows, max_batch, live, chunk):
       time.sleep(self.delay)
       self.steps[-1] += 1
       yield tokens
