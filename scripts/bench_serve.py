@@ -26,7 +26,9 @@ _OUTPUT = flags.DEFINE_string("output", None, "Markdown file to write the table 
 
 def main(argv):
   del argv
+  import logging
   from anyprec_jax.serving import loadtest
+  logging.getLogger("httpx").setLevel(logging.WARNING)  # One line per request otherwise.
   results = []
   for b in _PRECISIONS.value:
     for c in map(int, _CONCURRENCY.value):
