@@ -1,0 +1,74 @@
+"""Serve an any-precision checkpoint (or a dense Hugging Face model, as one precision)
+over the OpenAI HTTP API, with FastAPI + uvicorn (`pip install -e ".[serve]"`).
+
+  python scripts/serve.py --model=/tmp/smol-anyprec --precisions=3,4,8
+  python scripts/serve.py --model=/tmp/smol-anyprec --policy=adaptive --latency_target_ms=40
+  curl localhost:8000/v1/completions -H 'Content-Type: application/json' \
+      -d '{"model": "smol-anyprec@4", "prompt": "The capital of France is", "max_tokens": 16}'
+
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with
+"stream": true), GET /health, GET /metrics. See anyprec_jax/serving/.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from anyprec_jax import cli
+
+_DTYPES = ("bfloat16", "float16", "float32")
+
+_MODEL = flags.DEFINE_string("model", None, "Any-precision or dense HF directory.",
+                             required=True)
+_PRECISIONS = flags.DEFINE_list(
+    "precisions", None, "Precisions to load (any-precision only); default all.")
+_NAME = flags.DEFINE_string("served_model_name", None,
+                            "Model id clients use; default the directory's name.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
+_PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.")
+_POLICY = flags.DEFINE_enum("policy", "fixed", ["fixed", "adaptive"],
+                            "Precision of requests that pin none: the highest loaded, "
+                            "or the highest meeting --latency_target_ms at the load.")
+_TARGET = flags.DEFINE_float("latency_target_ms", None,
+                             "Per-token latency target of --policy=adaptive (ms).")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 8, "Most requests per batched generation.")
+_MAX_TOKENS = flags.DEFINE_integer("default_max_tokens", 256,
+                                   "Chat max_tokens when a request gives none.")
+_CHUNK = flags.DEFINE_integer("decode_chunk", 8,
+                              "Decode steps per device call (1, 2, 4, 8, 16); streams "
+                              "get tokens in bursts of this many.")
+_DTYPE = flags.DEFINE_enum("dtype", None, list(_DTYPES),
+                           "Activation dtype (default: bfloat16 on GPU, float32 on CPU).")
+
+
+def main(argv):
+  del argv
+  import jax.numpy as jnp
+  import uvicorn  # noqa: PLC0415 (the optional `serve` extra)
+  from anyprec_jax import errors
+  from anyprec_jax.serving import PolicyKind, ServeConfig
+  from anyprec_jax.serving.app import create_app
+  from anyprec_jax.serving.engine import Engine, model_name
+  try:
+    precisions = None if _PRECISIONS.value is None else [int(b) for b in _PRECISIONS.value]
+    config = ServeConfig(_NAME.value or model_name(_MODEL.value), _MAX_BATCH.value,
+                         PolicyKind(_POLICY.value), _TARGET.value,
+                         default_max_tokens=_MAX_TOKENS.value,
+                         decode_chunk=_CHUNK.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  dtype = None if _DTYPE.value is None else getattr(jnp, _DTYPE.value)
+  try:
+    engine = Engine.load(_MODEL.value, precisions, dtype=dtype)
+  except errors.AnyPrecError:
+    raise
+  except ValueError as e:  # Precisions outside the checkpoint's range.
+    raise app.UsageError(str(e)) from None
+  print(f"serving {config.model_name} at precisions {list(engine.precisions)} on "
+        f"http://{_HOST.value}:{_PORT.value}", flush=True)
+  uvicorn.run(create_app(engine, config), host=_HOST.value, port=_PORT.value,
+              log_level="warning")
+
+
+if __name__ == "__main__":
+  cli.run(main)
