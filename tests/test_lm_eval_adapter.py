@@ -23,6 +23,7 @@ from anyprec_jax import errors, evaluation
 from anyprec_jax.runtime import AnyPrecisionForCausalLM
 from tests import synthetic_checkpoint as synth
 from tests.char_tokenizer import BOS, EOS, write_char_tokenizer
+from tests import slow
 
 try:
   import lm_eval
@@ -211,6 +212,7 @@ class LmEvalAdapterTest(absltest.TestCase):
       self.assertLessEqual(len(text), 8)
       self.assertFalse(set(text) & {"\n", ","}, text)
 
+  @slow.slow("the lm_eval CLI indexes its whole task list; the Python API tests cover the numbers")
   def test_command_line(self):
     """`python -m anyprec_jax.lm_eval_cli` (lm_eval's CLI with `anyprec` registered),
     run in this process: the same numbers as the Python API."""

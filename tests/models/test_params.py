@@ -10,6 +10,7 @@ from absl.testing import absltest, parameterized
 import anyprec_jax
 import models
 from tests.models import hf_fixtures as fx
+from tests import slow
 
 _forward = jax.jit(models.forward, static_argnums=0)
 
@@ -121,6 +122,7 @@ class FuseProjectionsTest(parameterized.TestCase):
     self.assertIn("qkv_proj", default["attn"])
     self.assertNotIn("gate_up_proj", default["mlp"])
 
+  @slow.slow("interpreted Pallas kernels; native on a GPU with the flag")
   def test_kernels_run_fused_weights(self):
     """The Pallas kernels (interpreted here, native on a GPU) on a fused weight with
     float32 LUTs (4-bit byte tables take them as float16) equal the parts."""

@@ -5,6 +5,7 @@ import numpy as np
 from absl.testing import absltest
 
 from anyprec_jax.quantize import baselines, bench, kmeans, upscaling
+from tests import slow
 
 
 class UpscaleVsIndependentTest(absltest.TestCase):
@@ -22,6 +23,7 @@ class UpscaleVsIndependentTest(absltest.TestCase):
     self.assertAlmostEqual(bench.weighted_error(self.w, self.f, res.codes, res.lut), want,
                            places=6)
 
+  @slow.slow("upscale vs independent over every width")
   def test_errors_fall_with_bits_and_are_relative_to_the_weight_energy(self):
     out = bench.upscale_vs_independent(self.w, self.f, 2, 5)
     self.assertEqual(sorted(out), [2, 3, 4, 5])

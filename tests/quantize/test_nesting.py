@@ -11,6 +11,7 @@ from anyprec_jax.quantize import dp, nesting, rowops, upscaling
 from anyprec_jax.quantize.config import Nesting
 from tests.quantize import reference as ref
 from tests.quantize.test_kmeans import rows
+from tests import slow
 
 K_TINY = 7  # 3432 nested trees of 8 ranges: brute force is instant
 
@@ -71,6 +72,7 @@ class NestedDPTest(parameterized.TestCase):
         np.testing.assert_array_equal(np.asarray(levels[0]), deepest[::4])  # nested
         np.testing.assert_array_equal(np.asarray(levels[1]), deepest[::2])
 
+  @slow.slow("the optimal-nesting DP on a full layer")
   def test_optimal_nesting_beats_greedy_and_stays_nested(self):
     # Shapes and options of test_upscale's greedy run: one compilation in the suite.
     seed, parent = 3, 8

@@ -18,6 +18,7 @@ from anyprec_jax.quantize import (CalibrationConfig, LutDtype, Method, QuantConf
                                   RunOptions, pipeline, quantize_model, tensor_io)
 from tests.quantize import fixtures, reference as ref
 from tests.quantize.test_baselines import rtn_reference
+from tests import slow
 
 OPTS = RunOptions(progress=False)
 
@@ -146,6 +147,7 @@ class PipelineTest(absltest.TestCase):
       self.assertLessEqual(len(np.unique(np.asarray(models.get_param(params, self.names[0]))[0])),
                            2 ** b)
 
+  @slow.slow("one full quantization per width")
   def test_independent_writes_one_dir_per_width(self):
     out = self.root / "independent"
     quantize_model(str(self.src), str(out), QuantConfig(3, 4, method=Method.INDEPENDENT),

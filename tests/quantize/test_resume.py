@@ -23,6 +23,7 @@ from anyprec_jax import faults
 from anyprec_jax import weight as wt
 from anyprec_jax.quantize import sensitivity, tensor_io
 from tests import shared_data
+from tests import slow
 
 SEED, PARENT = 3, 5
 _SCRIPT = """
@@ -67,6 +68,7 @@ class ResumeTest(absltest.TestCase):
                           stderr=subprocess.DEVNULL, timeout=600)
     self.assertEqual(proc.returncode, -signal.SIGKILL, f"not killed at {point}")
 
+  @slow.slow("a kill in every stage and a resume, 55 s; test_cache and test_faults cover the pieces")
   def test_killed_in_each_stage_then_resumed_is_byte_identical(self):
     self._run("full")
     killed, cache = self.root / "killed", self.root / "killed.cache"
