@@ -359,7 +359,7 @@ def _profiler(call: str) -> None:
 
 def profile_decode_step(cfg: models.ModelConfig, models_to_run: Sequence[str], *,
                         batch: int = 1, context: int = 384, iters: int = 50,
-                        ncu: bool = False, fuse: bool | None = None,
+                        ncu: bool = False, fuse: bool = True,
                         dtype=jnp.bfloat16, log: Callable[[str], None] = print):
   """Time per decode step, `iters` steps in one jitted on-device loop (no host
   dispatch between steps, as in `models.decode`), per model.
@@ -371,7 +371,7 @@ def profile_decode_step(cfg: models.ModelConfig, models_to_run: Sequence[str], *
     iters: steps per timed loop (one untimed loop first compiles and warms up).
     ncu: run exactly one jitted step between cuProfilerStart and cuProfilerStop
       instead of timing (for `ncu --profile-from-start off`).
-    fuse: fused q/k/v any-precision weights (None: True, as loading).
+    fuse: fused q/k/v any-precision weights, as loading does.
     dtype: activations and dense weights.
 
   Returns:
@@ -384,7 +384,7 @@ def profile_decode_step(cfg: models.ModelConfig, models_to_run: Sequence[str], *
   dense = random_dense_params(cfg, dtype)
   from anyprec_jax import runtime  # Local: runtime imports this module's users.
   quant = (random_anyprec_params(cfg, dense, bits, layout=runtime.default_layout(),
-                                 fuse=True if fuse is None else fuse) if bits else None)
+                                 fuse=fuse) if bits else None)
   ids = jnp.full((batch, 8), 5, jnp.int32)
   tokens = jnp.zeros((batch,), jnp.int32)
 

@@ -1,8 +1,8 @@
 """The `slow` marker: end-to-end cases left out of the default run (issue 12).
 
 `python3 -m pytest -q tests` skips them (the default run stays under 10 minutes on 2
-idle cores); `ANYPREC_ALL_TESTS=1 python3 -m pytest -q tests` runs everything, as CI
-(`.ci/run`) does. Each one repeats, end to end, what faster cases already check piece
+idle cores; CI's `.ci/run` runs this default); `ANYPREC_ALL_TESTS=1 python3 -m pytest
+-q tests` runs everything. Each one repeats, end to end, what faster cases already check piece
 by piece; the README lists them.
 """
 

@@ -65,14 +65,9 @@ def _weights(params):
   return [x for x in leaves if isinstance(x, AnyPrecWeight)]
 
 
-class RuntimeTest(parameterized.TestCase):
-
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls.dir, cls.quant, cls.dense = synth.write(seed=0)
-    cls.model = AnyPrecisionForCausalLM.from_quantized(cls.dir)
-    cls.ids = np.random.default_rng(1).integers(0, 97, (2, 9)).astype(np.int32)
+class _SyntheticCheckpointTest(parameterized.TestCase):
+  """A synthetic checkpoint in `cls.dir` (written by the subclass's setUpClass,
+  removed after the class), dense references in full fp32."""
 
   @classmethod
   def tearDownClass(cls):
@@ -83,6 +78,16 @@ class RuntimeTest(parameterized.TestCase):
     super().setUp()
     # fp32 dense references on GPU would otherwise run their matmuls in TF32.
     self.enter_context(jax.default_matmul_precision("highest"))
+
+
+class RuntimeTest(_SyntheticCheckpointTest):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.dir, cls.quant, cls.dense = synth.write(seed=0)
+    cls.model = AnyPrecisionForCausalLM.from_quantized(cls.dir)
+    cls.ids = np.random.default_rng(1).integers(0, 97, (2, 9)).astype(np.int32)
 
   def test_supported_precisions(self):
     self.assertEqual(self.model.supported_precisions, (3, 4, 5, 6, 7, 8))
@@ -256,7 +261,7 @@ class RuntimeTest(parameterized.TestCase):
       shutil.rmtree(tmp, ignore_errors=True)
 
 
-class FractionalRuntimeTest(parameterized.TestCase):
+class FractionalRuntimeTest(_SyntheticCheckpointTest):
   """Fractional precisions: per-module widths from the checkpoint's allocations."""
 
   @classmethod
@@ -266,15 +271,6 @@ class FractionalRuntimeTest(parameterized.TestCase):
     cls.model = AnyPrecisionForCausalLM.from_quantized(cls.dir, precisions=[3.5, 4, 8])
     cls.ids = np.random.default_rng(2).integers(0, 97, (2, 7)).astype(np.int32)
     cls.meta = checkpoint_reader.parse_meta(json.loads((cls.dir / "config.json").read_text()))
-
-  @classmethod
-  def tearDownClass(cls):
-    shutil.rmtree(cls.dir, ignore_errors=True)
-    super().tearDownClass()
-
-  def setUp(self):
-    super().setUp()
-    self.enter_context(jax.default_matmul_precision("highest"))
 
   def test_forward_and_generate_match_the_allocated_dense_model(self):
     self.assertEqual(self.model.supported_precisions, (3.5, 4, 8))

@@ -92,3 +92,14 @@ def hf_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray | None = 
 def random_ids(seed: int, shape, low: int = 3) -> np.ndarray:
   """Token ids in [low, VOCAB) (avoids pad/bos/eos)."""
   return np.random.RandomState(seed).randint(low, VOCAB, shape).astype(np.int32)
+
+
+def left_padded(rows):
+  """[B, T] ids and mask from a list of 1-D id arrays, left padded with 0."""
+  t = max(len(r) for r in rows)
+  ids = np.zeros((len(rows), t), np.int32)
+  mask = np.zeros((len(rows), t), np.int32)
+  for i, r in enumerate(rows):
+    ids[i, t - len(r):] = r
+    mask[i, t - len(r):] = 1
+  return ids, mask

@@ -25,17 +25,6 @@ def _load(name):
   return model, cfg, params
 
 
-def _left_padded(rows):
-  """[B, T] ids and mask from a list of 1-D id arrays, left padded with 0."""
-  t = max(len(r) for r in rows)
-  ids = np.zeros((len(rows), t), np.int32)
-  mask = np.zeros((len(rows), t), np.int32)
-  for i, r in enumerate(rows):
-    ids[i, t - len(r):] = r
-    mask[i, t - len(r):] = 1
-  return ids, mask
-
-
 class HFGenerateParityTest(parameterized.TestCase):
 
   @parameterized.parameters("llama_gqa", "mistral_window", "opt_350m")
@@ -43,7 +32,7 @@ class HFGenerateParityTest(parameterized.TestCase):
   def test_greedy_equals_hf_generate(self, name):
     import torch
     model, cfg, params = _load(name)
-    ids, mask = _left_padded([fx.random_ids(5, 7), fx.random_ids(6, 4)])
+    ids, mask = fx.left_padded([fx.random_ids(5, 7), fx.random_ids(6, 4)])
     n = 10  # Prompt + new tokens > the Mistral window (4).
     with torch.no_grad():
       hf = model.generate(torch.tensor(ids, dtype=torch.long),
@@ -62,7 +51,7 @@ class CacheTest(parameterized.TestCase):
   def test_cached_decode_equals_full_recompute(self, name):
     """Prefill + single-token steps give the logits of a full forward pass."""
     _, cfg, params = _load(name)
-    ids, mask = _left_padded([fx.random_ids(7, 5), fx.random_ids(8, 3)])
+    ids, mask = fx.left_padded([fx.random_ids(7, 5), fx.random_ids(8, 3)])
     more = fx.random_ids(9, (2, 6))  # Tokens fed one at a time.
     state, cache = models.prefill(cfg, params, jnp.asarray(ids), jnp.asarray(mask),
                                   cache_len=16)
@@ -83,7 +72,7 @@ class BatchTest(absltest.TestCase):
   def test_mixed_lengths_equal_each_alone(self):
     _, cfg, params = _load("mistral_window")
     rows = [fx.random_ids(10, 3), fx.random_ids(11, 9), fx.random_ids(12, 6)]
-    ids, mask = _left_padded(rows)
+    ids, mask = fx.left_padded(rows)
     batch = models.generate(cfg, params, ids, mask, max_new_tokens=8, eos_token_id=())
     for i, row in enumerate(rows):
       alone = models.generate(cfg, params, row[None], max_new_tokens=8, eos_token_id=())
@@ -92,7 +81,7 @@ class BatchTest(absltest.TestCase):
 
   def test_right_padding_is_realigned(self):
     _, cfg, params = _load("llama_gqa")
-    ids, mask = _left_padded([fx.random_ids(13, 5), fx.random_ids(14, 2)])
+    ids, mask = fx.left_padded([fx.random_ids(13, 5), fx.random_ids(14, 2)])
     right_ids = np.stack([np.roll(r, -int((m == 0).sum())) for r, m in zip(ids, mask)])
     right_mask = np.stack([np.roll(m, -int((m == 0).sum())) for m in mask])
     a = models.generate(cfg, params, ids, mask, max_new_tokens=5)
@@ -104,7 +93,7 @@ class EosTest(absltest.TestCase):
 
   def test_eos_stops_each_sequence_and_the_loop(self):
     _, cfg, params = _load("llama_gqa")
-    ids, mask = _left_padded([fx.random_ids(15, 6), fx.random_ids(16, 4)])
+    ids, mask = fx.left_padded([fx.random_ids(15, 6), fx.random_ids(16, 4)])
     free = np.asarray(models.generate(cfg, params, ids, mask, max_new_tokens=12,
                                       eos_token_id=()).tokens)
     # An EOS id that row 0 emits at step k (first occurrence).

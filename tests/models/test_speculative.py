@@ -18,6 +18,7 @@ from scipy import stats
 import models
 from models import speculative as spec
 from models.generate import filter_logits
+from tests.models import hf_fixtures as fx
 
 _CONFIG = dict(model_type="mistral", vocab_size=64, hidden_size=32, intermediate_size=64,
                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -52,16 +53,6 @@ def _model(**overrides):
   return cfg, jax.tree_util.tree_map_with_path(init, abstract)
 
 
-def _left_padded(rows):
-  t = max(len(r) for r in rows)
-  ids = np.zeros((len(rows), t), np.int32)
-  mask = np.zeros((len(rows), t), np.int32)
-  for i, r in enumerate(rows):
-    ids[i, t - len(r):] = r
-    mask[i, t - len(r):] = 1
-  return ids, mask
-
-
 def _prompts():
   rng = np.random.default_rng(0)
   return [rng.integers(3, 64, n).astype(np.int32) for n in (3, 9, 6)]
@@ -79,7 +70,7 @@ class GreedyTest(parameterized.TestCase):
     max_new_tokens = 13, mid-block at k = 4 (12 = 2 * 5 + 2).
     """
     cfg, params = _model()
-    ids, mask = _left_padded(_prompts())
+    ids, mask = fx.left_padded(_prompts())
     plain = models.generate(cfg, params, ids, mask, max_new_tokens=_MAX_NEW,
                             eos_token_id=_EOS, pad_token_id=0)
     np.testing.assert_array_equal(  # Guards the fixture: update _EOS if it moved.
@@ -106,7 +97,7 @@ class GreedyTest(parameterized.TestCase):
     cfg, params = _model()
     draft = _noisy(params, 0.3, 1)
     rows = _prompts()
-    ids, mask = _left_padded(rows)
+    ids, mask = fx.left_padded(rows)
     run = functools.partial(spec.timed_generate, cfg, params, draft,
                             max_new_tokens=_MAX_NEW, num_draft=4, eos_token_id=_EOS,
                             pad_token_id=0)
