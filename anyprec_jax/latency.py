@@ -360,7 +360,8 @@ def _profiler(call: str) -> None:
 def profile_decode_step(cfg: models.ModelConfig, models_to_run: Sequence[str], *,
                         batch: int = 1, context: int = 384, iters: int = 50,
                         ncu: bool = False, fuse: bool = True,
-                        dtype=jnp.bfloat16, log: Callable[[str], None] = print):
+                        dtype=jnp.bfloat16, trace_dir: str | None = None,
+                        log: Callable[[str], None] = print):
   """Time per decode step, `iters` steps in one jitted on-device loop (no host
   dispatch between steps, as in `models.decode`), per model.
 
@@ -373,6 +374,8 @@ def profile_decode_step(cfg: models.ModelConfig, models_to_run: Sequence[str], *
       instead of timing (for `ncu --profile-from-start off`).
     fuse: fused q/k/v any-precision weights, as loading does.
     dtype: activations and dense weights.
+    trace_dir: after timing, trace one more loop with `jax.profiler` into
+      trace_dir/<label> and log its per-kernel GPU table (`trace_kernel_table`).
 
   Returns:
     [(label, ms per step)] (empty with `ncu`).
@@ -414,6 +417,20 @@ def profile_decode_step(cfg: models.ModelConfig, models_to_run: Sequence[str], *
     ms = (time.perf_counter() - start) * 1e3 / iters
     rows.append((label, ms))
     log(f"{label}: {ms:.3f} ms/step")
+    if trace_dir:
+      import glob
+      import gzip
+      import json
+      import os
+      where = os.path.join(trace_dir, label)
+      with jax.profiler.trace(where, create_perfetto_trace=True):
+        state, cache = loop(params, state, cache, iters)
+        jax.block_until_ready(state)
+      path = sorted(glob.glob(os.path.join(where, "**", "perfetto_trace.json.gz"),
+                              recursive=True))[-1]
+      with gzip.open(path) as f:
+        log(f"{label}: kernels of {iters} steps ({path})\n" +
+            trace_kernel_table(json.load(f), steps=iters))
   return rows
 
 
@@ -427,6 +444,69 @@ def kernel_family(name: str) -> str:
   if any(s in low for s in ("gemm", "gemv", "cublas", "nvjet", "cutlass", "dot")):
     return "dense matmul (cuBLAS / XLA)"
   return "other XLA (fusions, copies)"
+
+
+def _family_table(fam: dict[str, list[float]], byname: dict[str, list[float]],
+                  per: int = 1, unit: str = "GPU us") -> list[str]:
+  """Markdown rows: kernel families, then the 25 costliest kernel names (times in ns,
+  divided by `per`, e.g. the number of decode steps)."""
+  total = sum(sum(v) for v in fam.values())
+  out = [f"| family | kernels | {unit} | share |", "|---|---:|---:|---:|"]
+  for f, v in sorted(fam.items(), key=lambda kv: -sum(kv[1])):
+    out.append(f"| {f} | {len(v) / per:g} | {sum(v) / 1e3 / per:.1f} | "
+               f"{sum(v) / total:.0%} |")
+  out.append(f"| total | {sum(len(v) for v in fam.values()) / per:g} | "
+             f"{total / 1e3 / per:.1f} | |")
+  out += ["", f"| kernel | count | {unit} | us each |", "|---|---:|---:|---:|"]
+  for nm, v in sorted(byname.items(), key=lambda kv: -sum(kv[1]))[:25]:
+    out.append(f"| `{nm}` | {len(v) / per:g} | {sum(v) / 1e3 / per:.1f} | "
+               f"{sum(v) / len(v) / 1e3:.2f} |")
+  return out
+
+
+def trace_kernel_table(trace_json: dict, steps: int = 1) -> str:
+  """Markdown table of the GPU kernels in a `jax.profiler` perfetto trace (CUPTI
+  activity): per family and per kernel name, count and GPU time per step, plus the
+  GPU's busy share of the traced span (gaps = launch / host latency).
+
+  Args:
+    trace_json: the parsed `perfetto_trace.json.gz` (`jax.profiler.trace(...,
+      create_perfetto_trace=True)`).
+    steps: decode steps inside the trace (times are divided by it).
+  """
+  events = trace_json["traceEvents"] if isinstance(trace_json, dict) else trace_json
+  procs = {e["pid"]: e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  gpu = {pid for pid, nm in procs.items() if "GPU" in nm or "gpu" in nm}
+  streams = {key for key, nm in threads.items() if key[0] in gpu and
+             nm.lower().startswith("stream")}
+  kern = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and
+          ((e["pid"], e.get("tid")) in streams or not streams)]
+  if not kern:
+    raise ValueError(f"no GPU kernel events in the trace (processes: "
+                     f"{sorted(procs.values())})")
+  fam: dict[str, list[float]] = {}
+  byname: dict[str, list[float]] = {}
+  spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)))
+                 for e in kern)
+  for e in kern:
+    t = float(e.get("dur", 0.0)) * 1e3  # us -> ns
+    fam.setdefault(kernel_family(e["name"]), []).append(t)
+    byname.setdefault(e["name"][:60], []).append(t)
+  busy, cur_s, cur_e = 0.0, *spans[0]
+  for s0, e0 in spans[1:]:
+    if s0 > cur_e:
+      busy += cur_e - cur_s
+      cur_s, cur_e = s0, e0
+    else:
+      cur_e = max(cur_e, e0)
+  busy += cur_e - cur_s
+  span = spans[-1][1] - spans[0][0]
+  out = [f"GPU span {span / steps:.1f} us/step, busy {busy / steps:.1f} us/step "
+         f"({busy / span:.0%}), kernels in {len(streams) or 'all'} stream(s)", ""]
+  return "\n".join(out + _family_table(fam, byname, per=steps, unit="GPU us/step"))
 
 
 def ncu_kernel_table(csv_text: str) -> str:
@@ -449,12 +529,4 @@ def ncu_kernel_table(csv_text: str) -> str:
     name = row["Kernel Name"]
     fam.setdefault(kernel_family(name), []).append(t)
     byname.setdefault(name[:60], []).append(t)
-  total = sum(sum(v) for v in fam.values())
-  out = ["| family | kernels | GPU us | share |", "|---|---:|---:|---:|"]
-  for f, v in sorted(fam.items(), key=lambda kv: -sum(kv[1])):
-    out.append(f"| {f} | {len(v)} | {sum(v) / 1e3:.1f} | {sum(v) / total:.0%} |")
-  out.append(f"| total | {sum(len(v) for v in fam.values())} | {total / 1e3:.1f} | |")
-  out += ["", "| kernel | count | GPU us | us each |", "|---|---:|---:|---:|"]
-  for nm, v in sorted(byname.items(), key=lambda kv: -sum(kv[1]))[:25]:
-    out.append(f"| `{nm}` | {len(v)} | {sum(v) / 1e3:.1f} | {sum(v) / len(v) / 1e3:.2f} |")
-  return "\n".join(out)
+  return "\n".join(_family_table(fam, byname))

@@ -32,6 +32,24 @@ flags.DEFINE_string("shapes", "", "comma list of gate/up, down, q/k/v/o, tiny (1
 FLAGS = flags.FLAGS
 
 
+def _parse_variant(name: str):
+  """rt<R>_t<T>[_s<S>][_xs][_k<K>]: row tiles, warpgroups, ring stages, shared
+  activations, K split over CTAs (tables loaded first, as the model path does);
+  "model[_k<K>][_p<probe>]": `config_for` with ksplit K and/or a probe
+  (`TcGemvConfig.probe`: loads, decode)."""
+  import re
+  from anyprec_jax.pallas.mosaic.gemv_tc import TcGemvConfig
+  m = re.fullmatch(r"model(?:_k(\d+))?(?:_p(loads|decode))?", name)
+  if m:
+    return ("model", dict(ksplit=int(m.group(1) or 1), probe=m.group(2) or ""))
+  m = re.fullmatch(r"rt(\d+)_t(\d+)(?:_s(\d+))?(_xs)?(?:_k(\d+))?", name)
+  if not m:
+    raise ValueError(f"unknown variant {name!r}")
+  return TcGemvConfig(row_tiles=int(m.group(1)), warpgroups=int(m.group(2)),
+                      stages=int(m.group(3) or 0), x_smem=bool(m.group(4)),
+                      ksplit=int(m.group(5) or 1))
+
+
 def main(argv):
   del argv
   import jax
@@ -64,7 +82,8 @@ def main(argv):
             else [f"{v}@{lay}" for v in variants for lay in FLAGS.layouts.split(",")])
   wanted = [w if "@" in w else f"{w}@{lay}" for w in wanted
             for lay in ([None] if "@" in w else FLAGS.layouts.split(","))]
-  runs = [(w, variants[w.split("@")[0]], w.split("@")[1] == "tc_tiled") for w in wanted]
+  runs = [(w, variants.get(w.split("@")[0]) or _parse_variant(w.split("@")[0]),
+           w.split("@")[1] == "tc_tiled") for w in wanted]
   shapes = [bm.Shape("7b gate/up", 11008, 4096), bm.Shape("7b down", 4096, 11008),
             bm.Shape("7b q/k/v/o", 4096, 4096), bm.Shape("probe tiny", 16, 256),
             bm.Shape("7b qkv", 12288, 4096), bm.Shape("7b gate_up", 22016, 4096)]
@@ -76,10 +95,11 @@ def main(argv):
       cases.append(bm.bf16_case(s, m))
       for bits in (int(b) for b in FLAGS.bits.split(",")):
         for label, cfg, tiled in runs:
-          if cfg in (None, "late"):
+          if cfg in (None, "late") or isinstance(cfg, tuple):
             from anyprec_jax.pallas.mosaic import gemv_tc as gt
-            cfg = dataclasses.replace(gt.config_for(bits, m, s.n, s.k, tiled=tiled),
-                                      early_loads=cfg is None)
+            base = gt.config_for(bits, m, s.n, s.k, tiled=tiled)
+            cfg = (dataclasses.replace(base, **cfg[1]) if isinstance(cfg, tuple)
+                   else dataclasses.replace(base, early_loads=cfg is None))
           if bits >= 5 and cfg.row_tiles % 2 and cfg.row_tiles != 1:
             continue  # two tiles share a shared-memory table
           cases.append(bm.tc_gemv_case(s, bits, m, cfg, tiled=tiled, label=label))

@@ -4,6 +4,7 @@ r"""Where one decode step's time goes: wall time per step, and per-kernel GPU ti
   ncu --csv --page raw --metrics gpu__time_duration.sum --profile-from-start off \
       --log-file /tmp/p3.csv python3 scripts/profile_e2e.py --precisions=3 --ncu
   PYTHONPATH=. python3 scripts/profile_e2e.py --parse=/tmp/p3.csv
+  PYTHONPATH=. python3 scripts/profile_e2e.py --precisions=bf16,3 --trace_dir=/tmp/tr
 
 Random weights (as `bench_e2e.py`), one jitted `models.decode_step` with the cache
 donated. `--ncu` brackets exactly one step with cuProfilerStart / cuProfilerStop, so
@@ -27,6 +28,9 @@ _ITERS = flags.DEFINE_integer("iters", 50, "Timed steps per model.")
 _NCU = flags.DEFINE_bool("ncu", False, "Bracket one step for ncu (no timing).")
 _FUSE = flags.DEFINE_bool("fuse", True, "Fuse q/k/v, as loading does.")
 _PARSE = flags.DEFINE_string("parse", None, "Print the kernel table of this ncu CSV.")
+_TRACE = flags.DEFINE_string("trace_dir", None,
+                             "After timing, trace one loop per model (jax.profiler, "
+                             "CUPTI) here and print its per-kernel GPU table.")
 
 
 def main(argv):
@@ -39,7 +43,7 @@ def main(argv):
   rows = latency.profile_decode_step(
       latency.shape_config(latency.Shape(_SHAPE.value), _LAYERS.value),
       _PRECISIONS.value, batch=_BATCH.value, context=_CONTEXT.value,
-      iters=_ITERS.value, ncu=_NCU.value, fuse=_FUSE.value)
+      iters=_ITERS.value, ncu=_NCU.value, fuse=_FUSE.value, trace_dir=_TRACE.value)
   if not _NCU.value:
     print("\n| model | ms/step |\n|---|---:|")
     for label, ms in rows:

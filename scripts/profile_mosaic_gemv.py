@@ -41,7 +41,7 @@ def main(argv):
     planes = jax.random.bits(kp, (bits, n, words), jnp.uint32)
     lut = jax.random.normal(kl, (n, 1 << bits), jnp.float16)
     if FLAGS.kernel == "tc":
-      cfg = gt.config_for(bits, m, n, k)
+      cfg = gt.config_for(bits, m, n, k, tiled=FLAGS.tiled)
       over = {k_: v for k_, v in (("stages", FLAGS.stages),
                                    ("warpgroups", FLAGS.warpgroups),
                                    ("x_smem", FLAGS.x_smem)) if v is not None}

@@ -83,5 +83,29 @@ class RandomModelTest(absltest.TestCase):
       self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
 
 
+class KernelTableTest(absltest.TestCase):
+
+  def test_trace_table_counts_gpu_stream_kernels_per_step(self):
+    meta = lambda pid, tid, kind, name: {"ph": "M", "pid": pid, "tid": tid,
+                                         "name": kind, "args": {"name": name}}
+    kernel = lambda ts, dur, name: {"ph": "X", "pid": 2, "tid": 7, "ts": ts,
+                                    "dur": dur, "name": name}
+    trace = {"traceEvents": [
+        meta(1, 0, "process_name", "/host:CPU"), meta(2, 0, "process_name", "/device:GPU:0"),
+        meta(2, 7, "thread_name", "Stream #13(Compute)"),
+        meta(2, 8, "thread_name", "XLA Ops"),
+        {"ph": "X", "pid": 1, "tid": 0, "ts": 0.0, "dur": 99.0, "name": "host work"},
+        {"ph": "X", "pid": 2, "tid": 8, "ts": 0.0, "dur": 50.0, "name": "fusion.1"},
+        kernel(0.0, 10.0, "mosaic_gpu_kernel_a"), kernel(10.0, 5.0, "loop_fusion"),
+        kernel(20.0, 10.0, "mosaic_gpu_kernel_a"), kernel(40.0, 5.0, "loop_fusion")]}
+    table = latency.trace_kernel_table(trace, steps=2)
+    # span 45 us over 2 steps, busy 30 (the XLA Ops line and the host are not kernels)
+    self.assertIn("GPU span 22.5 us/step, busy 15.0 us/step (67%)", table)
+    self.assertIn("| mosaic (any-precision GEMV) | 1 | 10.0 | 67% |", table)
+    self.assertIn("| other XLA (fusions, copies) | 1 | 5.0 | 33% |", table)
+    with self.assertRaisesRegex(ValueError, "no GPU kernel events"):
+      latency.trace_kernel_table({"traceEvents": trace["traceEvents"][:1]})
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -219,6 +219,28 @@ class TcLoweringTest(parameterized.TestCase):
     self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
     self.assertTrue(gt.make_layout(bits, m, n, k, cfg, jnp.bfloat16, True).x_smem == x_smem)
 
+  @parameterized.parameters((3, 1, 2), (4, 8, 3), (8, 1, 2))
+  def test_ksplit_lowers_for_cuda(self, bits, m, ksplit):
+    n, k = 1008, 4000
+    cfg = gt.TcGemvConfig(warpgroups=1, ksplit=ksplit)
+    fn = jax.jit(lambda x, p, l: gt.gemv_tc(x, p, l, bits=bits, cfg=cfg, tiled=True))
+    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+            jax.ShapeDtypeStruct((bits, n, tc_layout.num_words(k)), jnp.uint32),
+            jax.ShapeDtypeStruct((n, 1 << bits), jnp.float16))
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    self.assertIn("mosaic_gpu", text)
+    self.assertIn("output_operand_alias", text)  # the zeroed output, added into
+
+  @parameterized.product(bits=(3, 8), probe=("loads", "decode"))
+  def test_probes_lower_for_cuda(self, bits, probe):
+    n, k = 1008, 4000
+    cfg = gt.TcGemvConfig(warpgroups=1, probe=probe)
+    fn = jax.jit(lambda x, p, l: gt.gemv_tc(x, p, l, bits=bits, cfg=cfg, tiled=True))
+    args = (jax.ShapeDtypeStruct((1, k), jnp.bfloat16),
+            jax.ShapeDtypeStruct((bits, n, tc_layout.num_words(k)), jnp.uint32),
+            jax.ShapeDtypeStruct((n, 1 << bits), jnp.float16))
+    self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
+
   @parameterized.parameters((3, False), (5, True), (8, True))
   def test_dequantize_lowers_for_cuda(self, bits, tiled):
     n, k = 1008, 4000
@@ -236,6 +258,9 @@ class TcLoweringTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "3..8 bits"):
       gt.gemv_tc(x, jnp.ones((2, 16, 8), jnp.uint32), jnp.ones((16, 4), jnp.float16),
                  bits=2)
+    with self.assertRaisesRegex(ValueError, "ksplit must be >= 1"):
+      gt.gemv_tc(x, jnp.ones((3, 16, 8), jnp.uint32), lut, bits=3,
+                 cfg=gt.TcGemvConfig(ksplit=0))
     with self.assertRaisesRegex(ValueError, "row_tiles must be 1 or even"):
       gt.gemv_tc(x, jnp.ones((5, 16, 8), jnp.uint32), jnp.ones((16, 32), jnp.float16),
                  bits=5, cfg=gt.TcGemvConfig(row_tiles=3))
@@ -376,6 +401,28 @@ class TcGemvTest(parameterized.TestCase):
     self.assertTrue(np.isfinite(got).all())
     err = np.abs(got - want).max() / (np.abs(want).max() + 1e-30)
     self.assertLess(err, 1e-4, f"b{bits} M={m} S={stages} x_smem={x_smem}: {err:.3g}")
+
+  @parameterized.parameters(
+      [(b, m, s, rt, xs) for b in (3, 4, 5, 8) for m, s, rt, xs in
+       ((1, 2, 2, False), (5, 3, 1, False), (1, 3, 2, True))])
+  def test_ksplit_matches_reference(self, bits, m, ksplit, row_tiles, x_smem):
+    n, k = 1008, 4000  # ragged K: CTAs of 0..2 blocks per warp, a partial last group
+    cfg = gt.TcGemvConfig(warpgroups=1, ksplit=ksplit, row_tiles=row_tiles,
+                          x_smem=x_smem)
+    kx, kp, kl = jax.random.split(jax.random.PRNGKey(bits + 10 * m + ksplit), 3)
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    planes = tc_layout.to_tc(jax.random.bits(kp, (bits, n, -(-k // 32)), jnp.uint32), k)
+    lut = jax.random.normal(kl, (n, 1 << bits), jnp.float16)
+    run = lambda: np.asarray(gt.gemv_tc(x, tc_layout.tile(planes), lut, bits=bits,
+                                        cfg=cfg, tiled=True), np.float64)
+    got = run()
+    want = np.asarray(gt.gemv_tc_reference(x, planes, lut.astype(jnp.bfloat16), bits=bits,
+                                           in_features=k), np.float64)
+    self.assertTrue(np.isfinite(got).all())
+    err = np.abs(got - want).max() / (np.abs(want).max() + 1e-30)
+    self.assertLess(err, 1e-4, f"b{bits} M={m} ksplit={ksplit}: {err:.3g}")
+    if ksplit == 2:  # two partials per output: the sum does not depend on their order
+      np.testing.assert_array_equal(run(), got)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,12 @@ class TcGemvConfig:
     the LUTs, so the two memory latencies overlap. Off by default: on the H200 it
     was no faster (7B shapes, M = 1: 3-bit down 20.3 against 14.8 us tables first,
     other cases within the run's noise; kernels_tc.md step 5).
+  ksplit: S >= 1 CTAs share each group of RT tiles, each taking 1/S of the K blocks
+    (its 4T warps split that range); with S > 1 they add their sums into a zeroed
+    output with `red.global.add.f32`. More, shorter CTAs let the hardware balance the
+    SMs (N = 11008 gives 344 CTAs of 2 tiles: 2 or 3 per SM). S = 2 stays
+    deterministic (0 + a + b = 0 + b + a exactly); S > 2 may round differently from
+    run to run. GEMV only.
   """
   row_tiles: int = 2
   warpgroups: int | None = None
@@ -106,6 +112,8 @@ class TcGemvConfig:
   stages: int = 0
   x_smem: bool = False
   early_loads: bool = False
+  ksplit: int = 1
+  probe: str = ""
 
 
 SMEM_BUDGET = 200 * 1024  # shared bytes a CTA may ask for (227 KB on Hopper)
@@ -128,10 +136,16 @@ class _Layout:
   tiled: bool  # planes in PlaneLayout.TC_TILED
   x_smem: bool
   early_loads: bool = False
+  ksplit: int = 1
+  probe: str = ""
 
   @property
   def warps(self) -> int:
     return 4 * self.warpgroups
+
+  @property
+  def kparts(self) -> int:  # warps sharing one tile group's K blocks, over all CTAs
+    return self.warps * self.ksplit
 
   @property
   def x_row_bytes(self) -> int:  # +64: rows g and g + 1 of a load phase in other banks
@@ -168,19 +182,24 @@ def config_for(bits: int, m: int, n: int, k: int, tiled: bool = False) -> TcGemv
   5 for 3-4 bits, kernels_tc.md step 3 for 5-8 bits): one warpgroup per CTA for
   N > 8192 (many CTAs; from 7 bits with a 3-block cp.async plane ring, 8-14 % faster
   at 8 bits), else the shape's default at 3-4 bits and two warpgroups at 5-8."""
-  if tiled:  # step 4 runs 1-2 (kernels_tc.md): N > 8192: 2 tiles x 1 warpgroup per
-    # CTA; N <= 8192 at M = 1: one tile x 2 warpgroups where K > N (7B down), 2 x 4
-    # otherwise (4096^2); M > 1: 2 x 2. Differences under ~10 % were within run noise.
-    if n > 8192:
-      return TcGemvConfig(warpgroups=1)
-    if m == 1:
-      return (TcGemvConfig(row_tiles=1, warpgroups=2) if k > n
-              else TcGemvConfig(warpgroups=4))
-    return TcGemvConfig(warpgroups=2)
+  if tiled:
+    return _tiled_config(m, n, k)
   del k
   if n > 8192:
     return TcGemvConfig(warpgroups=1, stages=3 if bits >= 7 else 0)
   return TcGemvConfig(warpgroups=2) if bits >= SMEM_TABLE_BITS else TcGemvConfig()
+
+
+def _tiled_config(m: int, n: int, k: int) -> TcGemvConfig:
+  # Step 4 runs 1-2 (kernels_tc.md): N > 8192: 2 tiles x 1 warpgroup per CTA;
+  # N <= 8192 at M = 1: one tile x 2 warpgroups where K > N (7B down), 2 x 4
+  # otherwise (4096^2); M > 1: 2 x 2. Differences under ~10 % were within run noise.
+  if n > 8192:
+    return TcGemvConfig(warpgroups=1)
+  if m == 1:
+    return (TcGemvConfig(row_tiles=1, warpgroups=2) if k > n
+            else TcGemvConfig(warpgroups=4))
+  return TcGemvConfig(warpgroups=2)
 
 
 def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
@@ -200,12 +219,16 @@ def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
   mma = "f16" if jnp.dtype(x_dtype) == jnp.float16 else "bf16"
   if cfg.stages == 1 or cfg.stages < 0:
     raise ValueError(f"stages must be 0 (no ring) or >= 2, got {cfg.stages}")
+  if cfg.probe not in ("", "loads", "decode"):
+    raise ValueError(f"probe must be '', 'loads' or 'decode', got {cfg.probe!r}")
+  if cfg.ksplit < 1:
+    raise ValueError(f"ksplit must be >= 1, got {cfg.ksplit}")
   if tiled and n % tc_layout.TILE_ROWS:
     raise ValueError(f"tiled planes need N % {tc_layout.TILE_ROWS} == 0, got N={n}")
   lay = _Layout(bits=bits, m=m, n=n, k=k, blocks=blocks, row_tiles=cfg.row_tiles,
                 warpgroups=t, ctas=ctas, prefetch=cfg.prefetch, mma_dtype=mma,
                 stages=cfg.stages, tiled=tiled, x_smem=cfg.x_smem,
-                early_loads=cfg.early_loads)
+                early_loads=cfg.early_loads, ksplit=cfg.ksplit, probe=cfg.probe)
   if lay.x_smem and lay.smem_bytes > SMEM_BUDGET:
     lay = dataclasses.replace(lay, x_smem=False)
   return lay
@@ -242,7 +265,13 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
   warp = ptx.shr(tid, 5)
   g = ptx.shr(lane, 2)
   q = ptx.band(lane, 3)
-  cta = ptx.block_id()
+  if lay.ksplit > 1:  # CTA id = tile group * S + K part
+    cta_id = ptx.block_id()
+    cta = ptx.udiv(cta_id, lay.ksplit)
+    kpart = ptx.add(ptx.mul(ptx.urem(cta_id, lay.ksplit), ptx.const(nw)), warp)
+  else:
+    cta = ptx.block_id()
+    kpart = warp
   xg, pg, lg, og = (ptx.gmem_address(r) for r in (x_ref, planes_ref, lut_ref, out_ref))
   smem = ptx.smem_address(smem_ref)  # 1024-aligned (Pallas scratch)
   red = ptx.add(smem, ptx.const(lay.table_bytes))
@@ -269,6 +298,11 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
   def words_for(blk):
     """[RT][2][b] plane words of block `blk` for this lane's rows."""
     out = []
+    if lay.probe == "decode":  # register-made words: no plane loads
+      seed = ptx.bxor(ptx.mul(blk, ptx.const(0x9E3779B1)), tid)
+      return [[[ptx.bxor(seed, ptx.const((0x85EBCA77 * (1 + pi + 8 * h + 16 * rt))
+                                          & 0xFFFFFFFF))
+                for pi in range(b)] for h in range(2)] for rt in range(rt_n)]
     if lay.tiled:  # one 8-byte load per plane and tile: rows g and g + 8, word q
       for rt in range(rt_n):
         addr = ptx.gaddr(pg, ptx.add(tile_base[rt], ptx.shl(blk, 6)), 4)
@@ -284,8 +318,9 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
       out.append(pair)
     return out
 
+  # Lanes g >= M load row M - 1: their products land in output columns >= M, which
+  # are never stored, so no zeroing is needed.
   xm = ptx.umin(g, m - 1)
-  g_valid = ptx.lt(g, m)
   zero = ptx.const(0)
   ragged_k = k % tc_layout.BLOCK != 0
 
@@ -299,7 +334,6 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
     if lay.x_smem:  # words a = 2 st + off of lane q: four 16-byte loads
       addr = ptx.add(x_lane, ptx.shl(blk, 8))
       ws = [v for j in range(4) for v in ptx.ld_shared_v4_b32(addr, imm=64 * j)]
-      ws = [ptx.select(g_valid, v, zero) for v in ws]
       return [[ws[2 * st], ws[2 * st + 1]] for st in range(8)]
     for st in range(8):
       regs = []
@@ -311,12 +345,13 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
         ok = ptx.lt(kk, k) if ragged_k else None
         if ok is not None:
           v = ptx.select(ok, v, zero)
-        regs.append(ptx.select(g_valid, v, zero))
+        regs.append(v)
       out.append(regs)
     return out
 
-  start = ptx.udiv(ptx.mul(warp, ptx.const(lay.blocks)), nw)
-  end = ptx.udiv(ptx.mul(ptx.add(warp, ptx.const(1)), ptx.const(lay.blocks)), nw)
+  parts = lay.kparts
+  start = ptx.udiv(ptx.mul(kpart, ptx.const(lay.blocks)), parts)
+  end = ptx.udiv(ptx.mul(ptx.add(kpart, ptx.const(1)), ptx.const(lay.blocks)), parts)
   last = ptx.select(ptx.lt(start, end), ptx.add(end, ptx.const(-1)), start)
   acc0 = [ptx.fconst(0.0)] * (4 * rt_n)
   flat = lambda ws: [v for tile in ws for pair in tile for v in pair]
@@ -385,6 +420,13 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
         nxt += flat_b(b_frags(following))
       else:
         bf = b_frags(blk)
+    if lay.probe == "loads":  # fold every loaded word into one float, no decode
+      folded = None
+      for v in flat(cur) + flat_b(bf):
+        folded = v if folded is None else ptx.bxor(folded, v)
+      mant = ptx.bor(ptx.band(folded, 0x007FFFFF), ptx.const(0x3F800000))
+      acc[0] = ptx.fadd(acc[0], ptx.bits_f32(mant))
+    elif not dequant:
       for rt in range(rt_n):
         a_acc = acc[4 * rt:4 * rt + 4]
         for st, a_regs in enumerate(tile_a_regs(rt, cur[rt])):
@@ -420,7 +462,11 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
       mm = ptx.add(ptx.shl(ptx.band(ln, 3), 1), ptx.band(c, 1))
       ok = ptx.land(ptx.lt(row, n), ptx.lt(mm, m))
       with ptx.If(ok):
-        ptx.st_global_f32(ptx.gaddr(og, ptx.add(ptx.mul(mm, ptx.const(n)), row), 4), tot)
+        addr = ptx.gaddr(og, ptx.add(ptx.mul(mm, ptx.const(n)), row), 4)
+        if lay.ksplit > 1:
+          ptx.red_add_global_f32(addr, tot)
+        else:
+          ptx.st_global_f32(addr, tot)
 
 
 
@@ -505,8 +551,8 @@ def _stage_x(ptx, lay: _Layout, xg, xs, lane, start, end):
   contiguous bytes of x: four 16-byte loads whose words are re-grouped by q in
   registers (a 4x4 transpose by renaming) and stored as four 16-byte stores.
   """
-  m, k, kb, nw = lay.m, lay.k, lay.blocks, lay.warps
-  per_warp = -(-kb // nw)  # most blocks a warp owns
+  m, k, kb = lay.m, lay.k, lay.blocks
+  per_warp = -(-kb // lay.kparts)  # most blocks a warp owns
   units = m * per_warp * 4
   ragged = k % tc_layout.BLOCK != 0
   group = 2  # units per lane whose loads are in flight together
@@ -703,12 +749,28 @@ def gemv_tc(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, *, bits: int,
       _emit(xr, pr, lr, orf, sr, lay=lay)
     emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref)
 
-  kernel = plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct((m, n), jnp.float32),
-      scratch_types=[plgpu.SMEM((lay.smem_bytes // 4,), jnp.int32)],
-      grid=(lay.ctas,), grid_names=("cta",), num_threads=lay.warpgroups,
-      thread_name="wg")
-  return kernel(x, planes_tc, lut)
+  scratch = plgpu.SMEM((lay.smem_bytes // 4,), jnp.int32)
+  grid = lay.ctas * lay.ksplit
+  if lay.ksplit == 1:
+    kernel = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((m, n), jnp.float32),
+        scratch_types=[scratch], grid=(grid,), grid_names=("cta",),
+        num_threads=lay.warpgroups, thread_name="wg")
+    return kernel(x, planes_tc, lut)
+  # Split K over CTAs: they add into a zeroed output, passed in as a mutable ref (the
+  # kernel aliases it in and out).
+  from jax.experimental import pallas as pl
+  y_ref = jax.new_ref(jnp.zeros((m, n), jnp.float32))
+
+  def ref_body(x_ref, planes_ref, lut_ref, out_ref):
+    pl.run_scoped(functools.partial(body, x_ref, planes_ref, lut_ref, out_ref), scratch,
+                  collective_axes="wg")
+
+  mesh = plgpu.Mesh(grid=(grid,), grid_names=("cta",), num_threads=lay.warpgroups,
+                    thread_name="wg")
+  pl.kernel(ref_body, out_type=(), mesh=mesh,
+            compiler_params=plgpu.CompilerParams())(x, planes_tc, lut, y_ref)
+  return y_ref[...]
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "in_features", "dtype", "cfg",
@@ -742,7 +804,7 @@ def dequantize_tc(planes_tc: jax.Array, lut: jax.Array, *, bits: int, in_feature
     raise ValueError(f"dequantize_tc writes bf16 or f16, got {dtype}")
   if lut.dtype != jnp.float16:
     lut = lut.astype(jnp.float16)
-  cfg = dataclasses.replace(cfg, x_smem=False)
+  cfg = dataclasses.replace(cfg, x_smem=False, ksplit=1, probe="")
   lay = make_layout(bits, 1, n, k, cfg, dtype, tiled=tiled)
   kp = 128 * lay.blocks
 

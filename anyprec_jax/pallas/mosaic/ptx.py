@@ -182,6 +182,11 @@ def st_global_f32(addr64, v):
   asm(None, [addr64, v], "st.global.f32 [$0], $1;", "l,f", True)
 
 
+def red_add_global_f32(addr64, v):
+  """Atomic (relaxed, GPU scope) global += v, no result."""
+  asm(None, [addr64, v], "red.relaxed.gpu.global.add.f32 [$0], $1;", "l,f", True)
+
+
 def st_global_b32(addr64, v, imm: int = 0):
   asm(None, [addr64, v], f"st.global.b32 [$0+{imm}], $1;", "l,r", True)
 
