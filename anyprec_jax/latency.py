@@ -474,19 +474,9 @@ def trace_kernel_table(trace_json: dict, steps: int = 1) -> str:
       create_perfetto_trace=True)`).
     steps: decode steps inside the trace (times are divided by it).
   """
-  events = trace_json["traceEvents"] if isinstance(trace_json, dict) else trace_json
-  procs = {e["pid"]: e["args"]["name"] for e in events
-           if e.get("ph") == "M" and e.get("name") == "process_name"}
-  threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name"}
-  gpu = {pid for pid, nm in procs.items() if "GPU" in nm or "gpu" in nm}
-  streams = {key for key, nm in threads.items() if key[0] in gpu and
-             nm.lower().startswith("stream")}
-  kern = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and
-          ((e["pid"], e.get("tid")) in streams or not streams)]
-  if not kern:
-    raise ValueError(f"no GPU kernel events in the trace (processes: "
-                     f"{sorted(procs.values())})")
+  from anyprec_jax import gpu_trace
+  kern = gpu_trace.kernel_events(trace_json)
+  streams = {(e["pid"], e.get("tid")) for e in kern}
   fam: dict[str, list[float]] = {}
   byname: dict[str, list[float]] = {}
   spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)))
@@ -505,7 +495,7 @@ def trace_kernel_table(trace_json: dict, steps: int = 1) -> str:
   busy += cur_e - cur_s
   span = spans[-1][1] - spans[0][0]
   out = [f"GPU span {span / steps:.1f} us/step, busy {busy / steps:.1f} us/step "
-         f"({busy / span:.0%}), kernels in {len(streams) or 'all'} stream(s)", ""]
+         f"({busy / span:.0%}), kernels in {len(streams)} stream(s)", ""]
   return "\n".join(out + _family_table(fam, byname, per=steps, unit="GPU us/step"))
 
 

@@ -17,6 +17,9 @@ from absl import flags
 from anyprec_jax import cli
 
 flags.DEFINE_string("out", "", "directory for the JSON results")
+flags.DEFINE_bool("gpu_time", False, "also report each case's GPU kernel time from a "
+                  "CUPTI trace (the 'GPU us' columns; wall time has a ~11-20 us "
+                  "per-call floor)")
 flags.DEFINE_string("bits", "3,4", "bit widths")
 flags.DEFINE_string("m", "1,8", "activation rows")
 flags.DEFINE_bool("triton", True, "also time the Triton GEMV")
@@ -114,14 +117,18 @@ def main(argv):
   res = {}
   for c in cases:
     try:
-      res[c.key] = bm.time_case(c, samples=FLAGS.samples)
+      res[c.key] = bm.time_case(c, samples=FLAGS.samples, gpu_time=FLAGS.gpu_time)
     except Exception as e:  # pylint: disable=broad-except
       res[c.key] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
     print(c.key, res[c.key], flush=True)
   copy = res[("copy",)]["tbps"]
+  gt_ = FLAGS.gpu_time
   lines = [f"copy bandwidth {copy:.2f} TB/s",
-           "| shape | M | bits | kernel | us | eff TB/s | % copy | vs bf16 | err |",
-           "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+           "| shape | M | bits | kernel | us | eff TB/s | % copy | vs bf16 | err |"
+           + (" GPU us | GPU % copy | GPU vs bf16 |" if gt_ else ""),
+           "|---|---:|---:|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if gt_ else "")]
+  gpu_cols = lambda r, ref: (f" {r['gpu_us']:.1f} | {100 * r['gpu_tbps'] / copy:.0f}% | "
+                             f"{ref['gpu_us'] / r['gpu_us']:.2f} |" if gt_ else "")
   for key, r in res.items():
     if key[0] not in ("tc", "gemv", "mosaic") or "error" in r:
       if "error" in r:
@@ -133,12 +140,12 @@ def main(argv):
     kern = {"tc": f"tc {key[-1]}", "mosaic": "lut gemv"}.get(key[0], "triton")
     lines.append(f"| {shape} | {m} | {key[2]} | {kern} | {r['us']:.1f} | {r['tbps']:.2f} | "
                  f"{100 * r['tbps'] / copy:.0f}% | {ref['us'] / r['us']:.2f} | "
-                 f"{r['err']:.1e} |")
+                 f"{r['err']:.1e} |" + gpu_cols(r, ref))
   for s in shapes:
     for m in (int(v) for v in FLAGS.m.split(",")):
       r = res[("bf16", s.name, m)]
       lines.append(f"| {s.name} | {m} | bf16 | xla | {r['us']:.1f} | {r['tbps']:.2f} | "
-                   f"{100 * r['tbps'] / copy:.0f}% | 1.00 | |")
+                   f"{100 * r['tbps'] / copy:.0f}% | 1.00 | |" + gpu_cols(r, r))
   table = "\n".join(lines)
   if FLAGS.out:
     os.makedirs(FLAGS.out, exist_ok=True)

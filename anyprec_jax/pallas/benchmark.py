@@ -239,8 +239,10 @@ def compile_all(cases: list[Case], threads: int = 8) -> None:
     list(pool.map(build, cases))
 
 
-def time_case(case: Case, samples: int = 25) -> dict:
-  """Checks and times one case; returns µs per op, bytes and the check's error."""
+def time_case(case: Case, samples: int = 25, gpu_time: bool = False) -> dict:
+  """Checks and times one case; returns µs per op, bytes and the check's error; with
+  `gpu_time` also `gpu_us`: the summed GPU duration of its kernels per op, from a
+  CUPTI trace (`gpu_trace`), free of the host launch path."""
   args = case.make_args()
   fn = case.compiled or jax.jit(case.fn)
   out = jax.block_until_ready(fn(*args))
@@ -255,8 +257,13 @@ def time_case(case: Case, samples: int = 25) -> dict:
       out = fn(*args)
     jax.block_until_ready(out)
     per_op.append((time.perf_counter() - t0) / (PIPELINE * case.buffers))
-  del args, out
   us = statistics.median(per_op) * 1e6
   spread = (np.percentile(per_op, 90) - np.percentile(per_op, 10)) * 1e6
-  return dict(us=us, spread_us=spread, bytes=case.bytes_per_op,
-              tbps=case.bytes_per_op / (us * 1e-6) / 1e12, err=err, buffers=case.buffers)
+  res = dict(us=us, spread_us=spread, bytes=case.bytes_per_op,
+             tbps=case.bytes_per_op / (us * 1e-6) / 1e12, err=err, buffers=case.buffers)
+  if gpu_time:
+    from anyprec_jax import gpu_trace
+    res["gpu_us"] = gpu_trace.gpu_us_per_call(lambda: fn(*args), PIPELINE) / case.buffers
+    res["gpu_tbps"] = case.bytes_per_op / (res["gpu_us"] * 1e-6) / 1e12
+  del args, out
+  return res
