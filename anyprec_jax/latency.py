@@ -495,7 +495,23 @@ def trace_kernel_table(trace_json: dict, steps: int = 1) -> str:
   busy += cur_e - cur_s
   span = spans[-1][1] - spans[0][0]
   out = [f"GPU span {span / steps:.1f} us/step, busy {busy / steps:.1f} us/step "
-         f"({busy / span:.0%}), kernels in {len(streams)} stream(s)", ""]
+         f"({busy / span:.0%}), kernels in {len(streams)} stream(s)"]
+  # Idle time before each kernel (after the latest end so far), by the kernel's family:
+  # launch latency shows as small gaps before every kernel of a family, a per-step host
+  # sync as a few long gaps.
+  gaps: dict[str, list[float]] = {}
+  end = float(kern[0]["ts"]) + float(kern[0].get("dur", 0.0))
+  for e in kern[1:]:
+    t0 = float(e["ts"])
+    gaps.setdefault(kernel_family(e["name"]), []).append(max(0.0, t0 - end))
+    end = max(end, t0 + float(e.get("dur", 0.0)))
+  flat = [g for v in gaps.values() for g in v]
+  long_gaps = [g for g in flat if g > 20.0]
+  out.append(f"idle before kernels: {sum(flat) / steps:.1f} us/step, of which "
+             f"{sum(long_gaps) / steps:.1f} in {len(long_gaps) / steps:g} gaps > 20 us "
+             f"per step; mean gap before: " + ", ".join(
+                 f"{f} {sum(v) / len(v):.2f} us" for f, v in sorted(gaps.items())))
+  out.append("")
   return "\n".join(out + _family_table(fam, byname, per=steps, unit="GPU us/step"))
 
 

@@ -103,6 +103,10 @@ class KernelTableTest(absltest.TestCase):
     self.assertIn("GPU span 22.5 us/step, busy 15.0 us/step (67%)", table)
     self.assertIn("| mosaic (any-precision GEMV) | 1 | 10.0 | 67% |", table)
     self.assertIn("| other XLA (fusions, copies) | 1 | 5.0 | 33% |", table)
+    # gaps before kernels: 0 (10 us), 5 (20 us), 10 (40 us); none longer than 20 us
+    self.assertIn("idle before kernels: 7.5 us/step, of which 0.0 in 0 gaps > 20 us", table)
+    self.assertIn("mosaic (any-precision GEMV) 5.00 us, other XLA (fusions, copies) 5.00 us",
+                  table)
     with self.assertRaisesRegex(ValueError, "no GPU kernel events"):
       latency.trace_kernel_table({"traceEvents": trace["traceEvents"][:1]})
 
