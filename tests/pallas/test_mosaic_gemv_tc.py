@@ -231,6 +231,16 @@ class TcLoweringTest(parameterized.TestCase):
     self.assertIn("mosaic_gpu", text)
     self.assertIn("output_operand_alias", text)  # the zeroed output, added into
 
+  @parameterized.parameters((3, 1, 2, False), (5, 8, 3, True), (8, 1, 2, True))
+  def test_prefetch_depth_lowers_for_cuda(self, bits, m, depth, tiled):
+    n, k = 1008, 4000
+    cfg = gt.TcGemvConfig(warpgroups=1, depth=depth)
+    fn = jax.jit(lambda x, p, l: gt.gemv_tc(x, p, l, bits=bits, cfg=cfg, tiled=tiled))
+    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+            jax.ShapeDtypeStruct((bits, n, tc_layout.num_words(k)), jnp.uint32),
+            jax.ShapeDtypeStruct((n, 1 << bits), jnp.float16))
+    self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
+
   @parameterized.product(bits=(3, 8), probe=("loads", "decode"))
   def test_probes_lower_for_cuda(self, bits, probe):
     n, k = 1008, 4000
@@ -258,6 +268,9 @@ class TcLoweringTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "3..8 bits"):
       gt.gemv_tc(x, jnp.ones((2, 16, 8), jnp.uint32), jnp.ones((16, 4), jnp.float16),
                  bits=2)
+    with self.assertRaisesRegex(ValueError, "depth must be >= 1"):
+      gt.gemv_tc(x, jnp.ones((3, 16, 8), jnp.uint32), lut, bits=3,
+                 cfg=gt.TcGemvConfig(depth=0))
     with self.assertRaisesRegex(ValueError, "ksplit must be >= 1"):
       gt.gemv_tc(x, jnp.ones((3, 16, 8), jnp.uint32), lut, bits=3,
                  cfg=gt.TcGemvConfig(ksplit=0))
@@ -423,6 +436,22 @@ class TcGemvTest(parameterized.TestCase):
     self.assertLess(err, 1e-4, f"b{bits} M={m} ksplit={ksplit}: {err:.3g}")
     if ksplit == 2:  # two partials per output: the sum does not depend on their order
       np.testing.assert_array_equal(run(), got)
+
+  @parameterized.parameters([(b, m, d) for b in (3, 4, 5, 8) for m, d in ((1, 2), (8, 3))])
+  def test_prefetch_depth_matches_reference(self, bits, m, depth):
+    n = 1008  # ragged K; K = 1000 at T = 2: one block per warp, fewer than depth
+    for k, tiled, t in ((4000, True, 1), (1000, True, 2), (4000, False, 2)):
+      cfg = gt.TcGemvConfig(warpgroups=t, depth=depth)
+      kx, kp, kl = jax.random.split(jax.random.PRNGKey(bits + 10 * m + depth), 3)
+      x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+      planes = tc_layout.to_tc(jax.random.bits(kp, (bits, n, -(-k // 32)), jnp.uint32), k)
+      lut = jax.random.normal(kl, (n, 1 << bits), jnp.float16)
+      arg = tc_layout.tile(planes) if tiled else planes
+      got = np.asarray(gt.gemv_tc(x, arg, lut, bits=bits, cfg=cfg, tiled=tiled), np.float64)
+      want = np.asarray(gt.gemv_tc_reference(x, planes, lut.astype(jnp.bfloat16),
+                                             bits=bits, in_features=k), np.float64)
+      err = np.abs(got - want).max() / (np.abs(want).max() + 1e-30)
+      self.assertLess(err, 1e-4, f"b{bits} M={m} depth={depth} tiled={tiled}: {err:.3g}")
 
 
 if __name__ == "__main__":

@@ -114,6 +114,7 @@ class TcGemvConfig:
   early_loads: bool = False
   ksplit: int = 1
   probe: str = ""
+  depth: int = 1
 
 
 SMEM_BUDGET = 200 * 1024  # shared bytes a CTA may ask for (227 KB on Hopper)
@@ -138,6 +139,7 @@ class _Layout:
   early_loads: bool = False
   ksplit: int = 1
   probe: str = ""
+  depth: int = 1
 
   @property
   def warps(self) -> int:
@@ -221,6 +223,8 @@ def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
     raise ValueError(f"stages must be 0 (no ring) or >= 2, got {cfg.stages}")
   if cfg.probe not in ("", "loads", "decode"):
     raise ValueError(f"probe must be '', 'loads' or 'decode', got {cfg.probe!r}")
+  if cfg.depth < 1:
+    raise ValueError(f"depth must be >= 1, got {cfg.depth}")
   if cfg.ksplit < 1:
     raise ValueError(f"ksplit must be >= 1, got {cfg.ksplit}")
   if tiled and n % tc_layout.TILE_ROWS:
@@ -228,7 +232,8 @@ def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
   lay = _Layout(bits=bits, m=m, n=n, k=k, blocks=blocks, row_tiles=cfg.row_tiles,
                 warpgroups=t, ctas=ctas, prefetch=cfg.prefetch, mma_dtype=mma,
                 stages=cfg.stages, tiled=tiled, x_smem=cfg.x_smem,
-                early_loads=cfg.early_loads, ksplit=cfg.ksplit, probe=cfg.probe)
+                early_loads=cfg.early_loads, ksplit=cfg.ksplit, probe=cfg.probe,
+                depth=cfg.depth)
   if lay.x_smem and lay.smem_bytes > SMEM_BUDGET:
     lay = dataclasses.replace(lay, x_smem=False)
   return lay
@@ -367,7 +372,10 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
     for i in range(lay.stages - 1):
       ring_issue(ptx.add(start, ptx.const(i)), i)
   pre_words = lay.prefetch and not ring
-  pre0 = flat(words_for(first)) if pre_words else []
+  depth = lay.depth if pre_words else 0
+  last_c = ptx.umin(last, lay.blocks - 1)  # a warp with no blocks may have last = KB
+  pre0 = [v for d in range(depth)  # blocks first .. first + depth - 1, clamped
+          for v in flat(words_for(ptx.umin(ptx.add(first, ptx.const(d)), last_c)))]
   pre_x = lay.prefetch and not lay.x_smem and not dequant
   kp = 128 * lay.blocks
   if dequant:  # per tile and half: row (unclamped) validity and its output row base
@@ -379,7 +387,7 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
         halves.append((ptx.lt(r, n), ptx.add(ptx.mul(r, ptx.const(kp)), ptx.shl(q, 1))))
       store_rows.append(halves)
   pre0 += flat_b(b_frags(first)) if pre_x else []
-  nwords = rt_n * 2 * b if pre_words else 0
+  nwords = rt_n * 2 * b * depth
   if lay.early_loads:  # the first block's loads above are in flight while the LUT
     tile_a_regs = make_tables()  # rows load: a short K range pays one latency, not two
 
@@ -398,10 +406,12 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
       ring_issue(ptx.add(blk, ptx.const(lay.stages - 1)),
                  ptx.urem(ptx.add(i, ptx.const(lay.stages - 1)), lay.stages))
       cur = ring_read(ptx.urem(i, lay.stages))
-    elif pre_words:
-      it = iter(carried[4 * rt_n:4 * rt_n + nwords])
+    elif pre_words:  # carried: blocks blk .. blk + depth - 1; load blk + depth
+      held = carried[4 * rt_n:4 * rt_n + nwords]
+      it = iter(held)
       cur = [[[next(it) for _ in range(b)] for _ in range(2)] for _ in range(rt_n)]
-      nxt = flat(words_for(following))
+      ahead = ptx.umin(ptx.add(blk, ptx.const(depth)), last)
+      nxt = held[rt_n * 2 * b:] + flat(words_for(ahead))
     else:
       cur = words_for(blk)
     if dequant:
