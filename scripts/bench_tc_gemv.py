@@ -38,14 +38,17 @@ FLAGS = flags.FLAGS
 def _parse_variant(name: str):
   """rt<R>_t<T>[_s<S>][_xs][_k<K>][_d<D>]: row tiles, warpgroups, ring stages, shared
   activations, K split over CTAs, prefetch depth (tables loaded first, as the model
-  path does); "model[_k<K>][_d<D>][_early][_p<probe>]": `config_for` with those
-  changes, early loads and/or a probe (`TcGemvConfig.probe`: loads, decode)."""
+  path does); "model[_k<K>][_d<D>][_early][_split4][_p<probe>]": `config_for` with
+  those changes, early loads, the split 4-bit decode and/or a probe
+  (`TcGemvConfig.probe`: loads, decode)."""
   import re
   from anyprec_jax.pallas.mosaic.gemv_tc import TcGemvConfig
-  m = re.fullmatch(r"model(?:_k(\d+))?(?:_d(\d+))?(_early)?(?:_p(loads|decode))?", name)
+  m = re.fullmatch(r"model(?:_k(\d+))?(?:_d(\d+))?(_early)?(_split4)?"
+                   r"(?:_p(loads|decode))?", name)
   if m:
     return ("model", dict(ksplit=int(m.group(1) or 1), depth=int(m.group(2) or 1),
-                          early_loads=bool(m.group(3)), probe=m.group(4) or ""))
+                          early_loads=bool(m.group(3)), split4=bool(m.group(4)),
+                          probe=m.group(5) or ""))
   m = re.fullmatch(r"rt(\d+)_t(\d+)(?:_s(\d+))?(_xs)?(?:_k(\d+))?(?:_d(\d+))?", name)
   if not m:
     raise ValueError(f"unknown variant {name!r}")

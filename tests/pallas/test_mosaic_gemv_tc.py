@@ -34,13 +34,20 @@ def _field_words(words, bits):
           for s in range(4)]
 
 
-def _lookup(lo, hi, sel, bits):
+def _select_words(w0):
+  """split4's half-select selectors: plane 0 at nibble bit 2 over 0x3210 (both halves)."""
+  return [np.asarray(bitops.field_words([w0], [2], s), np.uint32) | np.uint32(gt.SELECT_BASE)
+          for s in range(4)]
+
+
+def _lookup(lo, hi, sel, bits, s2=None):
   if bits == 3:
     l, h = _prmt(lo[0], lo[1], sel), _prmt(hi[0], hi[1], sel)
   else:
     sel = np.asarray(sel, np.uint32)
-    sl = sel & np.uint32(0x7777)
-    s2 = ((sel >> np.uint32(1)) & np.uint32(0x4444)) | np.uint32(0x3210)
+    sl = sel & np.uint32(0x7777) if s2 is None else sel
+    if s2 is None:
+      s2 = ((sel >> np.uint32(1)) & np.uint32(0x4444)) | np.uint32(0x3210)
     l = _prmt(_prmt(lo[0], lo[1], sl), _prmt(lo[2], lo[3], sl), s2)
     h = _prmt(_prmt(hi[0], hi[1], sl), _prmt(hi[2], hi[3], sl), s2)
   return _prmt(l, h, 0x5140), _prmt(l, h, 0x7362)
@@ -96,8 +103,8 @@ class TcLayoutTest(parameterized.TestCase):
 
 class TcDecodeEmulationTest(parameterized.TestCase):
 
-  @parameterized.parameters(3, 4)
-  def test_a_fragments_equal_dense_weights(self, bits):
+  @parameterized.parameters((3, False), (4, False), (4, True))
+  def test_a_fragments_equal_dense_weights(self, bits, split4):
     rng = np.random.default_rng(bits)
     n, k = 16, 256
     codes = rng.integers(0, 1 << bits, size=(n, k))
@@ -119,13 +126,20 @@ class TcDecodeEmulationTest(parameterized.TestCase):
     tab = [tables(g), tables(g + 8)]
     for blk in range(k // 128):
       words = [[tc[p, r, 4 * blk + q] for p in range(bits)] for r in (g, g + 8)]
-      cw = [_field_words(w, bits) for w in words]
+      if split4:  # planes 1..3 as a 3-bit code, plane 0 as the half select
+        cw = [_field_words(w[1:], 3) for w in words]
+        sw = [_select_words(w[0]) for w in words]
+      else:
+        cw = [_field_words(w, bits) for w in words]
       for st in range(8):
         s, h = st // 2, st % 2
         regs = []
         for half in range(2):
           sel = cw[half][s] if h == 0 else cw[half][s] >> np.uint32(16)
-          regs.append(_lookup(*tab[half], sel & np.uint32(0xFFFF), bits))
+          s2 = None
+          if split4:
+            s2 = (sw[half][s] if h == 0 else sw[half][s] >> np.uint32(16)) & np.uint32(0xFFFF)
+          regs.append(_lookup(*tab[half], sel & np.uint32(0xFFFF), bits, s2))
         # A registers: (g, 2q..2q+1), (g+8, 2q..), (g, 2q+8..), (g+8, 2q+8..)
         a = [regs[0][0], regs[1][0], regs[0][1], regs[1][1]]
         base = 128 * blk + 16 * st + 2 * q
@@ -239,6 +253,16 @@ class TcLoweringTest(parameterized.TestCase):
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
             jax.ShapeDtypeStruct((bits, n, tc_layout.num_words(k)), jnp.uint32),
             jax.ShapeDtypeStruct((n, 1 << bits), jnp.float16))
+    self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
+
+  @parameterized.parameters(False, True)
+  def test_split4_lowers_for_cuda(self, tiled):
+    n, k = 1008, 4000
+    cfg = gt.TcGemvConfig(warpgroups=1, split4=True)
+    fn = jax.jit(lambda x, p, l: gt.gemv_tc(x, p, l, bits=4, cfg=cfg, tiled=tiled))
+    args = (jax.ShapeDtypeStruct((8, k), jnp.bfloat16),
+            jax.ShapeDtypeStruct((4, n, tc_layout.num_words(k)), jnp.uint32),
+            jax.ShapeDtypeStruct((n, 16), jnp.float16))
     self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
 
   @parameterized.product(bits=(3, 8), probe=("loads", "decode"))
@@ -436,6 +460,21 @@ class TcGemvTest(parameterized.TestCase):
     self.assertLess(err, 1e-4, f"b{bits} M={m} ksplit={ksplit}: {err:.3g}")
     if ksplit == 2:  # two partials per output: the sum does not depend on their order
       np.testing.assert_array_equal(run(), got)
+
+  @parameterized.product(m=(1, 8), tiled=(False, True))
+  def test_split4_matches_reference(self, m, tiled):
+    n, k = 1008, 4000
+    cfg = gt.TcGemvConfig(warpgroups=1, split4=True)
+    kx, kp, kl = jax.random.split(jax.random.PRNGKey(40 + m), 3)
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    planes = tc_layout.to_tc(jax.random.bits(kp, (4, n, -(-k // 32)), jnp.uint32), k)
+    lut = jax.random.normal(kl, (n, 16), jnp.float16)
+    arg = tc_layout.tile(planes) if tiled else planes
+    got = np.asarray(gt.gemv_tc(x, arg, lut, bits=4, cfg=cfg, tiled=tiled), np.float64)
+    want = np.asarray(gt.gemv_tc_reference(x, planes, lut.astype(jnp.bfloat16), bits=4,
+                                           in_features=k), np.float64)
+    err = np.abs(got - want).max() / (np.abs(want).max() + 1e-30)
+    self.assertLess(err, 1e-4, f"split4 M={m} tiled={tiled}: {err:.3g}")
 
   @parameterized.parameters([(b, m, d) for b in (3, 4, 5, 8) for m, d in ((1, 2), (8, 3))])
   def test_prefetch_depth_matches_reference(self, bits, m, depth):

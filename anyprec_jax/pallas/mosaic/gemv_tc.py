@@ -115,6 +115,7 @@ class TcGemvConfig:
   ksplit: int = 1
   probe: str = ""
   depth: int = 1
+  split4: bool = False
 
 
 SMEM_BUDGET = 200 * 1024  # shared bytes a CTA may ask for (227 KB on Hopper)
@@ -140,6 +141,7 @@ class _Layout:
   ksplit: int = 1
   probe: str = ""
   depth: int = 1
+  split4: bool = False
 
   @property
   def warps(self) -> int:
@@ -233,7 +235,7 @@ def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
                 warpgroups=t, ctas=ctas, prefetch=cfg.prefetch, mma_dtype=mma,
                 stages=cfg.stages, tiled=tiled, x_smem=cfg.x_smem,
                 early_loads=cfg.early_loads, ksplit=cfg.ksplit, probe=cfg.probe,
-                depth=cfg.depth)
+                depth=cfg.depth, split4=cfg.split4 and bits == 4)
   if lay.x_smem and lay.smem_bytes > SMEM_BUDGET:
     lay = dataclasses.replace(lay, x_smem=False)
   return lay
@@ -251,6 +253,21 @@ def _field_words(ptx, words, bits):
       term = ptx.band(v, (0x11111111 << j) & 0xFFFFFFFF)
       acc = term if acc is None else ptx.bor(acc, term)
     out.append(acc)
+  return out
+
+
+SELECT_BASE = 0x32103210  # prmt selector "bytes 0..3 of the first source", both halves
+
+
+def _select_words(ptx, w0):
+  """4 bits, split4: S_s, s = 0..3: nibble t = 0x3210's nibble t + 4 * (plane-0 bit of
+  word bit 4t + s), i.e. the selector that takes byte t from the high-half look-up
+  where the code's top bit is set (`bitops.field_words` of plane 0 at place 2)."""
+  out = []
+  for s in range(4):
+    amount = s - 2
+    v = ptx.shr(w0, amount) if amount > 0 else ptx.shl(w0, -amount)
+    out.append(ptx.bor(ptx.band(v, 0x44444444), ptx.const(SELECT_BASE)))
   return out
 
 
@@ -625,26 +642,36 @@ def _register_tables(ptx, lay: _Layout, lg, rows):
 
   tabs = [(tables(ra), tables(rb)) for ra, rb in rows]
 
-  def lookup(tab, sel):
+  def lookup(tab, sel, s2=None):
     lo, hi = tab
     if b == 3:
       l = ptx.prmt(lo[0], lo[1], sel)
       hh = ptx.prmt(hi[0], hi[1], sel)
     else:
-      sl = ptx.band(sel, 0x7777)
-      s2 = ptx.bor(ptx.band(ptx.shr(sel, 1), 0x4444), ptx.const(0x3210))
+      if s2 is None:  # both selectors from the 4-bit nibbles
+        sl = ptx.band(sel, 0x7777)
+        s2 = ptx.bor(ptx.band(ptx.shr(sel, 1), 0x4444), ptx.const(0x3210))
+      else:  # split4: sel holds the low three bits already
+        sl = sel
       l = ptx.prmt(ptx.prmt(lo[0], lo[1], sl), ptx.prmt(lo[2], lo[3], sl), s2)
       hh = ptx.prmt(ptx.prmt(hi[0], hi[1], sl), ptx.prmt(hi[2], hi[3], sl), s2)
     return ptx.prmt(l, hh, 0x5140), ptx.prmt(l, hh, 0x7362)
 
   def tile_a_regs(rt, words):
-    cw = [_field_words(ptx, words[0], b), _field_words(ptx, words[1], b)]
+    if lay.split4:
+      cw = [_field_words(ptx, words[i][1:], 3) for i in range(2)]
+      sw = [_select_words(ptx, words[i][0]) for i in range(2)]
+    else:
+      cw = [_field_words(ptx, words[0], b), _field_words(ptx, words[1], b)]
     for st in range(8):
       s, h = st // 2, st % 2
       regs = []
       for half in range(2):  # row g, row g + 8
         sel = cw[half][s] if h == 0 else ptx.shr(cw[half][s], 16)
-        regs.append(lookup(tabs[rt][half], sel))
+        s2 = None
+        if lay.split4:
+          s2 = sw[half][s] if h == 0 else ptx.shr(sw[half][s], 16)
+        regs.append(lookup(tabs[rt][half], sel, s2))
       yield [regs[0][0], regs[1][0], regs[0][1], regs[1][1]]
 
   return tile_a_regs
