@@ -105,6 +105,15 @@ class TcGemvConfig:
     SMs (N = 11008 gives 344 CTAs of 2 tiles: 2 or 3 per SM). S = 2 stays
     deterministic (0 + a + b = 0 + b + a exactly); S > 2 may round differently from
     run to run. GEMV only.
+  probe: "" (the kernel), "loads" (plane and activation loads folded into one value,
+    no decode or MMA) or "decode" (register-made plane words, no plane loads): roofline
+    aids for the benchmarks; their output is meaningless.
+  depth: D >= 1, plane words held in registers D blocks ahead. Off (D = 1): deeper
+    prefetch was slower at every width on the H200 (GPU time, 7B shapes, M = 1: 3 bits
+    +1-6 %, 8 bits +25-40 %: more registers, fewer resident warps; kernels_tc.md step 7).
+  split4: 4 bits only: the low three planes give the look-up selectors as at 3 bits,
+    plane 0 alone the half-select selectors (fewer ALU ops per code). On: 5-7 % faster
+    GPU time on the 7B shapes at M = 1 (kernels_tc.md step 7).
   """
   row_tiles: int = 2
   warpgroups: int | None = None
@@ -115,7 +124,7 @@ class TcGemvConfig:
   ksplit: int = 1
   probe: str = ""
   depth: int = 1
-  split4: bool = False
+  split4: bool = True
 
 
 SMEM_BUDGET = 200 * 1024  # shared bytes a CTA may ask for (227 KB on Hopper)
