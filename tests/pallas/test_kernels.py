@@ -52,10 +52,14 @@ class KernelTest(parameterized.TestCase):
   # Both look-up paths and field widths, M = 1 and 8 at the 7B shape (the odd shape
   # covers every width and M = 1, 2, 3, 8).
   LARGE = LARGE
-  LARGE_CASES = tuple(itertools.product((3, 4, 5, 8), (1, 8)))
+  # Natively (GPU, Triton: older GPUs' path) every width once at M = 1 and once at M = 8
+  # or an odd M, and both look-up paths and field widths at the 7B shape: the native
+  # pallas suite must run in under 5 minutes on the H200 (issue 15).
+  LARGE_CASES = ((3, 1), (4, 8), (5, 1), (8, 8))
   PADDING_BITS = (3, 4, 8)
   DEQUANT_BITS = tuple(ALL_BITS)
-  ODD_CASES = frozenset(itertools.product(ALL_BITS, (1, 2, 3, 8)))
+  ODD_CASES = (frozenset(itertools.product(ALL_BITS, (1,)))
+               | {(3, 8), (4, 2), (5, 3), (6, 8), (7, 2), (8, 3)})
 
   def setUp(self):
     super().setUp()

@@ -92,11 +92,16 @@ class MosaicGemvTest(parameterized.TestCase):
       err = np.abs(got - want).max() / (np.abs(want).max() + 1e-30)
       self.assertLess(err, 1e-5, f"b{bits} {n}x{k} {cfg}: max rel err {err:.3g}")
 
-  @parameterized.product(bits=tuple(range(3, 9)), config=tuple(CONFIGS))
+  # Every width with the default launch, each other launch shape at two widths (the
+  # LUT GEMV is the Hopper fallback for format-order planes at M = 1; the native suite
+  # must stay under 5 minutes).
+  @parameterized.parameters(
+      [(b, "default") for b in range(3, 9)]
+      + [(b, c) for b in (3, 8) for c in CONFIGS if c != "default"])
   def test_odd_shape(self, bits, config):
     self._check(1001, 4000, bits, CONFIGS[config], seed=bits)
 
-  @parameterized.product(bits=(3, 4, 8), shape=((4096, 11008), (11008, 4096)))
+  @parameterized.parameters((3, (4096, 11008)), (8, (11008, 4096)))
   def test_model_shapes(self, bits, shape):
     self._check(*shape, bits, mg.config_for(bits, *shape), seed=bits + 10)
 
