@@ -56,6 +56,10 @@ _MAX_TOKENS = flags.DEFINE_integer("default_max_tokens", 256,
 _CHUNK = flags.DEFINE_integer("decode_chunk", 8,
                               "Decode steps per device call (1, 2, 4, 8, 16); streams "
                               "get tokens in bursts of this many.")
+_WARMUP = flags.DEFINE_list(
+    "warmup", None, "PROMPT_TOKENS,MAX_TOKENS: before listening, compile every "
+    "precision x batch bucket for prompts of up to that many tokens and that many new "
+    "tokens, so greedy requests of those sizes pay no compilation.")
 _DTYPE = flags.DEFINE_enum("dtype", None, list(_DTYPES),
                            "Activation dtype (default: bfloat16 on GPU, float32 on CPU).")
 
@@ -76,6 +80,10 @@ def main(argv):
                   else f"random-{_RANDOM.value}")
   try:
     precisions = None if _PRECISIONS.value is None else [int(b) for b in _PRECISIONS.value]
+    warmup = None if _WARMUP.value is None else [int(n) for n in _WARMUP.value]
+    if warmup is not None and (len(warmup) != 2 or min(warmup) < 1):
+      raise ValueError(f"--warmup takes PROMPT_TOKENS,MAX_TOKENS (both >= 1), got "
+                       f"{','.join(_WARMUP.value)}")
     config = ServeConfig(_NAME.value or default_name, _MAX_BATCH.value,
                          PolicyKind(_POLICY.value), _TARGET.value,
                          default_max_tokens=_MAX_TOKENS.value,
@@ -99,6 +107,13 @@ def main(argv):
   what = "" if _RANDOM.value is None else (
       f" (random weights, num_layers={engine.cfg.num_layers}, "
       f"vocab_size={engine.cfg.vocab_size})")
+  if warmup is not None:
+    if sum(warmup) > engine.context_length:
+      raise app.UsageError(f"--warmup={warmup[0]},{warmup[1]} exceeds the context of "
+                           f"{engine.context_length}")
+    took = engine.warm_up(config.max_batch, *warmup, chunk=config.decode_chunk,
+                          log=lambda line: print(line, flush=True))
+    print(f"warm-up: {took:.1f} s in all", flush=True)
   print(f"serving {config.model_name}{what} at precisions {list(engine.precisions)} on "
         f"http://{_HOST.value}:{_PORT.value}", flush=True)
   uvicorn.run(create_app(engine, config), host=_HOST.value, port=_PORT.value,

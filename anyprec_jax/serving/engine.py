@@ -231,6 +231,33 @@ class Engine:
   def params_at(self, precision: int):
     return self._params_at(precision)
 
+  def warm_up(self, max_batch: int, prompt_tokens: int, max_tokens: int, chunk: int = 8,
+              log: Callable[[str], None] = lambda s: None) -> float:
+    """Compiles the greedy programs of every (precision, batch bucket), for prompts of
+    up to `prompt_tokens` tokens and up to `max_tokens` new ones, by running one
+    generation of each; requests of those shapes then pay no compilation.
+
+    Args:
+      max_batch: the server's largest batch bucket.
+      prompt_tokens, max_tokens: the prompt and new-token buckets to compile (each
+        rounded up to its bucket, as `run_batch` does).
+      chunk: decode steps per device call (the server's `decode_chunk`).
+      log: gets one line per (precision, batch bucket) with its seconds.
+
+    Returns:
+      Seconds taken in all.
+    """
+    import time
+    start = time.perf_counter()
+    row = RowSpec((self.cfg.bos_token_id or 0,) * prompt_tokens, max_tokens)
+    for b in self.precisions:
+      for rows in sorted({batch_bucket(n, max_batch) for n in range(1, max_batch + 1)}):
+        t = time.perf_counter()
+        for _ in self.run_batch(b, [row] * rows, max_batch, chunk=chunk):
+          pass
+        log(f"warm-up: {b} bits, batch {rows}: {time.perf_counter() - t:.1f} s")
+    return time.perf_counter() - start
+
   def run_batch(self, precision: int, rows: Sequence[RowSpec], max_batch: int,
                 live: Callable[[], Sequence[bool]] | None = None, chunk: int = 8
                 ) -> Iterator[np.ndarray]:

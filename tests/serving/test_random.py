@@ -14,6 +14,7 @@ from tests.script_runner import run_script
 from tests.serving import fixtures
 
 NAME = "random-tiny"
+PROMPT = "once upon a time"  # 17 tokens with <s>.
 
 
 @fixtures.needs_server_stack
@@ -26,7 +27,8 @@ class RandomServeTest(absltest.TestCase):
     from fastapi.testclient import TestClient
     with mock.patch("uvicorn.run") as run:
       res = run_script("serve", ["--random_shape=tiny", "--precisions=3,8",
-                                 "--max_batch=2", "--random_layers=1"])
+                                 "--max_batch=1", "--random_layers=1",
+                                 f"--warmup={len(PROMPT) + 1},5"])
     if res.code != 0:
       raise AssertionError(res.stderr)
     cls.stdout = res.stdout
@@ -40,9 +42,13 @@ class RandomServeTest(absltest.TestCase):
     cls.client.__exit__(None, None, None)
     super().tearDownClass()
 
-  def test_banner_names_the_random_model(self):
-    self.assertIn(f"serving {NAME} (random weights, num_layers=1, vocab_size=512) at "
-                  "precisions [3, 8]", self.stdout)
+  def test_banner_names_the_random_model_after_the_warm_up(self):
+    lines = self.stdout.splitlines()
+    self.assertEqual([l.split(":")[1] for l in lines[:2]],
+                     [" 3 bits, batch 1", " 8 bits, batch 1"])
+    self.assertStartsWith(lines[2], "warm-up: ")
+    self.assertStartsWith(lines[3], f"serving {NAME} (random weights, num_layers=1, "
+                          "vocab_size=512) at precisions [3, 8]")
 
   def test_health_and_models(self):
     self.assertEqual(self.client.get("/health").json(),
@@ -54,14 +60,14 @@ class RandomServeTest(absltest.TestCase):
     texts = {}
     for bits in (3, 8):
       r = self.client.post("/v1/completions", json={
-          "model": f"{NAME}@{bits}", "prompt": "once upon a time", "max_tokens": 5,
+          "model": f"{NAME}@{bits}", "prompt": PROMPT, "max_tokens": 5,
           "temperature": 0, "ignore_eos": True})
       self.assertEqual(r.status_code, 200, r.text)
       got = r.json()
       self.assertEqual((got["model"], got["precision"], got["system_fingerprint"]),
                        (f"{NAME}@{bits}", bits, f"anyprec-{bits}bit"))
       self.assertEqual(got["usage"]["completion_tokens"], 5)
-      self.assertEqual(got["usage"]["prompt_tokens"], len("once upon a time") + 1)
+      self.assertEqual(got["usage"]["prompt_tokens"], len(PROMPT) + 1)
       texts[bits] = got["choices"][0]["text"]
       self.assertTrue(texts[bits])
     self.assertNotEqual(texts[3], texts[8])  # Other LUTs: other tokens.
@@ -91,7 +97,8 @@ class RandomServeUsageTest(absltest.TestCase):
          "go with --random_shape"),
         (["--random_shape=huge"], "unknown shape 'huge'"),
         (["--random_shape=tiny", "--precisions=9"], "integer precisions in 2..8"),
-        (["--random_shape=tiny", "--random_layers=0"], "layers must be >= 1")):
+        (["--random_shape=tiny", "--random_layers=0"], "layers must be >= 1"),
+        (["--random_shape=tiny", "--warmup=5"], "--warmup takes")):
       with self.subTest(args=args):
         res = run_script("serve", args)
         self.assertEqual(res.code, 2, res.stderr)
