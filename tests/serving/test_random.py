@@ -106,6 +106,16 @@ class RandomServeUsageTest(absltest.TestCase):
         self.assertNotIn("Traceback", res.stderr)
 
 
+class EngineRandomTest(absltest.TestCase):
+
+  def test_a_given_tokenizer_sets_the_vocabulary(self):
+    from anyprec_jax.serving.engine import Engine
+    engine = Engine.random("tiny", [4], tokenizer=char_tokenizer.char_tokenizer(200),
+                           layers=1)
+    self.assertEqual((engine.cfg.vocab_size, engine.precisions), (200, (4,)))
+    self.assertEqual(engine.params_at(4)["lm_head"]["weight"].shape, (200, 128))
+
+
 class CharTokenizerTest(absltest.TestCase):
 
   def test_sized_to_the_vocabulary_and_every_id_decodes(self):
