@@ -102,7 +102,7 @@ def main(argv):
                              layers=_LAYERS.value)
   except errors.AnyPrecError:
     raise
-  except ValueError as e:  # Precisions outside the checkpoint's range, a bad shape.
+  except ValueError as e:  # Precisions outside the checkpoint's range.
     raise app.UsageError(str(e)) from None
   what = "" if _RANDOM.value is None else (
       f" (random weights, num_layers={engine.cfg.num_layers}, "
