@@ -86,12 +86,16 @@ _SHAPES = {
 }
 
 
-def shape_config(shape: Shape, layers: int | None = None) -> models.ModelConfig:
-  """A Llama `ModelConfig` of the given shape (optionally with fewer layers)."""
+def shape_config(shape: Shape, layers: int | None = None,
+                 vocab_size: int | None = None) -> models.ModelConfig:
+  """A Llama `ModelConfig` of the given shape (optionally with fewer layers, or another
+  vocabulary size, e.g. a tokenizer's)."""
   d = dict(_SHAPES[shape], model_type="llama", rms_norm_eps=1e-5, eos_token_id=2,
            bos_token_id=1, tie_word_embeddings=False)
   if layers is not None:
     d["num_hidden_layers"] = layers
+  if vocab_size is not None:
+    d["vocab_size"] = vocab_size
   return models.config_from_hf(d)
 
 
@@ -100,14 +104,24 @@ def _normal(key, shape, scale, dtype):
   return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-def random_dense_params(cfg: models.ModelConfig, dtype=jnp.bfloat16, seed: int = 0):
-  """Random params on device (normal, std 1/sqrt(fan-in); norms 1)."""
+def random_dense_params(cfg: models.ModelConfig, dtype=jnp.bfloat16, seed: int = 0,
+                        linears: bool = True):
+  """Random params on device (normal, std 1/sqrt(fan-in); norms 1).
+
+  `linears=False`: the decoder linears (`models.linear_names`) stay abstract
+  (`jax.ShapeDtypeStruct`), for `random_anyprec_params` to replace without a dense
+  copy ever being built; the other leaves are the same as with `linears=True`.
+  """
   abstract = models.decoder.abstract_params(cfg, dtype)
-  leaves, treedef = jax.tree_util.tree_flatten(abstract)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  skip = set() if linears else {models_params.param_path(abstract, name)
+                                for name in models.linear_names(cfg)}
+  with_paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  keys = jax.random.split(jax.random.key(seed), len(with_paths))
   out = []
-  for key, leaf in zip(keys, leaves):
-    if leaf.ndim == 1:
+  for key, (path, leaf) in zip(keys, with_paths):
+    if "/".join(str(getattr(k, "key", k)) for k in path) in skip:
+      out.append(leaf)
+    elif leaf.ndim == 1:
       out.append(jnp.ones(leaf.shape, dtype))
     else:
       out.append(_normal(key, leaf.shape, float(leaf.shape[-1]) ** -0.5, dtype))
@@ -118,7 +132,9 @@ def random_dense_params(cfg: models.ModelConfig, dtype=jnp.bfloat16, seed: int =
 def _random_anyprec(key, *, n, k, planes, precisions, layout=PlaneLayout.FORMAT):
   kp, kl = jax.random.split(key)
   words = plane_layout.words_for(layout, k)
-  bits = jax.random.bits(kp, (planes, n, words), jnp.uint32)  # [P, N, W]
+  # Drawn flat: XLA:CPU compiles a multi-dimensional draw far slower (seconds).
+  bits = jax.random.bits(kp, (planes * n * words,), jnp.uint32).reshape(
+      planes, n, words)  # [P, N, W]
   if layout is not PlaneLayout.FORMAT and k % plane_layout.BLOCK:  # padding -> code 0
     bits = plane_layout.to_tc(plane_layout.from_tc(bits, k), k)
   if layout is PlaneLayout.TC_TILED:  # random bits: only the padding needs care
@@ -140,7 +156,9 @@ def random_anyprec_params(cfg: models.ModelConfig, dense_params,
   """`dense_params` with every decoder linear replaced by a random `AnyPrecWeight`.
 
   Random parent codes and LUTs (fine for speed); only max(precisions) planes are
-  allocated, in `layout`'s bit order. Unquantized leaves are shared with `dense_params`.
+  allocated, in `layout`'s bit order. Unquantized leaves are shared with `dense_params`;
+  its linears are only read for their shapes (they may be abstract:
+  `random_dense_params(..., linears=False)`).
   `fuse`: q/k/v stored as one weight, as `from_quantized` loads them (`fuse_mlp`:
   gate/up too).
   """
@@ -158,6 +176,46 @@ def random_anyprec_params(cfg: models.ModelConfig, dense_params,
                               bits=max(precisions), layout=lay)
   out = models.replace_params(dense_params, new)
   return models_params.fuse_projections(out, concat_rows, mlp=fuse_mlp) if fuse else out
+
+
+def random_anyprec_model(cfg: models.ModelConfig, precisions: Sequence[int], *,
+                         dtype=None, layout: PlaneLayout | None = None,
+                         seed: int = 0):
+  """An `AnyPrecisionForCausalLM` with random weights, laid out and fused as
+  `AnyPrecisionForCausalLM.from_quantized` loads a checkpoint on this backend (the
+  planes in `runtime.default_layout()`, q/k/v fused, gate/up not), for serving and
+  latency benchmarks without a checkpoint.
+
+  Args:
+    cfg: model shape (`shape_config`).
+    precisions: integer widths to hold (each in format.MIN_BITS..MAX_BITS); one
+      random parent of max(precisions) planes serves them all.
+    dtype: activations and unquantized weights; None: `runtime.default_dtype()`.
+    layout: bit order of the planes; None: `runtime.default_layout()`.
+    seed: PRNG seed of the dense leaves (the planes and LUTs use seed + 1).
+
+  Returns:
+    The model, active at max(precisions); it has no directory (no tokenizer).
+
+  Raises:
+    errors.UsageError: no precision, a fractional one, or one outside
+      MIN_BITS..MAX_BITS.
+  """
+  from anyprec_jax import errors, runtime  # Local: runtime imports this module's users.
+  if not precisions:
+    raise errors.UsageError("random weights need at least one precision")
+  bad = [p for p in precisions if not weight_lib.is_int(p)
+         or not fmt.MIN_BITS <= int(p) <= fmt.MAX_BITS]
+  if bad:
+    raise errors.UsageError(f"random weights take integer precisions in {fmt.MIN_BITS}.."
+                     f"{fmt.MAX_BITS}; got {bad}")
+  widths = tuple(sorted({int(p) for p in precisions}))
+  dtype = runtime.default_dtype() if dtype is None else dtype
+  layout = runtime.default_layout() if layout is None else PlaneLayout(layout)
+  dense = random_dense_params(cfg, dtype, seed=seed, linears=False)  # linears abstract
+  params = random_anyprec_params(cfg, dense, widths, seed=seed + 1, layout=layout,
+                                 fuse=True, fuse_mlp=False)
+  return runtime.AnyPrecisionForCausalLM(cfg, params, precisions=widths)
 
 
 def loaded_widths(precisions: Sequence) -> tuple[int, ...]:

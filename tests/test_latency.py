@@ -46,6 +46,22 @@ class RandomModelTest(absltest.TestCase):
     self.assertTrue(np.all(codes[:, 40:] == 0))
     self.assertGreater(len(np.unique(codes[:, :40])), 8)
 
+  def test_dense_params_without_linears(self):
+    cfg = latency.shape_config(latency.Shape.TINY, layers=1)
+    full = latency.random_dense_params(cfg, jnp.float32)
+    lean = latency.random_dense_params(cfg, jnp.float32, linears=False)
+    names = models.linear_names(cfg)
+    for name in names:
+      self.assertIsInstance(models.get_param(lean, name), jax.ShapeDtypeStruct)
+      self.assertEqual(models.get_param(lean, name).shape,
+                       models.get_param(full, name).shape)
+    want = dict(jax.tree_util.tree_flatten_with_path(full)[0])
+    arrays = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(lean)[0]
+              if not isinstance(x, jax.ShapeDtypeStruct)]
+    self.assertLen(arrays, len(want) - len(names))
+    for path, x in arrays:  # The same draws as with the linears.
+      np.testing.assert_array_equal(x, want[path])
+
   def test_bench_e2e_smoke(self):
     cfg = latency.shape_config(latency.Shape.TINY, layers=1)
     dense = latency.random_dense_params(cfg, jnp.float32)

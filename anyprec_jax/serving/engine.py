@@ -4,6 +4,8 @@ a batched generation that yields one token per row per step.
 An `Engine` holds either an any-precision checkpoint (one `AnyPrecisionForCausalLM`,
 every loaded precision sharing its planes) or a dense Hugging Face model, served as
 the single precision of its dtype (16 for bfloat16 / float16, 32 for float32).
+`Engine.random` builds the first kind from random weights of a benchmark shape (no
+checkpoint; a character tokenizer), for load runs on machines without one.
 
 `Engine.run_batch` is the only generation path. It left-aligns the prompts into
 buckets (`models.generate.bucket`: batch rows to a power of two up to `max_batch`,
@@ -115,6 +117,9 @@ def _steps(cfg, params, tokens, state, cache, keys, temperature, top_p, n, *, ch
   return out, tok, keys, state, cache
 
 
+RANDOM_PRECISIONS = (3, 4, 5, 6, 7, 8)  # `Engine.random`'s default.
+
+
 def batch_bucket(n: int, max_batch: int) -> int:
   """Rows a batch of `n` requests runs with (n above max_batch: max_batch's bucket):
   the next power of two, at most max_batch."""
@@ -177,8 +182,81 @@ class Engine:
     bits = jnp.dtype(dtype).itemsize * 8
     return cls(cfg, lambda b: params, (bits,), tok, quantized=False)
 
+  @classmethod
+  def random(cls, shape, precisions: Sequence[int] | None = None, dtype=None,
+             tokenizer=None, layers: int | None = None, seed: int = 0) -> "Engine":
+    """Random any-precision weights of a benchmark shape, served as a loaded
+    checkpoint would be (benchmarks only: the text is noise).
+
+    The params are `latency.random_anyprec_model`'s: one random parent with
+    max(precisions) planes plus a LUT per precision, in this backend's plane layout
+    with q/k/v fused, as `from_quantized` loads a checkpoint. So a decode step reads
+    the bytes, and runs the kernels, of a real checkpoint of that shape.
+
+    Args:
+      shape: `latency.Shape` or its value ("llama-2-7b", "tiny", ...).
+      precisions: integer widths to serve; None: RANDOM_PRECISIONS (what a 3-bit
+        seed / 8-bit parent checkpoint loads).
+      dtype: activation / dense-weight dtype; None: `runtime.default_dtype()`.
+      tokenizer: a tokenizer; the model's vocabulary is resized to len(tokenizer)
+        so every id stays in range. None: `char_tokenizer.char_tokenizer` of the
+        shape's own vocabulary.
+      layers: override the shape's number of layers.
+      seed: PRNG seed of the weights.
+
+    Raises:
+      errors.UsageError: an unknown shape, layers < 1, or a precision that is not an
+        int in 2..8.
+    """
+    from anyprec_jax import errors, latency
+    from anyprec_jax.serving import char_tokenizer
+    try:
+      shape = latency.Shape(shape)
+    except ValueError:
+      raise errors.UsageError(f"unknown shape {shape!r}; shapes: "
+                              f"{[s.value for s in latency.Shape]}") from None
+    if layers is not None and layers < 1:
+      raise errors.UsageError(f"layers must be >= 1, got {layers}")
+    if tokenizer is None:
+      tokenizer = char_tokenizer.char_tokenizer(latency.shape_config(shape).vocab_size)
+    cfg = latency.shape_config(shape, layers, vocab_size=len(tokenizer))
+    model = latency.random_anyprec_model(
+        cfg, RANDOM_PRECISIONS if precisions is None else precisions, dtype=dtype,
+        seed=seed)
+    for b in model.supported_precisions:
+      model.params_at(b)  # Built once here, not on a request.
+    return cls(cfg, model.params_at, model.supported_precisions, tokenizer,
+               quantized=True)
+
   def params_at(self, precision: int):
     return self._params_at(precision)
+
+  def warm_up(self, max_batch: int, prompt_tokens: int, max_tokens: int, chunk: int = 8,
+              log: Callable[[str], None] = lambda s: None) -> float:
+    """Compiles the greedy programs of every (precision, batch bucket), for prompts of
+    up to `prompt_tokens` tokens and up to `max_tokens` new ones, by running one
+    generation of each; requests of those shapes then pay no compilation.
+
+    Args:
+      max_batch: the server's largest batch bucket.
+      prompt_tokens, max_tokens: the prompt and new-token buckets to compile (each
+        rounded up to its bucket, as `run_batch` does).
+      chunk: decode steps per device call (the server's `decode_chunk`).
+      log: gets one line per (precision, batch bucket) with its seconds.
+
+    Returns:
+      Seconds taken in all.
+    """
+    import time
+    start = time.perf_counter()
+    row = RowSpec((self.cfg.bos_token_id or 0,) * prompt_tokens, max_tokens)
+    for b in self.precisions:
+      for rows in sorted({batch_bucket(n, max_batch) for n in range(1, max_batch + 1)}):
+        t = time.perf_counter()
+        for _ in self.run_batch(b, [row] * rows, max_batch, chunk=chunk):
+          pass
+        log(f"warm-up: {b} bits, batch {rows}: {time.perf_counter() - t:.1f} s")
+    return time.perf_counter() - start
 
   def run_batch(self, precision: int, rows: Sequence[RowSpec], max_batch: int,
                 live: Callable[[], Sequence[bool]] | None = None, chunk: int = 8
