@@ -1,16 +1,20 @@
 """lm-evaluation-harness model `anyprec`: any-precision checkpoints at any width.
 
-    python -m anyprec_jax.lm_eval_cli --model anyprec \\
+    lm_eval --model anyprec \\
         --model_args path=out/smol-anyprec,precision=4,batch_size=8 --tasks arc_easy
 
-    import lm_eval, anyprec_jax.lm_eval_adapter  # the import registers "anyprec"
+    import lm_eval
     lm_eval.simple_evaluate(model="anyprec", model_args="path=DIR,precision=3", ...)
 
 `path` is an any-precision checkpoint (evaluated at `precision`, default its highest)
 or a dense Hugging Face directory (the original model, a fake-quantized baseline), so
 one command line compares the original and every width. lm_eval 0.4.13 discovers no
-third-party models by itself (no entry-point group), hence the import, or the
-`anyprec-lm-eval` / `python -m anyprec_jax.lm_eval_cli` wrapper.
+third-party models by itself (no entry-point group): the installed
+`anyprec_jax_lm_eval.pth` registers "anyprec" as the lazy string
+"anyprec_jax.lm_eval_adapter:AnyPrecLM" when lm_eval loads its models
+(`anyprec_jax_lm_eval_hook`), and `@register_model("anyprec")` below replaces it with
+the class. Without the .pth, importing this module registers the name, and the
+`anyprec-lm-eval` / `python -m anyprec_jax.lm_eval_cli` wrapper does that import.
 
 Requests run through `anyprec_jax.lm_scoring` (jitted forward / generate, batched,
 padded to power-of-two length buckets). Tokens follow lm_eval's `HFLM`:

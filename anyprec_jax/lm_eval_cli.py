@@ -5,8 +5,10 @@
     anyprec-lm-eval ...   # the same, as the console script pyproject.toml installs
 
 lm_eval 0.4.13 finds no third-party models by itself (its registry lists its own
-models only, and it reads no entry-point group), so this imports the adapter, then
-hands every argument to lm_eval's own CLI unchanged.
+models only, and it reads no entry-point group). The installed
+`anyprec_jax_lm_eval.pth` (see `anyprec_jax_lm_eval_hook`) makes a plain
+`lm_eval --model anyprec` work; this wrapper does not depend on it: it imports the
+adapter, then hands every argument to lm_eval's own CLI unchanged.
 """
 
 from __future__ import annotations

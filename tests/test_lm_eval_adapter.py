@@ -3,13 +3,15 @@
 Every request type is checked against a direct computation with the runtime
 (`forward` logits, our perplexity code, `generate`), and the local tasks in
 tests/data/lm_eval_tasks run through lm_eval end to end, in Python and on the command
-line (in this process). The tokenizer is character level with a Llama-style BOS, so token counts are
-character counts. Skips when lm_eval is not installed (`pip install -e .[eval]`).
+line (in this process, and as a plain `lm_eval --model anyprec` in a fresh one). The
+tokenizer is character level with a Llama-style BOS, so token counts are character
+counts. Skips when lm_eval is not installed (`pip install -e .[eval]`).
 """
 
 import json
 import pathlib
 import shutil
+import subprocess
 import sys
 import tempfile
 import unittest
@@ -24,6 +26,7 @@ from anyprec_jax.runtime import AnyPrecisionForCausalLM
 from tests import synthetic_checkpoint as synth
 from tests.char_tokenizer import BOS, EOS, write_char_tokenizer
 from tests import slow
+from tests import test_lm_eval_plugin
 
 try:
   import lm_eval
@@ -191,20 +194,25 @@ class LmEvalAdapterTest(absltest.TestCase):
           task_manager=TaskManager(include_path=str(TASKS), include_defaults=False))
     return LmEvalAdapterTest._e2e
 
-  def test_local_tasks_through_lm_eval(self):
-    res = self.end_to_end()
+  def direct_mc_accuracy(self, bits: int) -> tuple[int, float, float]:
+    """(questions, acc, acc_norm) of anyprec_tiny_mc from `direct_loglikelihoods`."""
     docs = [json.loads(line) for line in (TASKS / "tiny_mc.jsonl").open()]
     pairs = [(f"Question: {d['question']}\nAnswer:", " " + c)
              for d in docs for c in d["choices"]]
-    ll = np.array([x for x, _ in self.direct_loglikelihoods(pairs, bits=3)]).reshape(
+    ll = np.array([x for x, _ in self.direct_loglikelihoods(pairs, bits=bits)]).reshape(
         len(docs), 4)
     lengths = np.array([[len(c) for c in d["choices"]] for d in docs])  # lm_eval's norm
     labels = np.array([d["label"] for d in docs])
     acc, acc_norm = ll.argmax(1) == labels, (ll / lengths).argmax(1) == labels
+    return len(docs), float(np.mean(acc)), float(np.mean(acc_norm))
+
+  def test_local_tasks_through_lm_eval(self):
+    res = self.end_to_end()
+    n, acc, acc_norm = self.direct_mc_accuracy(bits=3)
     mc = res["results"]["anyprec_tiny_mc"]
-    self.assertEqual(mc["sample_len"], len(docs))
-    self.assertAlmostEqual(mc["acc,none"], float(np.mean(acc)))
-    self.assertAlmostEqual(mc["acc_norm,none"], float(np.mean(acc_norm)))
+    self.assertEqual(mc["sample_len"], n)
+    self.assertAlmostEqual(mc["acc,none"], acc)
+    self.assertAlmostEqual(mc["acc_norm,none"], acc_norm)
     gen = res["samples"]["anyprec_tiny_gen"]
     self.assertLen(gen, 6)
     for s in gen:
@@ -230,6 +238,28 @@ class LmEvalAdapterTest(absltest.TestCase):
     want = self.end_to_end()["results"]["anyprec_tiny_mc"]
     self.assertAlmostEqual(got["acc,none"], want["acc,none"])
     self.assertAlmostEqual(got["acc_norm,none"], want["acc_norm,none"])
+
+  def test_plain_lm_eval_command(self):
+    """The plain `lm_eval --model anyprec` in a fresh process (`python -m lm_eval`,
+    the `lm_eval` console script's code): the installed anyprec_jax_lm_eval.pth
+    registers the name, nothing else does. Same accuracy as the direct computation."""
+    if not test_lm_eval_plugin.hook_active():
+      self.skipTest(test_lm_eval_plugin.SKIP_REASON)
+    out = pathlib.Path(tempfile.mkdtemp(prefix="anyprec_plain_lm_eval_"))
+    self.addCleanup(shutil.rmtree, out, True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "anyprec",
+         "--model_args", f"path={self.dir},precision=3,batch_size=80",  # one batch
+         "--tasks", "anyprec_tiny_mc", "--include_path", str(TASKS),
+         "--output_path", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    [path] = out.rglob("results_*.json")
+    got = json.loads(path.read_text())["results"]["anyprec_tiny_mc"]
+    n, acc, acc_norm = self.direct_mc_accuracy(bits=3)
+    self.assertEqual(got["sample_len"], n)
+    self.assertAlmostEqual(got["acc,none"], acc)
+    self.assertAlmostEqual(got["acc_norm,none"], acc_norm)
 
 
 if __name__ == "__main__":
