@@ -239,6 +239,8 @@ class LmEvalAdapterTest(absltest.TestCase):
     self.assertAlmostEqual(got["acc,none"], want["acc,none"])
     self.assertAlmostEqual(got["acc_norm,none"], want["acc_norm,none"])
 
+  @slow.slow("lm_eval's CLI in a fresh process, ~17 s; test_lm_eval_plugin checks the "
+             "installed hook registers the model in a bare interpreter")
   def test_plain_lm_eval_command(self):
     """The plain `lm_eval --model anyprec` in a fresh process (`python -m lm_eval`,
     the `lm_eval` console script's code): the installed anyprec_jax_lm_eval.pth
