@@ -36,25 +36,28 @@ FLAGS = flags.FLAGS
 
 
 def _parse_variant(name: str):
-  """rt<R>_t<T>[_s<S>][_xs][_k<K>][_d<D>]: row tiles, warpgroups, ring stages, shared
-  activations, K split over CTAs, prefetch depth (tables loaded first, as the model
-  path does); "model[_k<K>][_d<D>][_early][_split4][_p<probe>]": `config_for` with
-  those changes, early loads, the split 4-bit decode and/or a probe
-  (`TcGemvConfig.probe`: loads, decode)."""
+  """rt<R>_t<T>[_s<S>][_xs][_k<K>][_d<D>][_b<C>]: row tiles, warpgroups, ring stages,
+  shared activations, K split over CTAs, prefetch depth, bulk-copy chunks (tables loaded
+  first, as the model path does); "model[_k<K>][_d<D>][_b<C>][_early][_nosplit4]
+  [_p<probe>]": `config_for` with those changes, early loads, without the split 4-bit
+  decode (on by default since step 7) and/or a probe (`TcGemvConfig.probe`: loads,
+  decode)."""
   import re
   from anyprec_jax.pallas.mosaic.gemv_tc import TcGemvConfig
-  m = re.fullmatch(r"model(?:_k(\d+))?(?:_d(\d+))?(_early)?(_split4)?"
+  m = re.fullmatch(r"model(?:_k(\d+))?(?:_d(\d+))?(?:_b(\d+))?(_early)?(_nosplit4)?"
                    r"(?:_p(loads|decode))?", name)
   if m:
     return ("model", dict(ksplit=int(m.group(1) or 1), depth=int(m.group(2) or 1),
-                          early_loads=bool(m.group(3)), split4=bool(m.group(4)),
-                          probe=m.group(5) or ""))
-  m = re.fullmatch(r"rt(\d+)_t(\d+)(?:_s(\d+))?(_xs)?(?:_k(\d+))?(?:_d(\d+))?", name)
+                          bulk=int(m.group(3) or 0), early_loads=bool(m.group(4)),
+                          split4=not m.group(5), probe=m.group(6) or ""))
+  m = re.fullmatch(r"rt(\d+)_t(\d+)(?:_s(\d+))?(_xs)?(?:_k(\d+))?(?:_d(\d+))?"
+                   r"(?:_b(\d+))?", name)
   if not m:
     raise ValueError(f"unknown variant {name!r}")
   return TcGemvConfig(row_tiles=int(m.group(1)), warpgroups=int(m.group(2)),
                       stages=int(m.group(3) or 0), x_smem=bool(m.group(4)),
-                      ksplit=int(m.group(5) or 1), depth=int(m.group(6) or 1))
+                      ksplit=int(m.group(5) or 1), depth=int(m.group(6) or 1),
+                      bulk=int(m.group(7) or 0))
 
 
 def main(argv):
@@ -81,8 +84,9 @@ def main(argv):
   # "<name>_late": the same with the LUTs loaded before the first block (before step 5).
   variants |= {f"{k}_late": dataclasses.replace(v, early_loads=False)
                for k, v in list(variants.items())}
-  # "model" ("model_late"): what `config_for` picks for the shape, bits and M.
-  variants["model"], variants["model_late"] = None, "late"
+  # "model" (old name "model_late"): what `config_for` picks for the shape, bits and M;
+  # "model_early" etc. are parsed by `_parse_variant`.
+  variants["model"] = variants["model_late"] = "model"
   # A variant "name@tc_tiled" runs `name` on TC_TILED planes; plain names run on each
   # layout of --layouts.
   wanted = (FLAGS.variants.split(",") if FLAGS.variants
@@ -102,11 +106,10 @@ def main(argv):
       cases.append(bm.bf16_case(s, m))
       for bits in (int(b) for b in FLAGS.bits.split(",")):
         for label, cfg, tiled in runs:
-          if cfg in (None, "late") or isinstance(cfg, tuple):
+          if cfg == "model" or isinstance(cfg, tuple):
             from anyprec_jax.pallas.mosaic import gemv_tc as gt
             base = gt.config_for(bits, m, s.n, s.k, tiled=tiled)
-            cfg = (dataclasses.replace(base, **cfg[1]) if isinstance(cfg, tuple)
-                   else dataclasses.replace(base, early_loads=cfg is None))
+            cfg = dataclasses.replace(base, **cfg[1]) if isinstance(cfg, tuple) else base
           if bits >= 5 and cfg.row_tiles % 2 and cfg.row_tiles != 1:
             continue  # two tiles share a shared-memory table
           cases.append(bm.tc_gemv_case(s, bits, m, cfg, tiled=tiled, label=label))

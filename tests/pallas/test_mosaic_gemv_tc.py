@@ -255,6 +255,28 @@ class TcLoweringTest(parameterized.TestCase):
             jax.ShapeDtypeStruct((n, 1 << bits), jnp.float16))
     self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
 
+  @parameterized.parameters((3, 1, 1), (4, 8, 2), (5, 1, 4), (8, 3, 2))
+  def test_bulk_copies_lower_for_cuda(self, bits, m, chunks):
+    n, k = 1008, 4000
+    cfg = gt.TcGemvConfig(warpgroups=1, bulk=chunks)
+    lay = gt.make_layout(bits, m, n, k, cfg, jnp.bfloat16, tiled=True)
+    self.assertEqual(lay.bulk, chunks)
+    self.assertEqual(lay.bulk_blocks, 8)  # 32 blocks over 4 warps
+    self.assertEqual(lay.bulk_bytes, 4 * (2 * bits * 8 * 256 + 8 * chunks))
+    fn = jax.jit(lambda x, p, l: gt.gemv_tc(x, p, l, bits=bits, cfg=cfg, tiled=True))
+    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+            jax.ShapeDtypeStruct((bits, n, tc_layout.num_words(k)), jnp.uint32),
+            jax.ShapeDtypeStruct((n, 1 << bits), jnp.float16))
+    self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
+
+  def test_bulk_copies_fall_back_or_refuse(self):
+    big = gt.TcGemvConfig(row_tiles=2, warpgroups=1, bulk=2)  # 8 bits, K = 32768
+    self.assertEqual(gt.make_layout(8, 1, 1024, 32768, big, jnp.bfloat16, True).bulk, 0)
+    with self.assertRaisesRegex(ValueError, "TC_TILED"):
+      gt.make_layout(3, 1, 1024, 4096, big, jnp.bfloat16, False)
+    with self.assertRaisesRegex(ValueError, "exclude"):
+      gt.make_layout(3, 1, 1024, 4096, gt.TcGemvConfig(bulk=2, stages=3), jnp.bfloat16, True)
+
   @parameterized.parameters(False, True)
   def test_split4_lowers_for_cuda(self, tiled):
     n, k = 1008, 4000
@@ -479,6 +501,24 @@ class TcGemvTest(parameterized.TestCase):
                                            in_features=k), np.float64)
     err = np.abs(got - want).max() / (np.abs(want).max() + 1e-30)
     self.assertLess(err, 1e-4, f"split4 M={m} tiled={tiled}: {err:.3g}")
+
+  @parameterized.parameters((3, 1, 2), (4, 8, 1), (5, 3, 4), (8, 1, 2))
+  def test_bulk_copies_match_reference(self, bits, m, chunks):
+    n = 1008  # ragged K; K = 1000 at T = 2: warps of 0 or 1 block, chunks past the range
+    for k, t in ((4000, 1), (1000, 2)):
+      cfg = gt.TcGemvConfig(warpgroups=t, bulk=chunks)
+      self.assertEqual(gt.make_layout(bits, m, n, k, cfg, jnp.bfloat16, True).bulk, chunks)
+      kx, kp, kl = jax.random.split(jax.random.PRNGKey(bits + 10 * m + chunks + k), 3)
+      x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+      planes = tc_layout.to_tc(jax.random.bits(kp, (bits, n, -(-k // 32)), jnp.uint32), k)
+      lut = jax.random.normal(kl, (n, 1 << bits), jnp.float16)
+      got = np.asarray(gt.gemv_tc(x, tc_layout.tile(planes), lut, bits=bits, cfg=cfg,
+                                  tiled=True), np.float64)
+      want = np.asarray(gt.gemv_tc_reference(x, planes, lut.astype(jnp.bfloat16),
+                                             bits=bits, in_features=k), np.float64)
+      self.assertTrue(np.isfinite(got).all())
+      err = np.abs(got - want).max() / (np.abs(want).max() + 1e-30)
+      self.assertLess(err, 1e-4, f"b{bits} M={m} bulk={chunks} K={k}: {err:.3g}")
 
   @parameterized.parameters((3, 1, 2), (8, 8, 3))
   def test_prefetch_depth_matches_reference(self, bits, m, depth):

@@ -111,6 +111,14 @@ class TcGemvConfig:
   depth: D >= 1, plane words held in registers D blocks ahead. Off (D = 1): deeper
     prefetch was slower at every width on the H200 (GPU time, 7B shapes, M = 1: 3 bits
     +1-6 %, 8 bits +25-40 %: more registers, fewer resident warps; kernels_tc.md step 7).
+  bulk: C >= 1 (TC_TILED planes, GEMV only): each warp copies its whole K range of
+    plane words into shared memory with `cp.async.bulk` (one copy per tile, plane and
+    chunk: a warp's words of one tile and plane are contiguous in TC_TILED), in C
+    chunks that complete on one `mbarrier` each, all issued before the LUTs load; the
+    loop then reads its words with `ld.shared.v2`. Every byte is in flight from the
+    start and no register holds prefetched words (T26: register prefetch trades
+    resident warps for bytes in flight). 0: off. Falls back to 0 where the copies do
+    not fit in `SMEM_BUDGET`.
   split4: 4 bits only: the low three planes give the look-up selectors as at 3 bits,
     plane 0 alone the half-select selectors (fewer ALU ops per code). On: 5-7 % faster
     GPU time on the 7B shapes at M = 1 (kernels_tc.md step 7).
@@ -125,6 +133,7 @@ class TcGemvConfig:
   probe: str = ""
   depth: int = 1
   split4: bool = True
+  bulk: int = 0
 
 
 SMEM_BUDGET = 200 * 1024  # shared bytes a CTA may ask for (227 KB on Hopper)
@@ -151,6 +160,7 @@ class _Layout:
   probe: str = ""
   depth: int = 1
   split4: bool = False
+  bulk: int = 0
 
   @property
   def warps(self) -> int:
@@ -185,8 +195,25 @@ class _Layout:
     return self.warps * self.stages * self.stage_bytes
 
   @property
+  def bulk_blocks(self) -> int:  # most K blocks a warp owns
+    return -(-self.blocks // self.kparts)
+
+  @property
+  def bulk_chunk(self) -> int:  # K blocks per bulk chunk (one mbarrier each)
+    return -(-self.bulk_blocks // self.bulk) if self.bulk else 0
+
+  @property
+  def bulk_warp_bytes(self) -> int:  # one warp's words: [RT][b][bulk_blocks][256 B]
+    return self.row_tiles * self.bits * self.bulk_blocks * 256 if self.bulk else 0
+
+  @property
+  def bulk_bytes(self) -> int:  # the warps' words, then their mbarriers (8 B each)
+    return self.warps * (self.bulk_warp_bytes + 8 * self.bulk) if self.bulk else 0
+
+  @property
   def smem_bytes(self) -> int:
-    return self.table_bytes + self.red_bytes + self.ring_bytes + self.x_bytes
+    return (self.table_bytes + self.red_bytes + self.ring_bytes + self.x_bytes
+            + self.bulk_bytes)
 
 
 def config_for(bits: int, m: int, n: int, k: int, tiled: bool = False) -> TcGemvConfig:
@@ -238,15 +265,23 @@ def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
     raise ValueError(f"depth must be >= 1, got {cfg.depth}")
   if cfg.ksplit < 1:
     raise ValueError(f"ksplit must be >= 1, got {cfg.ksplit}")
+  if cfg.bulk < 0:
+    raise ValueError(f"bulk must be >= 0 (chunks per warp; 0 = off), got {cfg.bulk}")
+  if cfg.bulk and not tiled:
+    raise ValueError("bulk copies need TC_TILED planes (tiled=True)")
+  if cfg.bulk and cfg.stages:
+    raise ValueError("bulk copies and the cp.async ring (stages) exclude each other")
   if tiled and n % tc_layout.TILE_ROWS:
     raise ValueError(f"tiled planes need N % {tc_layout.TILE_ROWS} == 0, got N={n}")
   lay = _Layout(bits=bits, m=m, n=n, k=k, blocks=blocks, row_tiles=cfg.row_tiles,
                 warpgroups=t, ctas=ctas, prefetch=cfg.prefetch, mma_dtype=mma,
                 stages=cfg.stages, tiled=tiled, x_smem=cfg.x_smem,
                 early_loads=cfg.early_loads, ksplit=cfg.ksplit, probe=cfg.probe,
-                depth=cfg.depth, split4=cfg.split4 and bits == 4)
+                depth=cfg.depth, split4=cfg.split4 and bits == 4, bulk=cfg.bulk)
   if lay.x_smem and lay.smem_bytes > SMEM_BUDGET:
     lay = dataclasses.replace(lay, x_smem=False)
+  if lay.bulk and lay.smem_bytes > SMEM_BUDGET:
+    lay = dataclasses.replace(lay, bulk=0)
   return lay
 
 
@@ -316,6 +351,14 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
       return _register_tables(ptx, lay, lg, rows)
     return _shared_tables(ptx, lay, lg, smem, row0, tid, lane)
 
+  parts = lay.kparts
+  start = ptx.udiv(ptx.mul(kpart, ptx.const(lay.blocks)), parts)
+  end = ptx.udiv(ptx.mul(ptx.add(kpart, ptx.const(1)), ptx.const(lay.blocks)), parts)
+  last = ptx.select(ptx.lt(start, end), ptx.add(end, ptx.const(-1)), start)
+  if lay.bulk:  # every plane word of the warp's K range in flight before the tables load
+    bulk_area = ptx.add(red, ptx.const(lay.red_bytes + lay.ring_bytes + lay.x_bytes))
+    bulk_read = _bulk_planes(ptx, lay, pg, bulk_area, cta, warp, lane, start, end)
+
   if not lay.early_loads:
     tile_a_regs = make_tables()
 
@@ -380,10 +423,6 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
       out.append(regs)
     return out
 
-  parts = lay.kparts
-  start = ptx.udiv(ptx.mul(kpart, ptx.const(lay.blocks)), parts)
-  end = ptx.udiv(ptx.mul(ptx.add(kpart, ptx.const(1)), ptx.const(lay.blocks)), parts)
-  last = ptx.select(ptx.lt(start, end), ptx.add(end, ptx.const(-1)), start)
   acc0 = [ptx.fconst(0.0)] * (4 * rt_n)
   flat = lambda ws: [v for tile in ws for pair in tile for v in pair]
   flat_b = lambda bf: [v for st in bf for v in st]
@@ -397,7 +436,7 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
                                         start, end, last)
     for i in range(lay.stages - 1):
       ring_issue(ptx.add(start, ptx.const(i)), i)
-  pre_words = lay.prefetch and not ring
+  pre_words = lay.prefetch and not ring and not lay.bulk
   depth = lay.depth if pre_words else 0
   last_c = ptx.umin(last, lay.blocks - 1)  # a warp with no blocks may have last = KB
   pre0 = [v for d in range(depth)  # blocks first .. first + depth - 1, clamped
@@ -432,6 +471,8 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
       ring_issue(ptx.add(blk, ptx.const(lay.stages - 1)),
                  ptx.urem(ptx.add(i, ptx.const(lay.stages - 1)), lay.stages))
       cur = ring_read(ptx.urem(i, lay.stages))
+    elif lay.bulk:
+      cur = bulk_read(blk)
     elif pre_words:  # carried: blocks blk .. blk + depth - 1; load blk + depth
       held = carried[4 * rt_n:4 * rt_n + nwords]
       it = iter(held)
@@ -576,6 +617,59 @@ def _plane_ring(ptx, lay: _Layout, pg, red, row0, warp, lane, g, q, start, end, 
     return out
 
   return issue, read
+
+
+def _bulk_planes(ptx, lay: _Layout, pg, area, cta, warp, lane, start, end):
+  """Issues the bulk copies of a warp's plane words; returns read(blk) -> [RT][2][b].
+
+  Warp w's region (at area + w * bulk_warp_bytes) holds [tile][plane][block - start]
+  [256 B], the TC_TILED bytes of its blocks (lane L's pair at 8 L); its C mbarriers sit
+  after the regions of all warps. Lane 0 initialises the barriers and, per chunk c of
+  `bulk_chunk` blocks, announces the chunk's bytes (`arrive.expect_tx`) and issues one
+  `cp.async.bulk` per tile and plane; chunks past the warp's range copy nothing and
+  complete on the arrival alone. read(blk) waits for blk's chunk (phase 0; a completed
+  phase answers at once) and loads the lane's two words per tile and plane.
+  """
+  b, n, rt_n = lay.bits, lay.n, lay.row_tiles
+  w_tc = 4 * lay.blocks
+  tiles_n = n // 16
+  nblk, chunk = lay.bulk_blocks, lay.bulk_chunk
+  region = ptx.add(area, ptx.mul(warp, ptx.const(lay.bulk_warp_bytes)))
+  bars = ptx.add(ptx.add(area, ptx.const(lay.warps * lay.bulk_warp_bytes)),
+                 ptx.shl(ptx.mul(warp, ptx.const(lay.bulk)), 3))
+  with ptx.If(ptx.eq(lane, ptx.const(0))):
+    for c in range(lay.bulk):
+      ptx.mbarrier_init(ptx.add(bars, ptx.const(8 * c)), 1)
+    ptx.fence_mbarrier_init()
+    for c in range(lay.bulk):
+      b0 = ptx.umin(ptx.add(start, ptx.const(c * chunk)), end)
+      count = ptx.umin(ptx.add(end, ptx.mul(b0, ptx.const(-1))), ptx.const(chunk))
+      size = ptx.shl(count, 8)  # bytes per tile and plane
+      bar = ptx.add(bars, ptx.const(8 * c))
+      ptx.mbarrier_arrive_expect_tx(bar, ptx.mul(size, ptx.const(rt_n * b)))
+      with ptx.If(ptx.lt(ptx.const(0), count)):
+        dst0 = ptx.add(region, ptx.shl(ptx.add(b0, ptx.mul(start, ptx.const(-1))), 8))
+        for rt in range(rt_n):
+          tile = ptx.umin(ptx.add(ptx.mul(cta, ptx.const(rt_n)), ptx.const(rt)), tiles_n - 1)
+          word0 = ptx.add(ptx.mul(tile, ptx.const(lay.blocks * 64)), ptx.shl(b0, 6))
+          for pi in range(b):
+            src = ptx.gaddr(pg, word0, 4, extra=pi * n * w_tc * 4)
+            dst = ptx.add(dst0, ptx.const((rt * b + pi) * nblk * 256))
+            ptx.cp_async_bulk_g2s(dst, src, size, bar)
+  ptx.warp_sync()  # the barriers are initialised before any lane waits on them
+  lane8 = ptx.shl(lane, 3)
+
+  def read(blk):
+    rel = ptx.add(blk, ptx.mul(start, ptx.const(-1)))
+    ptx.mbarrier_wait_parity(ptx.add(bars, ptx.shl(ptx.udiv(rel, chunk), 3)), 0)
+    base = ptx.add(region, ptx.add(ptx.shl(rel, 8), lane8))
+    out = []
+    for rt in range(rt_n):
+      vs = [ptx.ld_shared_v2_b32(base, imm=(rt * b + pi) * nblk * 256) for pi in range(b)]
+      out.append([[v[0] for v in vs], [v[1] for v in vs]])
+    return out
+
+  return read
 
 
 def _stage_x(ptx, lay: _Layout, xg, xs, lane, start, end):

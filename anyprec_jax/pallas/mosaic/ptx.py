@@ -391,3 +391,37 @@ def warp_sync():
 
 def urem(a, d: int):
   return arith.remui(a, const(d))
+
+
+# --- bulk copies completing on an mbarrier (sm_90) -------------------------------------
+
+def mbarrier_init(bar32, count: int):
+  """Initialises the 8-byte shared mbarrier at `bar32` for `count` arrivals."""
+  asm(None, [bar32], f"mbarrier.init.shared::cta.b64 [$0], {count};", "r", True)
+
+
+def fence_mbarrier_init():
+  """Makes mbarrier initialisations visible to the async proxy (bulk copies)."""
+  asm(None, [], "fence.mbarrier_init.release.cluster;", "", True)
+
+
+def mbarrier_arrive_expect_tx(bar32, tx_bytes):
+  """One arrival that also expects `tx_bytes` (i32) of asynchronous transactions."""
+  asm(None, [bar32, tx_bytes], "mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;",
+      "r,r", True)
+
+
+def cp_async_bulk_g2s(dst32, src64, size, bar32):
+  """Bulk global -> shared copy of `size` (i32, a multiple of 16) bytes, both ends
+  16-byte aligned, completing `size` transaction bytes on the mbarrier `bar32`."""
+  asm(None, [dst32, src64, size, bar32],
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes "
+      "[$0], [$1], $2, [$3];", "r,l,r,r", True)
+
+
+def mbarrier_wait_parity(bar32, parity: int):
+  """Spins until the phase of parity `parity` of the mbarrier has completed."""
+  asm(None, [bar32],
+      "{ .reg .pred P1; LAB_WAIT: "
+      f"mbarrier.try_wait.parity.shared::cta.b64 P1, [$0], {parity}; "
+      "@P1 bra DONE; bra LAB_WAIT; DONE: }", "r", True)
