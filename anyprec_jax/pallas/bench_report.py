@@ -15,7 +15,7 @@ import time
 import jax
 
 from anyprec_jax.pallas import benchmark as bm
-from anyprec_jax.pallas import decode
+from anyprec_jax.pallas.triton import decode
 
 SWEEP_SHAPE = bm.SHAPES[0]
 # (block_n, block_w, num_warps) candidates at M = 1 (sweep on the 4096 x 4096 shape).

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from anyprec_jax import ops
-from anyprec_jax.pallas import bitops, gemv, kernels
+from anyprec_jax.pallas import kernels
+from anyprec_jax.pallas.triton import gemv
 from anyprec_jax.weight import AnyPrecWeight
 
 MIN_BYTES = 256e6

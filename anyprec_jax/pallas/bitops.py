@@ -1,4 +1,4 @@
-"""Word-wide bit manipulation shared by the kernels (DESIGN.md §3).
+"""Word-wide bit manipulation shared by the kernels of both backends (DESIGN.md §3).
 
 Any-Precision LLM (Park et al., ICML 2024, §4) rebuilds b-bit codes from b bitplanes
 with mask-and-shift on whole words rather than bit by bit. Two word-wide transposes:
@@ -14,8 +14,13 @@ Either way codes come out in "kernel order" q = s * (32/F) + t, not in column or
 Kernels never un-permute the weights: they read activations permuted the same way
 (`permute_columns`), which is free since a dot product does not care about order.
 
-`prmt` is PTX's byte permute (one instruction: four 3-bit table look-ups into an
-8-byte table, or a byte shuffle); on the Pallas interpreter it is emulated in jnp.
+`prmt` models PTX's byte permute in jnp (one instruction: four 3-bit table look-ups
+into an 8-byte table, or a byte shuffle). On a GPU the kernels emit the instruction
+itself (`triton/ptx.py`, `mosaic/ptx.py`); the Triton kernels run this model on the
+Pallas interpreter, and the tests replay the Mosaic kernels' lane decode with it.
+
+Pure jnp, no backend: shared by the Triton kernels (`triton/`), the Mosaic GPU
+kernels' MLIR twins (`mosaic/ptx.py`), `kernels.py` and the tests.
 """
 
 from __future__ import annotations
@@ -25,8 +30,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from anyprec_jax.pallas import backend
 
 WORD_BITS = 32
 
@@ -140,8 +143,17 @@ def transpose8(planes: list) -> list:
                          lambda v, m: v & jnp.uint32(m), lambda a, b: a ^ b)
 
 
-def _prmt_emulated(a, b, c):
-  """PTX prmt.b32 (default mode) in jnp: bytes of {b, a} picked by nibbles of c."""
+def prmt(a, b, c):
+  """PTX prmt.b32 (default mode) in jnp: byte i of the result = byte (c's nibble i & 7)
+  of the pair {b:a}; a nibble with bit 3 set replicates the sign bit of that byte.
+
+  Args:
+    a, b: uint32 tiles (bytes 0-3 and 4-7 of the table); broadcastable.
+    c: uint32 selector tile (its low 16 bits are read) or a static int.
+
+  Returns:
+    uint32 tile of the broadcast shape.
+  """
   if isinstance(c, int):  # static selector: plain byte moves
     a, b = jnp.asarray(a, jnp.uint32), jnp.asarray(b, jnp.uint32)
     out = None
@@ -165,38 +177,3 @@ def _prmt_emulated(a, b, c):
     byte = jnp.where(nib >= 8, sign, byte)
     out = out | (byte << jnp.uint32(8 * i))
   return out
-
-
-def prmt(a, b, c, interpret: bool):
-  """Byte permute: byte i of the result = byte (c's nibble i & 7) of the pair {b:a}.
-
-  A nibble with bit 3 set replicates the sign bit of the chosen byte instead.
-
-  Args:
-    a, b: uint32 tiles (bytes 0-3 and 4-7 of the table); broadcastable.
-    c: uint32 selector tile (its low 16 bits are read) or a static int.
-    interpret: emulate in jnp instead of emitting the PTX instruction.
-
-  Returns:
-    uint32 tile of the broadcast shape.
-  """
-  if interpret:
-    return _prmt_emulated(a, b, c)
-  shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b), jnp.shape(c))
-  args = [jnp.broadcast_to(jnp.asarray(v).astype(jnp.uint32), shape) for v in (a, b, c)]
-  return backend.inline_asm_u32("prmt.b32 $0, $1, $2, $3;", args)
-
-
-def halves_to_f32(pair, dtype, interpret: bool) -> tuple[jax.Array, jax.Array]:
-  """uint32 tile of two 16-bit floats (low, high) -> two float32 tiles.
-
-  On GPU fp16 pairs convert in inline PTX straight from the register halves (left to
-  the compiler, each pair is first repacked with an extra `prmt`).
-  """
-  if dtype == jnp.float16 and not interpret:
-    asm = "{ .reg .b16 l, h; mov.b32 {l, h}, $1; cvt.f32.f16 $0, %s; }"
-    return (backend.inline_asm_f32(asm % "l", pair),
-            backend.inline_asm_f32(asm % "h", pair))
-  lo = jax.lax.bitcast_convert_type(pair.astype(jnp.uint16), dtype)
-  hi = jax.lax.bitcast_convert_type((pair >> jnp.uint32(16)).astype(jnp.uint16), dtype)
-  return lo.astype(jnp.float32), hi.astype(jnp.float32)

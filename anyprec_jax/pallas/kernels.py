@@ -5,11 +5,12 @@ On Hopper (compute capability >= 9.0, `backend.mosaic_available`):
   always for TC_TILED planes): the tensor-core GEMV (`mosaic/gemv_tc.py`);
   M = 1 otherwise (TC order, or format order at 5..8 bits): the Mosaic GPU LUT GEMV
   (`mosaic/gemv.py`).
-Everything else: the Pallas-Triton bitplane GEMV (`gemv.py`) for M <= 8; TC planes are
-read with activations gathered into the TC word order (`plane_layout.x_to_tc`); TC_TILED
-planes are first transposed back to TC by XLA. M > 8 (prefill): the dequantisation kernel
-(`dequant.py`) writes W_b in kernel column order in the activations' dtype and XLA's
-dot multiplies it with equally permuted activations (fp32 accumulation).
+Everything else: the Pallas-Triton bitplane GEMV (`triton/gemv.py`) for M <= 8; TC planes
+are read with activations gathered into the TC word order (`plane_layout.x_to_tc`);
+TC_TILED planes are first transposed back to TC by XLA. M > 8 (prefill): the
+dequantisation kernel (`triton/dequant.py`) writes W_b in kernel column order in the
+activations' dtype and XLA's dot multiplies it with equally permuted activations (fp32
+accumulation).
 
 Tilings per bit width live in `gemv_config` / `dequant_config`, tuned on an H100
 (benchmarks/notes_kernels.md).
@@ -21,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from anyprec_jax import plane_layout
-from anyprec_jax.pallas import backend, bitops, decode, dequant, gemv
+from anyprec_jax.pallas import backend, bitops
+from anyprec_jax.pallas.triton import decode, dequant, gemv, lowering
 from anyprec_jax.plane_layout import PlaneLayout
 from anyprec_jax.weight import AnyPrecWeight
 
@@ -68,8 +70,8 @@ def gemv_config(bits: int, n: int, k: int, m: int,
   return gemv.GemvConfig(block_n=bn, block_w=bw, k_splits=splits,
                          lookup=lookup or decode.default_lookup(bits),
                          prefetch=bool(prefetch),
-                         launch=backend.LaunchParams(num_warps=warps,
-                                                     num_stages=stages or 1))
+                         launch=lowering.LaunchParams(num_warps=warps,
+                                                      num_stages=stages or 1))
 
 
 def dequant_config(bits: int, n: int, k: int) -> dequant.DequantConfig:
@@ -77,7 +79,7 @@ def dequant_config(bits: int, n: int, k: int) -> dequant.DequantConfig:
   words = -(-k // bitops.WORD_BITS)
   return dequant.DequantConfig(block_n=32, block_w=min(32, _pow2_floor(words)),
                                lookup=decode.default_lookup(bits),
-                               launch=backend.LaunchParams(num_warps=4))
+                               launch=lowering.LaunchParams(num_warps=4))
 
 
 def anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, interpret: bool = False) -> jax.Array:

@@ -28,11 +28,11 @@ class BitopsTest(parameterized.TestCase):
     rng = np.random.default_rng(0)
     a, b, c = (rng.integers(0, 2**32, size=300, dtype=np.uint64).astype(np.uint32)
                for _ in range(3))
-    got = np.asarray(bitops.prmt(jnp.asarray(a), jnp.asarray(b), jnp.asarray(c), True))
+    got = np.asarray(bitops.prmt(jnp.asarray(a), jnp.asarray(b), jnp.asarray(c)))
     want = [_prmt_spec(int(x), int(y), int(z)) for x, y, z in zip(a, b, c)]
     np.testing.assert_array_equal(got, np.array(want, np.uint32))
     for pattern in (0x5140, 0x7362, 0x3210, 0x8F80):
-      got = np.asarray(bitops.prmt(jnp.asarray(a), jnp.asarray(b), pattern, True))
+      got = np.asarray(bitops.prmt(jnp.asarray(a), jnp.asarray(b), pattern))
       want = [_prmt_spec(int(x), int(y), pattern) for x, y in zip(a, b)]
       np.testing.assert_array_equal(got, np.array(want, np.uint32))
 

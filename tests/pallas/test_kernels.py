@@ -16,7 +16,8 @@ from absl.testing import absltest, parameterized
 
 from anyprec_jax import format as fmt
 from anyprec_jax import weight as wt
-from anyprec_jax.pallas import backend, dequant, gemv, kernels
+from anyprec_jax.pallas import backend, kernels
+from anyprec_jax.pallas.triton import dequant, gemv
 from tests import slow
 
 ALL_BITS = range(3, 9)

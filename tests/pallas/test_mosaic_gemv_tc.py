@@ -24,7 +24,7 @@ from anyprec_jax import plane_layout as tc_layout
 def _prmt(a, b, sel):
   """prmt.b32 as the hardware does it (`bitops` emulation), as numpy uint32."""
   return np.asarray(bitops.prmt(np.asarray(a, np.uint32), np.asarray(b, np.uint32),
-                                np.asarray(sel, np.uint32), interpret=True), np.uint32)
+                                np.asarray(sel, np.uint32)), np.uint32)
 
 
 def _field_words(words, bits):

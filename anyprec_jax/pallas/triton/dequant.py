@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from anyprec_jax import format as fmt
-from anyprec_jax.pallas import backend, bitops, decode
+from anyprec_jax.pallas import bitops
+from anyprec_jax.pallas.triton import decode, lowering
 from anyprec_jax.weight import AnyPrecWeight
 from anyprec_jax.weight import dequantize as _dequantize_weight
 
@@ -28,7 +29,7 @@ class DequantConfig:
   block_n: int = 32
   block_w: int = 32
   lookup: decode.Lookup | None = None
-  launch: backend.LaunchParams = backend.LaunchParams()
+  launch: lowering.LaunchParams = lowering.LaunchParams()
 
 
 def padded_words(num_words: int, cfg: DequantConfig) -> int:
@@ -48,7 +49,7 @@ def _dequant_kernel(planes_ref, lut_ref, o_ref, *, bits: int, num_rows: int,
                      num_rows - 1)  # [BN]; clamped rows rewrite row N-1 identically
   w0 = pl.program_id(1) * bw
   limit = num_words if o_ref.shape[2] != num_words else None
-  planes = [backend.load_words_rows(planes_ref, p, rows, w0, bw, limit, interpret)
+  planes = [lowering.load_words_rows(planes_ref, p, rows, w0, bw, limit, interpret)
             for p in range(bits)]  # b x [BW, BN]
   lookup = cfg.lookup or decode.default_lookup(bits)
   if lookup is decode.Lookup.REGISTERS:
@@ -87,7 +88,7 @@ def dequantize_permuted(planes: jax.Array, lut: jax.Array, *, bits: int, dtype=j
   wp = padded_words(w, cfg)
   kernel = functools.partial(_dequant_kernel, bits=bits, num_rows=n, num_words=w,
                              cfg=cfg, interpret=interpret)
-  out = backend.pallas_call(
+  out = lowering.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((n, bitops.WORD_BITS, wp), dtype),
       grid=(pl.cdiv(n, cfg.block_n), wp // cfg.block_w), launch=cfg.launch,
       interpret=interpret, name=f"anyprec_dequant_b{bits}", poison=poison,

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from anyprec_jax.pallas import bitops
+from anyprec_jax.pallas.triton import ptx
 
 
 class Lookup(enum.Enum):
@@ -73,12 +74,12 @@ def register_tables(lut_ref, rows: jax.Array, bits: int) -> list:
 def _lookup4(tables, sel, bsel, interpret):
   """Low and high bytes of the 4 entries selected by the 4 low nibbles of `sel`."""
   lo_a, lo_b, hi_a, hi_b = tables[0]
-  lo = bitops.prmt(lo_a, lo_b, sel, interpret)
-  hi = bitops.prmt(hi_a, hi_b, sel, interpret)
+  lo = ptx.prmt(lo_a, lo_b, sel, interpret)
+  hi = ptx.prmt(hi_a, hi_b, sel, interpret)
   if bsel is not None:  # 4 bits: byte t from table 1 where the code's top bit is set.
     lo1_a, lo1_b, hi1_a, hi1_b = tables[1]
-    lo = bitops.prmt(lo, bitops.prmt(lo1_a, lo1_b, sel, interpret), bsel, interpret)
-    hi = bitops.prmt(hi, bitops.prmt(hi1_a, hi1_b, sel, interpret), bsel, interpret)
+    lo = ptx.prmt(lo, ptx.prmt(lo1_a, lo1_b, sel, interpret), bsel, interpret)
+    hi = ptx.prmt(hi, ptx.prmt(hi1_a, hi1_b, sel, interpret), bsel, interpret)
   return lo, hi
 
 
@@ -110,9 +111,9 @@ def register_values(planes: list, bits: int, tables: list, dtype,
       bsel = None if bsel_word is None else bitops.shift(bsel_word, 16 * half)
       lo, hi = _lookup4(tables, sel, bsel, interpret)
       for pair, pattern in enumerate((0x5140, 0x7362)):
-        v = bitops.prmt(lo, hi, pattern, interpret)  # two halves
+        v = ptx.prmt(lo, hi, pattern, interpret)  # two halves
         t = 4 * half + 2 * pair
-        vals[8 * s + t], vals[8 * s + t + 1] = bitops.halves_to_f32(v, dtype, interpret)
+        vals[8 * s + t], vals[8 * s + t + 1] = ptx.halves_to_f32(v, dtype, interpret)
   return vals
 
 

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from anyprec_jax import format as fmt
-from anyprec_jax.pallas import backend, bitops, decode
+from anyprec_jax.pallas import bitops
+from anyprec_jax.pallas.triton import decode, lowering
 from anyprec_jax.weight import AnyPrecWeight, dequantize
 
 MAX_ROWS = 8
@@ -44,7 +45,7 @@ class GemvConfig:
   k_splits: int = 1
   lookup: decode.Lookup | None = None
   prefetch: bool = False
-  launch: backend.LaunchParams = backend.LaunchParams()
+  launch: lowering.LaunchParams = lowering.LaunchParams()
 
 
 def padded_words(num_words: int, cfg: GemvConfig) -> int:
@@ -80,7 +81,7 @@ def _gemv_kernel(x_ref, planes_ref, lut_ref, o_ref, *, bits: int, num_rows: int,
 
   def load(j):  # b x [BW, BN] plane tiles of chunk j of this split
     w0 = split * words_per_split + j * bw
-    return tuple(backend.load_words_rows(planes_ref, p, rows, w0, bw, limit, interpret)
+    return tuple(lowering.load_words_rows(planes_ref, p, rows, w0, bw, limit, interpret)
                  for p in range(bits))
 
   def chunk(j, carry):
@@ -139,7 +140,7 @@ def gemv(x: jax.Array, planes: jax.Array, lut: jax.Array, *, bits: int,
   xp = bitops.permute_columns(x.astype(jnp.float32), bits, wp)  # [M, 32, Wp]
   kernel = functools.partial(_gemv_kernel, bits=bits, num_rows=n, num_words=w, cfg=cfg,
                              interpret=interpret)
-  partial = backend.pallas_call(
+  partial = lowering.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((cfg.k_splits, m, n), jnp.float32),
       grid=(pl.cdiv(n, cfg.block_n), cfg.k_splits),

@@ -1,0 +1,1 @@
+"""Pallas-Triton kernels (GPUs before Hopper, and the interpreter on CPU)."""
