@@ -218,6 +218,72 @@ def fp16_case(shape: Shape, m: int) -> Case:
   return Case(("fp16", shape.name, m), fn, make_args, nbytes, r)
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+  name: str
+  batch: int
+  slots: int  # S, KV-cache slots
+  kv_heads: int
+  g: int  # query heads per KV head
+  dh: int = 128
+
+
+ATTENTION_SHAPES = (
+    AttentionShape("7b b1 s384", 1, 384, 32, 1),
+    AttentionShape("7b b1 s4096", 1, 4096, 32, 1),
+    AttentionShape("7b b8 s384", 8, 384, 32, 1),
+    AttentionShape("8b-gqa b1 s4096", 1, 4096, 8, 4),
+)
+
+
+def attention_case(shape: AttentionShape, impl: str, cfg=None) -> Case:
+  """Case for one decode step's attention (one query per sequence over a full cache):
+  impl "mosaic" (`mosaic/decode_attention.py`) or "xla" (the decoder's `attend`,
+  jitted: what a decode step runs today)."""
+  from anyprec_jax.pallas.mosaic import decode_attention as da
+  b, s, kvh, g, d = shape.batch, shape.slots, shape.kv_heads, shape.g, shape.dh
+  nbytes = da.bytes_moved(b, s, kvh, kvh * g, d)
+  r = _num_buffers(nbytes)
+
+  if impl == "mosaic":
+    cfg = cfg or da.DecodeAttentionConfig()
+    op = lambda q, k, v, ok: da.decode_attention(q, k, v, ok, cfg=cfg)
+  elif impl == "xla":
+    from models import decoder  # the model's own attention, as a decode step runs it
+
+    def op(q, k, v, ok):  # [B, H, Dh] -> [B, H, Dh] f32
+      o = decoder.attend(q[:, None], k, v, ok[:, None, :])
+      return o.reshape(q.shape).astype(jnp.float32)
+  else:
+    raise ValueError(f"impl must be 'mosaic' or 'xla', got {impl!r}")
+
+  def fn(qs, kvs):
+    return [op(q, k, v, ok) for q, (k, v, ok) in zip(qs, kvs)]
+
+  def make_args():
+    key = jax.random.PRNGKey(s + 7 * b + kvh)
+    qs, kvs = [], []
+    for i in range(r):
+      kq, kk, kv, km = jax.random.split(jax.random.fold_in(key, i), 4)
+      qs.append(jax.random.normal(kq, (b, kvh * g, d), jnp.bfloat16) * d ** -0.5)
+      ok = jax.random.uniform(km, (b, s)) < 0.95
+      kvs.append((jax.random.normal(kk, (b, s, kvh, d), jnp.bfloat16),
+                  jax.random.normal(kv, (b, s, kvh, d), jnp.bfloat16),
+                  ok.at[:, -1].set(True)))
+    return qs, kvs
+
+  def check(args, out):
+    q, (k, v, ok) = args[0][0], args[1][0]
+    want = np.asarray(da.decode_attention_reference(q, k, v, ok), np.float64)
+    got = np.asarray(out[0], np.float64)
+    if not np.isfinite(got).all():
+      return float("inf")
+    return float(np.abs(got - want).max() / (np.abs(want).max() + 1e-30))
+
+  return Case(("attention", shape.name, impl, str(cfg) if cfg else ""), fn, make_args,
+              nbytes, r, check)
+
+
 def copy_case(nbytes: float = 2**30) -> Case:
   """Device-to-device copy bandwidth: y = x + 1 over uint32, read + write counted."""
   n = int(nbytes // 4)

@@ -121,6 +121,11 @@ def fadd(a, b):
   return arith.addf(a, b)
 
 
+def exp2_approx(v):
+  """2^v (f32, `ex2.approx.ftz`: ~2 ulp, subnormals flushed; 2^-inf = 0)."""
+  return asm(f32(), [v], "ex2.approx.ftz.f32 $0, $1;", "=f,f")
+
+
 def f32_bits(v):
   return arith.bitcast(i32(), v)
 

@@ -1,0 +1,300 @@
+"""Decode attention on Pallas Mosaic GPU: one query per sequence against its KV cache.
+
+    o[b, h] = softmax_s(q[b, h] . K[b, s, h // G], masked by valid[b, s]) . V[b, s, h // G]
+
+XLA runs this step (one query row) as multiply + reduce fusions: its dot strength
+reduction turns the one-query products into reductions, which read the K and V caches
+at ~0.5 TB/s on the H200, ~13 us per 7B layer at 384 slots (notes_kernels.md T28).
+
+Here a warp owns a contiguous range of slots of one (sequence, KV head). Lane L holds
+dims [E L, E L + E) (E = Dh / 32) of the G query heads of that KV head in f32, reads
+its E values of each slot's key and value (one 4- or 8-byte load each; the warp reads a
+slot's whole 2 Dh-byte row), forms each score with a warp all-reduce (5 shuffles) and
+keeps an online softmax per head (running max, sum and weighted values, f32), a group
+of U slots at a time with the next group's loads in flight. Each warp writes its
+partial (values, max, sum); `combine_partials` merges the partials of a head in XLA.
+
+Everything a thread does is inside one `plgpu.inline_mgpu` (see `ptx.py`), as in
+`gemv_tc.py`. Twin: `decode_attention_reference` (the decoder's `attend` for T = 1).
+
+Status: lowers on CPU; not run on a GPU yet, and not wired into the decoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+NEG = -1e30  # score of a masked slot (the decoder's value)
+INIT_MAX = -3e38  # running max before any slot: exp(INIT_MAX - m) = 0 for any real m
+LOG2E = 1.4426950408889634
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeAttentionConfig:
+  """Static launch shape.
+
+  ctas_per_head: C, CTAs (one warpgroup of 4 warps each) per (sequence, KV head); the
+    4 C warps split the slots. None: about 8-16 slots per warp, at most 32 CTAs per
+    head.
+  group: U, slots per step of a warp (their loads are issued one step ahead).
+  """
+  ctas_per_head: int | None = None
+  group: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  batch: int
+  slots: int  # S
+  kv_heads: int
+  g: int  # query heads per KV head
+  dh: int
+  ctas_per_head: int
+  group: int
+
+  @property
+  def e(self) -> int:  # dims per lane
+    return self.dh // 32
+
+  @property
+  def warps(self) -> int:  # warps per (sequence, KV head)
+    return 4 * self.ctas_per_head
+
+  @property
+  def ctas(self) -> int:
+    return self.batch * self.kv_heads * self.ctas_per_head
+
+
+def make_layout(batch: int, slots: int, kv_heads: int, g: int, dh: int,
+                cfg: DecodeAttentionConfig) -> _Layout:
+  if dh not in (64, 128):
+    raise ValueError(f"decode attention handles head dims 64 and 128, got {dh}")
+  if not 1 <= g <= 8:
+    raise ValueError(f"1..8 query heads per KV head, got {g}")
+  if cfg.group < 1:
+    raise ValueError(f"group must be >= 1, got {cfg.group}")
+  c = cfg.ctas_per_head
+  if c is None:
+    c = max(1, min(32, slots // (4 * 12)))
+  if c < 1:
+    raise ValueError(f"ctas_per_head must be >= 1, got {c}")
+  return _Layout(batch=batch, slots=slots, kv_heads=kv_heads, g=g, dh=dh,
+                 ctas_per_head=c, group=cfg.group)
+
+
+def _emit(q_ref, k_ref, v_ref, valid_ref, out_ref, *, lay: _Layout):
+  """The kernel body (per thread). Refs: q [B, H, Dh] bf16, k/v [B, S, KVH, Dh] bf16,
+  valid [B, S] i32, out [B, H, W, Dh + 2] f32 (values, max, sum per warp)."""
+  from jaxlib.mlir import ir
+  from jaxlib.mlir.dialects import arith, scf
+  from anyprec_jax.pallas.mosaic import ptx
+
+  s_n, kvh_n, g_n, dh, e, u_n = lay.slots, lay.kv_heads, lay.g, lay.dh, lay.e, lay.group
+  h_n = kvh_n * g_n
+  w_n = lay.warps
+  words = e // 2  # 32-bit words per lane and row (bf16 pairs)
+  tid = ptx.thread_id()
+  lane = ptx.band(tid, 31)
+  warp = ptx.shr(tid, 5)
+  cta = ptx.block_id()
+  bh = ptx.udiv(cta, lay.ctas_per_head)  # b * KVH + kvh
+  widx = ptx.add(ptx.mul(ptx.urem(cta, lay.ctas_per_head), ptx.const(4)), warp)
+  b = ptx.udiv(bh, kvh_n)
+  kvh = ptx.urem(bh, kvh_n)
+  qg, kg, vg, mg, og = (ptx.gmem_address(r) for r in (q_ref, k_ref, v_ref, valid_ref,
+                                                       out_ref))
+  start = ptx.udiv(ptx.mul(widx, ptx.const(s_n)), w_n)
+  end = ptx.udiv(ptx.mul(ptx.add(widx, ptx.const(1)), ptx.const(s_n)), w_n)
+  last = ptx.select(ptx.lt(start, end), ptx.add(end, ptx.const(-1)), start)
+  lane_e = ptx.mul(lane, ptx.const(e))  # first dim of this lane
+
+  def load_words(base64, elem):  # `words` 32-bit words at bf16 element `elem`
+    addr = ptx.gaddr(base64, elem, 2)
+    if words == 2:
+      return list(ptx.ld_global_v2_u32(addr))
+    return [ptx.ld_global_u32(addr)]
+
+  def unpack(ws):  # bf16 pairs -> e f32 values (low half first)
+    out = []
+    for w in ws:
+      out.append(ptx.bf16_bits_to_f32(w))
+      out.append(ptx.bits_f32(ptx.band(w, ptx.const(0xFFFF0000))))
+    return out
+
+  # The lane's dims of the G query heads, f32.
+  q_vals = []
+  for gi in range(g_n):
+    head = ptx.add(ptx.mul(kvh, ptx.const(g_n)), ptx.const(gi))
+    elem = ptx.add(ptx.mul(ptx.add(ptx.mul(b, ptx.const(h_n)), head), ptx.const(dh)), lane_e)
+    q_vals.append(unpack(load_words(qg, elem)))
+
+  row_stride = kvh_n * dh  # elements between slots s and s + 1
+
+  def group_loads(g0):
+    """K words, V words and validity of slots g0 .. g0 + U - 1 (past the range: the last
+    slot again, marked invalid)."""
+    ks, vs, oks = [], [], []
+    for u in range(u_n):
+      s = ptx.add(g0, ptx.const(u))
+      inside = ptx.lt(s, end)
+      sc = ptx.umin(s, last)
+      row = ptx.add(ptx.mul(b, ptx.const(s_n)), sc)  # b * S + s
+      elem = ptx.add(ptx.add(ptx.mul(row, ptx.const(row_stride)),
+                             ptx.mul(kvh, ptx.const(dh))), lane_e)
+      ks.append(load_words(kg, elem))
+      vs.append(load_words(vg, elem))
+      ok = ptx.ld_global_u32(ptx.gaddr(mg, row, 4))
+      oks.append(ptx.select(inside, ok, ptx.const(0)))
+    return ks, vs, oks
+
+  flat = lambda ks, vs, oks: [w for r in ks for w in r] + [w for r in vs for w in r] + oks
+
+  def unflat(vals):
+    it = iter(vals)
+    ks = [[next(it) for _ in range(words)] for _ in range(u_n)]
+    vs = [[next(it) for _ in range(words)] for _ in range(u_n)]
+    return ks, vs, [next(it) for _ in range(u_n)]
+
+  m0 = [ptx.fconst(INIT_MAX)] * g_n
+  l0 = [ptx.fconst(0.0)] * g_n
+  a0 = [ptx.fconst(0.0)] * (g_n * e)
+  state0 = m0 + l0 + a0
+  n_groups = ptx.udiv(ptx.add(ptx.add(end, ptx.mul(start, ptx.const(-1))),
+                              ptx.const(u_n - 1)), u_n)
+  pre0 = flat(*group_loads(start))
+  loop = scf.ForOp(ptx.to_index(ptx.const(0)), ptx.to_index(n_groups),
+                   ptx.to_index(ptx.const(1)), state0 + pre0)
+  with ir.InsertionPoint(loop.body):
+    gi_ = ptx.from_index(loop.induction_variable)
+    carried = list(loop.inner_iter_args)
+    ns = len(state0)
+    m, l, acc = carried[:g_n], carried[g_n:2 * g_n], carried[2 * g_n:ns]
+    ks, vs, oks = unflat(carried[ns:])
+    nxt = flat(*group_loads(ptx.add(start, ptx.mul(ptx.add(gi_, ptx.const(1)),
+                                                   ptx.const(u_n)))))
+    kf = [unpack(w) for w in ks]  # [U][E]
+    vf = [unpack(w) for w in vs]
+    valid = [ptx.lt(ptx.const(0), ok) for ok in oks]
+    m_new, l_new, acc_new = [], [], []
+    for gi in range(g_n):
+      scores = []
+      for u in range(u_n):
+        part = None
+        for j in range(e):
+          part = (arith.mulf(q_vals[gi][j], kf[u][j]) if part is None
+                  else ptx.fma(q_vals[gi][j], kf[u][j], part))
+        sc = ptx.warp_sum(part)
+        scores.append(ptx.select(valid[u], sc, ptx.fconst(NEG)))
+      top = m[gi]
+      for sc in scores:
+        top = arith.maximumf(top, sc)
+      corr = ptx.exp2_approx(arith.mulf(arith.subf(m[gi], top), ptx.fconst(LOG2E)))
+      ps = [ptx.select(valid[u], ptx.exp2_approx(arith.mulf(arith.subf(scores[u], top),
+                                                            ptx.fconst(LOG2E))),
+                       ptx.fconst(0.0)) for u in range(u_n)]
+      tot = arith.mulf(l[gi], corr)
+      for p in ps:
+        tot = ptx.fadd(tot, p)
+      m_new.append(top)
+      l_new.append(tot)
+      for j in range(e):
+        a = arith.mulf(acc[gi * e + j], corr)
+        for u in range(u_n):
+          a = ptx.fma(ps[u], vf[u][j], a)
+        acc_new.append(a)
+    scf.YieldOp(m_new + l_new + acc_new + nxt)
+  res = list(loop.results)
+  m, l, acc = res[:g_n], res[g_n:2 * g_n], res[2 * g_n:2 * g_n + g_n * e]
+
+  # out[b, h, w, :]: the lane's E values, then (max, sum) from lane 0.
+  for gi in range(g_n):
+    head = ptx.add(ptx.mul(kvh, ptx.const(g_n)), ptx.const(gi))
+    row = ptx.add(ptx.mul(ptx.add(ptx.mul(b, ptx.const(h_n)), head), ptx.const(w_n)), widx)
+    base = ptx.mul(row, ptx.const(dh + 2))
+    for j in range(e):
+      ptx.st_global_f32(ptx.gaddr(og, ptx.add(base, ptx.add(lane_e, ptx.const(j))), 4),
+                        acc[gi * e + j])
+    with ptx.If(ptx.eq(lane, ptx.const(0))):
+      ptx.st_global_f32(ptx.gaddr(og, ptx.add(base, ptx.const(dh)), 4), m[gi])
+      ptx.st_global_f32(ptx.gaddr(og, ptx.add(base, ptx.const(dh + 1)), 4), l[gi])
+
+
+def combine_partials(part: jax.Array) -> jax.Array:
+  """[B, H, W, Dh + 2] per-warp (values, max, sum) -> o [B, H, Dh] f32."""
+  acc, m, l = part[..., :-2], part[..., -2], part[..., -1]  # [B,H,W,Dh], [B,H,W] x2
+  top = jnp.max(m, axis=-1, keepdims=True)  # [B, H, 1]
+  w = jnp.exp(m - top)  # [B, H, W]; 0 for warps that saw no slot
+  den = jnp.sum(w * l, axis=-1)[..., None]  # [B, H, 1]
+  # A query with no valid slot gets 0 (the reference averages V over the masked slots).
+  return jnp.einsum("bhw,bhwd->bhd", w, acc) / jnp.where(den > 0, den, 1.0)
+
+
+def decode_attention_reference(q, k_cache, v_cache, valid) -> jax.Array:
+  """Pure-jnp twin (the decoder's `attend` for one query): [B, H, Dh] f32.
+
+  Args:
+    q: [B, H, Dh] (already scaled); k_cache, v_cache: [B, S, KVH, Dh]; valid: [B, S].
+  """
+  b, h, d = q.shape
+  kvh = k_cache.shape[2]
+  qf = q.astype(jnp.float32).reshape(b, kvh, h // kvh, d)  # [B, KVH, G, Dh]
+  s = jnp.einsum("bkgd,bskd->bkgs", qf, k_cache.astype(jnp.float32))
+  s = jnp.where(valid.astype(bool)[:, None, None, :], s, NEG)
+  p = jax.nn.softmax(s, axis=-1)
+  o = jnp.einsum("bkgs,bskd->bkgd", p, v_cache.astype(jnp.float32))
+  return o.reshape(b, h, d)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                     valid: jax.Array,
+                     cfg: DecodeAttentionConfig = DecodeAttentionConfig()) -> jax.Array:
+  """Attention of one query per sequence over its cache (Hopper, Mosaic GPU).
+
+  Args:
+    q: [B, H, Dh] bf16, already scaled (and rotated).
+    k_cache, v_cache: [B, S, KVH, Dh] bf16, the new slot already written.
+    valid: [B, S] bool or int: slots the query may attend to.
+    cfg: launch shape (static).
+
+  Returns:
+    [B, H, Dh] float32.
+  """
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  b, h, d = q.shape
+  if k_cache.shape != v_cache.shape or k_cache.ndim != 4:
+    raise ValueError(f"k/v caches {k_cache.shape} / {v_cache.shape}: want equal "
+                     "[B, S, KVH, Dh]")
+  _, s, kvh, dk = k_cache.shape
+  if k_cache.shape[0] != b or dk != d or h % kvh:
+    raise ValueError(f"q {q.shape} does not fit the caches {k_cache.shape}")
+  if valid.shape != (b, s):
+    raise ValueError(f"valid {valid.shape}, expected {(b, s)}")
+  for name, arr in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+    if arr.dtype != jnp.bfloat16:
+      raise ValueError(f"{name} must be bfloat16, got {arr.dtype}")
+  lay = make_layout(b, s, kvh, h // kvh, d, cfg)
+
+  def body(q_ref, k_ref, v_ref, m_ref, out_ref):
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 5)
+    def emit(ctx, qr, kr, vr, mr, orf):
+      del ctx
+      _emit(qr, kr, vr, mr, orf, lay=lay)
+    emit(q_ref, k_ref, v_ref, m_ref, out_ref)
+
+  kernel = plgpu.kernel(
+      body, out_type=jax.ShapeDtypeStruct((b, h, lay.warps, d + 2), jnp.float32),
+      grid=(lay.ctas,), grid_names=("cta",), num_threads=1, thread_name="wg")
+  part = kernel(q, k_cache, v_cache, valid.astype(jnp.int32))
+  return combine_partials(part)
+
+
+def bytes_moved(b: int, s: int, kvh: int, h: int, d: int) -> int:
+  """Fewest bytes of one call: the K and V caches once, q, the mask, the output."""
+  return 2 * b * s * kvh * d * 2 + b * h * d * 2 + b * s * 4 + b * h * d * 4
+

@@ -1,0 +1,78 @@
+"""Decode attention: the Mosaic GPU kernel against the decoder's XLA attention (GPU).
+
+  PYTHONPATH=. python3 scripts/bench_attention.py --gpu_time --out=$OUT
+
+One query per sequence over a full KV cache (`pallas.benchmark.ATTENTION_SHAPES`:
+Llama-2-7B MHA at 384 and 4096 slots, batch 1 and 8, Llama-3-8B GQA), correctness first
+(err = max |kernel - jnp twin| / max |twin|), then the harness of `pallas/benchmark.py`
+(buffers rotated past the L2, median of samples; `--gpu_time`: CUPTI kernel time).
+"% copy" = the fewest bytes (K and V once) per time over the measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import flags
+
+from anyprec_jax import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "", "directory for the JSON results and the table")
+flags.DEFINE_bool("gpu_time", False, "also report each case's GPU kernel time (CUPTI)")
+flags.DEFINE_integer("samples", 20, "timing samples per case")
+flags.DEFINE_list("ctas_per_head", [], "extra kernel variants: CTAs per (sequence, KV "
+                  "head) (default: the kernel's own choice only)")
+flags.DEFINE_list("groups", [], "extra kernel variants: slots per warp step")
+
+
+def main(argv):
+  del argv
+  import jax
+  from anyprec_jax.pallas import benchmark as bm
+  from anyprec_jax.pallas.mosaic import decode_attention as da
+  print("jax", jax.__version__, jax.devices(), flush=True)
+  cfgs = [da.DecodeAttentionConfig()]
+  cfgs += [da.DecodeAttentionConfig(ctas_per_head=int(c)) for c in FLAGS.ctas_per_head]
+  cfgs += [da.DecodeAttentionConfig(group=int(u)) for u in FLAGS.groups]
+  cases = [bm.copy_case()]
+  for shape in bm.ATTENTION_SHAPES:
+    cases.append(bm.attention_case(shape, "xla"))
+    cases += [bm.attention_case(shape, "mosaic", cfg) for cfg in cfgs]
+  bm.compile_all(cases, threads=4)
+  res = {}
+  for c in cases:
+    try:
+      res[c.key] = bm.time_case(c, samples=FLAGS.samples, gpu_time=FLAGS.gpu_time)
+    except Exception as e:  # pylint: disable=broad-except
+      res[c.key] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+    print(c.key, res[c.key], flush=True)
+  copy = res[("copy",)]["tbps"]
+  t = "gpu_us" if FLAGS.gpu_time else "us"
+  lines = [f"copy bandwidth {copy:.2f} TB/s; time column: {t}",
+           "| shape | impl | config | us | % copy | vs xla | err |", "|---|---|---|---:|---:|---:|---:|"]
+  for key, r in res.items():
+    if key[0] != "attention":
+      continue
+    if "error" in r:
+      lines.append(f"| {key[1]} | {key[2]} | {key[3]} | error: {r['error'][:80]} | | | |")
+      continue
+    ref = res.get(("attention", key[1], "xla", ""), {})
+    us = r.get(t, r["us"])
+    vs = f"{ref.get(t, ref.get('us', float('nan'))) / us:.2f}" if "us" in ref else "-"
+    lines.append(f"| {key[1]} | {key[2]} | {key[3] or 'xla'} | {us:.1f} | "
+                 f"{100 * r['bytes'] / (us * 1e-6) / 1e12 / copy:.0f}% | {vs} | "
+                 f"{r['err']:.1e} |")
+  table = "\n".join(lines)
+  if FLAGS.out:
+    os.makedirs(FLAGS.out, exist_ok=True)
+    with open(os.path.join(FLAGS.out, "attention.json"), "w") as f:
+      json.dump({"|".join(map(str, k)): v for k, v in res.items()}, f, indent=1, default=str)
+    with open(os.path.join(FLAGS.out, "attention_table.md"), "w") as f:
+      f.write(table + "\n")
+  print(table)
+
+
+if __name__ == "__main__":
+  cli.run(main)

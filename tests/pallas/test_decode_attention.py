@@ -1,0 +1,106 @@
+"""Decode attention (`pallas/mosaic/decode_attention.py`) against its jnp twin.
+
+On CPU: the kernel lowers for CUDA, and a numpy replay of the per-warp algorithm
+(slot ranges, groups of U slots, online softmax, masks, the partials' layout) merged by
+`combine_partials` equals the reference. Natively (Hopper): the kernel itself.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+
+from anyprec_jax.pallas import backend
+from anyprec_jax.pallas.mosaic import decode_attention as da
+
+# (B, S, KVH, G, Dh): 7B MHA, GQA with ragged S, SmolLM2-like Dh = 64.
+SHAPES = ((1, 384, 32, 1, 128), (2, 100, 8, 4, 128), (3, 37, 3, 3, 64))
+
+
+def _inputs(seed, b, s, kvh, g, d):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.standard_normal((b, kvh * g, d)) * d ** -0.5, jnp.bfloat16)
+  k = jnp.asarray(rng.standard_normal((b, s, kvh, d)), jnp.bfloat16)
+  v = jnp.asarray(rng.standard_normal((b, s, kvh, d)), jnp.bfloat16)
+  valid = rng.random((b, s)) < 0.8
+  valid[:, -1] = True  # the query's own slot
+  valid[0, : s // 3] = False  # left padding
+  return q, k, v, jnp.asarray(valid)
+
+
+def _replay(q, k, v, valid, lay):
+  """numpy twin of the kernel's partials [B, H, W, Dh + 2] (float64)."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  valid = np.asarray(valid, bool)
+  b_n, h_n, d = q.shape
+  s_n, w_n, g_n, u_n = lay.slots, lay.warps, lay.g, lay.group
+  out = np.zeros((b_n, h_n, w_n, d + 2))
+  for b in range(b_n):
+    for h in range(h_n):
+      kvh = h // g_n
+      for w in range(w_n):
+        start, end = w * s_n // w_n, (w + 1) * s_n // w_n
+        m, l, acc = da.INIT_MAX, 0.0, np.zeros(d)
+        for g0 in range(start, end, u_n):
+          idx = [s for s in range(g0, g0 + u_n) if s < end and valid[b, s]]
+          sc = {s: float(q[b, h] @ k[b, s, kvh]) for s in idx}
+          top = max([m, da.NEG] + list(sc.values()))
+          corr = np.exp(m - top) if m > -1e38 else 0.0
+          ps = {s: np.exp(sc[s] - top) for s in idx}
+          l = l * corr + sum(ps.values())
+          acc = acc * corr + sum((ps[s] * v[b, s, kvh] for s in idx), np.zeros(d))
+          m = top
+        out[b, h, w, :d], out[b, h, w, d], out[b, h, w, d + 1] = acc, m, l
+  return out
+
+
+class DecodeAttentionCpuTest(parameterized.TestCase):
+
+  @parameterized.parameters(*SHAPES)
+  def test_lowers_for_cuda(self, b, s, kvh, g, d):
+    fn = jax.jit(da.decode_attention)
+    args = (jax.ShapeDtypeStruct((b, kvh * g, d), jnp.bfloat16),
+            jax.ShapeDtypeStruct((b, s, kvh, d), jnp.bfloat16),
+            jax.ShapeDtypeStruct((b, s, kvh, d), jnp.bfloat16),
+            jax.ShapeDtypeStruct((b, s), jnp.bool_))
+    self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
+
+  @parameterized.parameters(*SHAPES)
+  def test_replayed_partials_combine_to_the_reference(self, b, s, kvh, g, d):
+    q, k, v, valid = _inputs(b + s, b, s, kvh, g, d)
+    lay = da.make_layout(b, s, kvh, g, d, da.DecodeAttentionConfig(group=4))
+    part = jnp.asarray(_replay(q, k, v, valid, lay), jnp.float32)
+    got = np.asarray(da.combine_partials(part), np.float64)
+    want = np.asarray(da.decode_attention_reference(q, k, v, valid), np.float64)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+  def test_rejects_bad_inputs(self):
+    q, k, v, valid = _inputs(0, 1, 16, 2, 2, 64)
+    with self.assertRaisesRegex(ValueError, "bfloat16"):
+      da.decode_attention(q.astype(jnp.float32), k, v, valid)
+    with self.assertRaisesRegex(ValueError, "valid"):
+      da.decode_attention(q, k, v, valid[:, :8])
+    with self.assertRaisesRegex(ValueError, "head dims"):
+      da.make_layout(1, 16, 2, 2, 96, da.DecodeAttentionConfig())
+    self.assertEqual(da.make_layout(1, 384, 32, 1, 128, da.DecodeAttentionConfig()).warps, 32)
+
+
+class DecodeAttentionNativeTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    if not backend.is_hopper_or_newer():
+      self.skipTest("the Mosaic GPU decode attention needs a Hopper (sm_90+) GPU")
+
+  @parameterized.parameters(*SHAPES)
+  def test_matches_reference(self, b, s, kvh, g, d):
+    for trial in range(2):
+      q, k, v, valid = _inputs(10 * trial + s, b, s, kvh, g, d)
+      got = np.asarray(da.decode_attention(q, k, v, valid), np.float64)
+      want = np.asarray(da.decode_attention_reference(q, k, v, valid), np.float64)
+      self.assertTrue(np.isfinite(got).all())
+      np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4)
+
+
+if __name__ == "__main__":
+  absltest.main()
