@@ -1,7 +1,8 @@
 """The one dispatch point between models and kernels.
 
 Models call `linear(x, w, bias)` with `w` either a dense [N, K] array (Hugging Face
-layout) or an `AnyPrecWeight`; nothing else in the code base chooses a kernel.
+layout) or an `AnyPrecWeight`, and `one_query_attention` for a decode step's attention;
+nothing else in the code base chooses a kernel.
 
 Backends (`Backend`):
   REFERENCE: pure jnp (dequantize + dot); runs anywhere; the source of truth.
@@ -94,3 +95,32 @@ def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
   if bias is not None:
     y = y + bias.astype(y.dtype)
   return y
+
+
+def one_query_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                        valid: jax.Array) -> jax.Array | None:
+  """A decode step's attention from a kernel, or None where none applies.
+
+  The Mosaic GPU kernel (`pallas/mosaic/decode_attention.py`) runs with the PALLAS
+  backend on Hopper when `ANYPREC_DECODE_ATTENTION=mosaic` (off by default until timed),
+  for bf16 q and caches, head dims 64 or 128 and at most 8 query heads per KV head.
+  Otherwise the caller computes the attention with jnp.
+
+  Args:
+    q: [B, H, Dh] (scaled, rotated); k, v: [B, S, KVH, Dh] caches with the new slot
+      written; valid: [B, S] bool.
+
+  Returns:
+    [B, H, Dh] float32, or None.
+  """
+  if get_backend() is not Backend.PALLAS:
+    return None
+  from anyprec_jax.pallas import backend  # Local import: Pallas only when used.
+  if backend.decode_attention() != "mosaic" or not backend.is_hopper_or_newer():
+    return None
+  h, d, kvh = q.shape[1], q.shape[2], k.shape[2]
+  if (q.dtype != jnp.bfloat16 or k.dtype != jnp.bfloat16 or v.dtype != jnp.bfloat16
+      or d not in (64, 128) or h % kvh or h // kvh > 8):
+    return None
+  from anyprec_jax.pallas.mosaic import decode_attention as da
+  return da.decode_attention(q, k, v, valid)

@@ -72,6 +72,19 @@ def tiled_prefill() -> str:
   return v
 
 
+DECODE_ATTENTION_ENV = "ANYPREC_DECODE_ATTENTION"
+
+
+def decode_attention() -> str:
+  """Which attention a one-query decode step runs on Hopper: "xla" (default: the
+  decoder's jnp attention) or "mosaic" (`mosaic/decode_attention.py`; not yet timed on
+  a GPU, hence off). Read at trace time."""
+  v = os.environ.get(DECODE_ATTENTION_ENV, "xla").strip().lower()
+  if v not in ("xla", "mosaic"):
+    raise ValueError(f"{DECODE_ATTENTION_ENV}={v!r}: expected 'xla' or 'mosaic'")
+  return v
+
+
 def is_hopper_or_newer() -> bool:
   """Whether the first device is a GPU of compute capability >= 9.0."""
   cc = compute_capability()

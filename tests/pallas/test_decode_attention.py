@@ -5,13 +5,17 @@ On CPU: the kernel lowers for CUDA, and a numpy replay of the per-warp algorithm
 `combine_partials` equals the reference. Natively (Hopper): the kernel itself.
 """
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
+from anyprec_jax import ops
 from anyprec_jax.pallas import backend
 from anyprec_jax.pallas.mosaic import decode_attention as da
+from models import decoder
 
 # (B, S, KVH, G, Dh): 7B MHA, GQA with ragged S, SmolLM2-like Dh = 64.
 SHAPES = ((1, 384, 32, 1, 128), (2, 100, 8, 4, 128), (3, 37, 3, 3, 64))
@@ -85,6 +89,25 @@ class DecodeAttentionCpuTest(parameterized.TestCase):
     self.assertEqual(da.make_layout(1, 384, 32, 1, 128, da.DecodeAttentionConfig()).warps, 32)
 
 
+class DispatchTest(absltest.TestCase):
+
+  def test_switch_is_off_by_default_and_checked(self):
+    with mock.patch.dict("os.environ", {}, clear=False) as env:
+      env.pop(backend.DECODE_ATTENTION_ENV, None)
+      self.assertEqual(backend.decode_attention(), "xla")
+    with mock.patch.dict("os.environ", {backend.DECODE_ATTENTION_ENV: "Mosaic"}):
+      self.assertEqual(backend.decode_attention(), "mosaic")
+    with mock.patch.dict("os.environ", {backend.DECODE_ATTENTION_ENV: "cuda"}):
+      with self.assertRaisesRegex(ValueError, backend.DECODE_ATTENTION_ENV):
+        backend.decode_attention()
+
+  def test_no_kernel_off_the_pallas_backend(self):
+    q, k, v, valid = _inputs(1, 1, 16, 2, 2, 64)
+    with mock.patch.dict("os.environ", {backend.DECODE_ATTENTION_ENV: "mosaic"}):
+      with ops.use_backend(ops.Backend.REFERENCE):
+        self.assertIsNone(ops.one_query_attention(q, k, v, valid))
+
+
 class DecodeAttentionNativeTest(parameterized.TestCase):
 
   def setUp(self):
@@ -100,6 +123,17 @@ class DecodeAttentionNativeTest(parameterized.TestCase):
       want = np.asarray(da.decode_attention_reference(q, k, v, valid), np.float64)
       self.assertTrue(np.isfinite(got).all())
       np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4)
+
+  def test_decoder_attend_uses_it_when_switched_on(self):
+    b, s, kvh, g, d = SHAPES[1]
+    q, k, v, valid = _inputs(5, b, s, kvh, g, d)
+    q4, mask = q[:, None], valid[:, None, :]  # [B, 1, H, Dh], [B, 1, S]
+    want = np.asarray(decoder.attend(q4, k, v, mask), np.float32)
+    with mock.patch.dict("os.environ", {backend.DECODE_ATTENTION_ENV: "mosaic"}):
+      with ops.use_backend(ops.Backend.PALLAS):
+        self.assertIsNotNone(ops.one_query_attention(q, k, v, valid))
+        got = np.asarray(decoder.attend(q4, k, v, mask), np.float32)
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)  # bf16 outputs
 
 
 if __name__ == "__main__":
