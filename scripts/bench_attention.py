@@ -11,9 +11,6 @@ Llama-2-7B MHA at 384 and 4096 slots, batch 1 and 8, Llama-3-8B GQA), correctnes
 
 from __future__ import annotations
 
-import json
-import os
-
 from absl import flags
 
 from anyprec_jax import cli
@@ -30,6 +27,7 @@ flags.DEFINE_list("groups", [], "extra kernel variants: slots per warp step")
 def main(argv):
   del argv
   import jax
+  from anyprec_jax.pallas import bench_report
   from anyprec_jax.pallas import benchmark as bm
   from anyprec_jax.pallas.mosaic import decode_attention as da
   print("jax", jax.__version__, jax.devices(), flush=True)
@@ -40,14 +38,9 @@ def main(argv):
   for shape in bm.ATTENTION_SHAPES:
     cases.append(bm.attention_case(shape, "xla"))
     cases += [bm.attention_case(shape, "mosaic", cfg) for cfg in cfgs]
-  bm.compile_all(cases, threads=4)
   res = {}
-  for c in cases:
-    try:
-      res[c.key] = bm.time_case(c, samples=FLAGS.samples, gpu_time=FLAGS.gpu_time)
-    except Exception as e:  # pylint: disable=broad-except
-      res[c.key] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-    print(c.key, res[c.key], flush=True)
+  bench_report.run_cases(cases, res, lambda s: print(s, flush=True), samples=FLAGS.samples,
+                         gpu_time=FLAGS.gpu_time, threads=4)
   copy = res[("copy",)]["tbps"]
   t = "gpu_us" if FLAGS.gpu_time else "us"
   lines = [f"copy bandwidth {copy:.2f} TB/s; time column: {t}",
@@ -65,12 +58,7 @@ def main(argv):
                  f"{100 * r['bytes'] / (us * 1e-6) / 1e12 / copy:.0f}% | {vs} | "
                  f"{r['err']:.1e} |")
   table = "\n".join(lines)
-  if FLAGS.out:
-    os.makedirs(FLAGS.out, exist_ok=True)
-    with open(os.path.join(FLAGS.out, "attention.json"), "w") as f:
-      json.dump({"|".join(map(str, k)): v for k, v in res.items()}, f, indent=1, default=str)
-    with open(os.path.join(FLAGS.out, "attention_table.md"), "w") as f:
-      f.write(table + "\n")
+  bench_report.save(FLAGS.out, "attention", table + "\n", res)
   print(table)
 
 

@@ -63,6 +63,7 @@ def _parse_variant(name: str):
 def main(argv):
   del argv
   import jax
+  from anyprec_jax.pallas import bench_report
   from anyprec_jax.pallas import benchmark as bm
   from anyprec_jax.pallas.mosaic.gemv_tc import TcGemvConfig as C
   print("jax", jax.__version__, jax.devices(), flush=True)
@@ -120,14 +121,9 @@ def main(argv):
         triton_m = FLAGS.triton_m or FLAGS.m
         if FLAGS.triton and str(m) in triton_m.split(","):
           cases.append(bm.gemv_case(s, bits, m))
-  bm.compile_all(cases, threads=4)
   res = {}
-  for c in cases:
-    try:
-      res[c.key] = bm.time_case(c, samples=FLAGS.samples, gpu_time=FLAGS.gpu_time)
-    except Exception as e:  # pylint: disable=broad-except
-      res[c.key] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-    print(c.key, res[c.key], flush=True)
+  bench_report.run_cases(cases, res, lambda s: print(s, flush=True), samples=FLAGS.samples,
+                         gpu_time=FLAGS.gpu_time, threads=4)
   copy = res[("copy",)]["tbps"]
   gt_ = FLAGS.gpu_time
   lines = [f"copy bandwidth {copy:.2f} TB/s",

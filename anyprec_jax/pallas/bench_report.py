@@ -93,13 +93,16 @@ def table_cases(shapes, bits_list, ms, tiles_by_bits) -> list[bm.Case]:
   return cases
 
 
-def run_cases(cases, results: dict, log) -> None:
+def run_cases(cases, results: dict, log, *, samples: int = 25, gpu_time: bool = False,
+              threads: int = 8) -> None:
+  """Compiles `cases` ahead (in threads), then checks and times each into `results`
+  (`bm.time_case`); a case that fails is reported and the others go on."""
   t0 = time.time()
-  bm.compile_all(cases)
+  bm.compile_all(cases, threads=threads)
   log(f"compiled {len(cases)} programs in {time.time() - t0:.0f} s")
   for case in cases:
     try:
-      results[case.key] = bm.time_case(case)
+      results[case.key] = bm.time_case(case, samples=samples, gpu_time=gpu_time)
     except Exception as e:  # noqa: BLE001 - report and go on with the others
       results[case.key] = dict(us=float("nan"), err=float("inf"), error=repr(e)[:300])
     case.compiled = None
