@@ -1,0 +1,37 @@
+"""The benchmark harness on CPU: a case is checked, timed and reported (tiny shapes)."""
+
+from unittest import mock
+
+from absl.testing import absltest
+
+from anyprec_jax.pallas import bench_report
+from anyprec_jax.pallas import benchmark as bm
+
+
+class HarnessTest(absltest.TestCase):
+
+  def test_attention_case_runs_checks_and_times(self):
+    shape = bm.AttentionShape("tiny", 2, 48, 2, 2, 64)
+    res, log = {}, []
+    with mock.patch.object(bm, "MIN_BYTES", 1e5):
+      cases = [bm.attention_case(shape, "xla")]
+      bench_report.run_cases(cases, res, log.append, samples=3, threads=1)
+    r = res[("attention", "tiny", "xla", "")]
+    self.assertGreater(r["us"], 0)
+    self.assertLess(r["err"], 1e-2)  # the decoder's bf16 output against the f32 twin
+    self.assertEqual(r["bytes"], 2 * 2 * 48 * 2 * 64 * 2 + 2 * 4 * 64 * 2 + 2 * 48 * 4
+                     + 2 * 4 * 64 * 4)
+    self.assertIn("compiled 1 programs", log[0])
+
+  def test_a_failing_case_is_reported_and_the_others_run(self):
+    def boom(*_):
+      raise RuntimeError("no GPU")
+    bad = bm.Case(("bad",), boom, lambda: ((), ()), 1.0, 1)
+    res = {}
+    with mock.patch.object(bm, "compile_all", lambda cases, threads: None):
+      bench_report.run_cases([bad], res, lambda _: None, samples=1)
+    self.assertIn("no GPU", res[("bad",)]["error"])
+
+
+if __name__ == "__main__":
+  absltest.main()
