@@ -17,7 +17,8 @@ partial (values, max, sum); `combine_partials` merges the partials of a head in 
 Everything a thread does is inside one `plgpu.inline_mgpu` (see `ptx.py`), as in
 `gemv_tc.py`. Twin: `decode_attention_reference` (the decoder's `attend` for T = 1).
 
-Status: lowers on CPU; not run on a GPU yet, and not wired into the decoder.
+Status: lowers on CPU; not run on a GPU yet; the decoder calls it only with
+`ANYPREC_DECODE_ATTENTION=mosaic` (`ops.one_query_attention`).
 """
 
 from __future__ import annotations
@@ -265,6 +266,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     [B, H, Dh] float32.
   """
   from jax.experimental.pallas import mosaic_gpu as plgpu
+  from anyprec_jax.pallas.mosaic import ptx
 
   b, h, d = q.shape
   if k_cache.shape != v_cache.shape or k_cache.ndim != 4:
@@ -280,15 +282,8 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
       raise ValueError(f"{name} must be bfloat16, got {arr.dtype}")
   lay = make_layout(b, s, kvh, h // kvh, d, cfg)
 
-  def body(q_ref, k_ref, v_ref, m_ref, out_ref):
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 5)
-    def emit(ctx, qr, kr, vr, mr, orf):
-      del ctx
-      _emit(qr, kr, vr, mr, orf, lay=lay)
-    emit(q_ref, k_ref, v_ref, m_ref, out_ref)
-
   kernel = plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct((b, h, lay.warps, d + 2), jnp.float32),
+      ptx.thread_body(functools.partial(_emit, lay=lay)), out_type=jax.ShapeDtypeStruct((b, h, lay.warps, d + 2), jnp.float32),
       grid=(lay.ctas,), grid_names=("cta",), num_threads=1, thread_name="wg")
   part = kernel(q, k_cache, v_cache, valid.astype(jnp.int32))
   return combine_partials(part)

@@ -361,6 +361,7 @@ def gemv(x: jax.Array, planes: jax.Array, lut: jax.Array, *, bits: int,
     [1, N] float32.
   """
   from jax.experimental.pallas import mosaic_gpu as plgpu
+  from anyprec_jax.pallas.mosaic import ptx
 
   m, k = x.shape
   if m != 1:
@@ -377,13 +378,7 @@ def gemv(x: jax.Array, planes: jax.Array, lut: jax.Array, *, bits: int,
     x = x.astype(jnp.float32)
   lay = make_layout(bits, n, k, cfg, tc_order=tc_order)
 
-  def body(x_ref, planes_ref, lut_ref, out_ref, smem_ref):
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 5)
-    def emit(ctx, xr, pr, lr, orf, sr):
-      del ctx
-      _emit(xr, pr, lr, orf, sr, lay=lay, x_dtype=x.dtype)
-    emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref)
-
+  body = ptx.thread_body(functools.partial(_emit, lay=lay, x_dtype=x.dtype))
   kernel = plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((n,), jnp.float32),
       scratch_types=[plgpu.SMEM((lay.smem_bytes // 4,), jnp.int32)],

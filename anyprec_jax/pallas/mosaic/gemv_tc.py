@@ -866,6 +866,7 @@ def gemv_tc(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, *, bits: int,
     [M, N] float32.
   """
   from jax.experimental.pallas import mosaic_gpu as plgpu
+  from anyprec_jax.pallas.mosaic import ptx
 
   m, k = x.shape
   p, n, words = planes_tc.shape
@@ -882,13 +883,7 @@ def gemv_tc(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, *, bits: int,
     x = x.astype(jnp.bfloat16)
   lay = make_layout(bits, m, n, k, cfg, x.dtype, tiled=tiled)
 
-  def body(x_ref, planes_ref, lut_ref, out_ref, smem_ref):
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 5)
-    def emit(ctx, xr, pr, lr, orf, sr):
-      del ctx
-      _emit(xr, pr, lr, orf, sr, lay=lay)
-    emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref)
-
+  body = ptx.thread_body(functools.partial(_emit, lay=lay))
   scratch = plgpu.SMEM((lay.smem_bytes // 4,), jnp.int32)
   grid = lay.ctas * lay.ksplit
   if lay.ksplit == 1:
@@ -931,6 +926,7 @@ def dequantize_tc(planes_tc: jax.Array, lut: jax.Array, *, bits: int, in_feature
       prefetch of activations do not apply).
   """
   from jax.experimental.pallas import mosaic_gpu as plgpu
+  from anyprec_jax.pallas.mosaic import ptx
 
   p, n, words = planes_tc.shape
   k = in_features
@@ -948,13 +944,8 @@ def dequantize_tc(planes_tc: jax.Array, lut: jax.Array, *, bits: int, in_feature
   lay = make_layout(bits, 1, n, k, cfg, dtype, tiled=tiled)
   kp = 128 * lay.blocks
 
-  def body(planes_ref, lut_ref, out_ref, smem_ref):
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 4)
-    def emit(ctx, pr, lr, orf, sr):
-      del ctx
-      _emit(pr, pr, lr, orf, sr, lay=lay, dequant=True)
-    emit(planes_ref, lut_ref, out_ref, smem_ref)
-
+  body = ptx.thread_body(  # x_ref is unused when dequantising: the planes stand in
+      lambda pr, lr, orf, sr: _emit(pr, pr, lr, orf, sr, lay=lay, dequant=True))
   kernel = plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((n, kp), dtype),
       scratch_types=[plgpu.SMEM((lay.smem_bytes // 4,), jnp.int32)],

@@ -54,6 +54,21 @@ def asm(ret, args, text: str, constraints: str, side_effects: bool = False):
                          constraints, has_side_effects=side_effects)
 
 
+def thread_body(emit):
+  """A Pallas Mosaic GPU kernel body that runs `emit(*refs)` per thread: the refs
+  (inputs, outputs, scratch, in the kernel's order) enter one `plgpu.inline_mgpu`
+  as raw memrefs, and `emit` writes the thread's code with this module."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  def body(*refs):
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))
+    def run(ctx, *raw):
+      del ctx
+      emit(*raw)
+    run(*refs)
+  return body
+
+
 # --- integer helpers (i32) -------------------------------------------------------
 
 def add(a, b):
