@@ -38,6 +38,7 @@ def main(argv):
   for shape in bm.ATTENTION_SHAPES:
     cases.append(bm.attention_case(shape, "xla"))
     cases += [bm.attention_case(shape, "mosaic", cfg) for cfg in cfgs]
+    cases.append(bm.attention_case(shape, "mosaic_kernel"))  # the merge's share
   res = {}
   bench_report.run_cases(cases, res, lambda s: print(s, flush=True), samples=FLAGS.samples,
                          gpu_time=FLAGS.gpu_time, threads=4)

@@ -238,7 +238,8 @@ ATTENTION_SHAPES = (
 
 def attention_case(shape: AttentionShape, impl: str, cfg=None) -> Case:
   """Case for one decode step's attention (one query per sequence over a full cache):
-  impl "mosaic" (`mosaic/decode_attention.py`) or "xla" (the decoder's `attend`,
+  impl "mosaic" (`mosaic/decode_attention.py`), "mosaic_kernel" (its kernel alone,
+  without the merge of the per-warp partials) or "xla" (the decoder's `attend`,
   jitted: what a decode step runs today)."""
   from anyprec_jax.pallas.mosaic import decode_attention as da
   b, s, kvh, g, d = shape.batch, shape.slots, shape.kv_heads, shape.g, shape.dh
@@ -248,6 +249,9 @@ def attention_case(shape: AttentionShape, impl: str, cfg=None) -> Case:
   if impl == "mosaic":
     cfg = cfg or da.DecodeAttentionConfig()
     op = lambda q, k, v, ok: da.decode_attention(q, k, v, ok, cfg=cfg)
+  elif impl == "mosaic_kernel":  # the kernel without the XLA merge of its partials
+    cfg = cfg or da.DecodeAttentionConfig()
+    op = lambda q, k, v, ok: da.decode_attention_partials(q, k, v, ok, cfg=cfg)
   elif impl == "xla":
     from models import decoder  # the model's own attention, as a decode step runs it
 
@@ -255,7 +259,7 @@ def attention_case(shape: AttentionShape, impl: str, cfg=None) -> Case:
       o = decoder.attend(q[:, None], k, v, ok[:, None, :])
       return o.reshape(q.shape).astype(jnp.float32)
   else:
-    raise ValueError(f"impl must be 'mosaic' or 'xla', got {impl!r}")
+    raise ValueError(f"impl must be 'mosaic', 'mosaic_kernel' or 'xla', got {impl!r}")
 
   def fn(qs, kvs):
     return [op(q, k, v, ok) for q, (k, v, ok) in zip(qs, kvs)]
@@ -274,6 +278,8 @@ def attention_case(shape: AttentionShape, impl: str, cfg=None) -> Case:
 
   def check(args, out):
     q, (k, v, ok) = args[0][0], args[1][0]
+    if impl == "mosaic_kernel":
+      out = [da.combine_partials(out[0])]
     want = np.asarray(da.decode_attention_reference(q, k, v, ok), np.float64)
     got = np.asarray(out[0], np.float64)
     if not np.isfinite(got).all():

@@ -86,7 +86,7 @@ class DecodeAttentionCpuTest(parameterized.TestCase):
       da.decode_attention(q, k, v, valid[:, :8])
     with self.assertRaisesRegex(ValueError, "head dims"):
       da.make_layout(1, 16, 2, 2, 96, da.DecodeAttentionConfig())
-    self.assertEqual(da.make_layout(1, 384, 32, 1, 128, da.DecodeAttentionConfig()).warps, 32)
+    self.assertEqual(da.make_layout(1, 384, 32, 1, 128, da.DecodeAttentionConfig()).warps, 48)
 
 
 class DispatchTest(absltest.TestCase):

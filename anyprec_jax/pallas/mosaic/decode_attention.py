@@ -34,13 +34,17 @@ INIT_MAX = -3e38  # running max before any slot: exp(INIT_MAX - m) = 0 for any r
 LOG2E = 1.4426950408889634
 
 
+TARGET_WARPS = 2048  # ~16 resident warps on each of the H200's 132 SMs
+MIN_SLOTS = 8  # fewest slots per warp the default launch gives (one group)
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeAttentionConfig:
   """Static launch shape.
 
   ctas_per_head: C, CTAs (one warpgroup of 4 warps each) per (sequence, KV head); the
-    4 C warps split the slots. None: about 8-16 slots per warp, at most 32 CTAs per
-    head.
+    4 C warps split the slots. None: about TARGET_WARPS warps in all (C <= 32), at
+    least MIN_SLOTS slots per warp.
   group: U, slots per step of a warp (their loads are issued one step ahead).
   """
   ctas_per_head: int | None = None
@@ -79,8 +83,9 @@ def make_layout(batch: int, slots: int, kv_heads: int, g: int, dh: int,
   if cfg.group < 1:
     raise ValueError(f"group must be >= 1, got {cfg.group}")
   c = cfg.ctas_per_head
-  if c is None:
-    c = max(1, min(32, slots // (4 * 12)))
+  if c is None:  # ~TARGET_WARPS warps in all, at least MIN_SLOTS slots per warp
+    c = -(-TARGET_WARPS // (4 * batch * kv_heads))
+    c = max(1, min(c, 32, slots // (4 * MIN_SLOTS)))
   if c < 1:
     raise ValueError(f"ctas_per_head must be >= 1, got {c}")
   return _Layout(batch=batch, slots=slots, kv_heads=kv_heads, g=g, dh=dh,
@@ -231,7 +236,8 @@ def combine_partials(part: jax.Array) -> jax.Array:
   w = jnp.exp(m - top)  # [B, H, W]; 0 for warps that saw no slot
   den = jnp.sum(w * l, axis=-1)[..., None]  # [B, H, 1]
   # A query with no valid slot gets 0 (the reference averages V over the masked slots).
-  return jnp.einsum("bhw,bhwd->bhd", w, acc) / jnp.where(den > 0, den, 1.0)
+  num = jnp.einsum("bhw,bhwd->bhd", w, acc, precision=jax.lax.Precision.HIGHEST)
+  return num / jnp.where(den > 0, den, 1.0)
 
 
 def decode_attention_reference(q, k_cache, v_cache, valid) -> jax.Array:
@@ -243,10 +249,11 @@ def decode_attention_reference(q, k_cache, v_cache, valid) -> jax.Array:
   b, h, d = q.shape
   kvh = k_cache.shape[2]
   qf = q.astype(jnp.float32).reshape(b, kvh, h // kvh, d)  # [B, KVH, G, Dh]
-  s = jnp.einsum("bkgd,bskd->bkgs", qf, k_cache.astype(jnp.float32))
+  hi = jax.lax.Precision.HIGHEST  # f32 products (TF32 on GPU otherwise)
+  s = jnp.einsum("bkgd,bskd->bkgs", qf, k_cache.astype(jnp.float32), precision=hi)
   s = jnp.where(valid.astype(bool)[:, None, None, :], s, NEG)
   p = jax.nn.softmax(s, axis=-1)
-  o = jnp.einsum("bkgs,bskd->bkgd", p, v_cache.astype(jnp.float32))
+  o = jnp.einsum("bkgs,bskd->bkgd", p, v_cache.astype(jnp.float32), precision=hi)
   return o.reshape(b, h, d)
 
 
@@ -265,6 +272,16 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   Returns:
     [B, H, Dh] float32.
   """
+  return combine_partials(decode_attention_partials(q, k_cache, v_cache, valid, cfg=cfg))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def decode_attention_partials(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                              valid: jax.Array,
+                              cfg: DecodeAttentionConfig = DecodeAttentionConfig()
+                              ) -> jax.Array:
+  """The kernel alone: per-warp partials [B, H, W, Dh + 2] (`combine_partials` merges
+  them). Arguments as `decode_attention`."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
   from anyprec_jax.pallas.mosaic import ptx
 
@@ -285,8 +302,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   kernel = plgpu.kernel(
       ptx.thread_body(functools.partial(_emit, lay=lay)), out_type=jax.ShapeDtypeStruct((b, h, lay.warps, d + 2), jnp.float32),
       grid=(lay.ctas,), grid_names=("cta",), num_threads=1, thread_name="wg")
-  part = kernel(q, k_cache, v_cache, valid.astype(jnp.int32))
-  return combine_partials(part)
+  return kernel(q, k_cache, v_cache, valid.astype(jnp.int32))
 
 
 def bytes_moved(b: int, s: int, kvh: int, h: int, d: int) -> int:
