@@ -5,6 +5,7 @@ On CPU: the kernel lowers for CUDA, and a numpy replay of the per-warp algorithm
 `combine_partials` equals the reference. Natively (Hopper): the kernel itself.
 """
 
+import functools
 from unittest import mock
 
 import jax
@@ -60,9 +61,10 @@ def _replay(q, k, v, valid, lay):
 
 class DecodeAttentionCpuTest(parameterized.TestCase):
 
-  @parameterized.parameters(*SHAPES)
-  def test_lowers_for_cuda(self, b, s, kvh, g, d):
-    fn = jax.jit(da.decode_attention)
+  @parameterized.parameters(*[sh + (c,) for sh in SHAPES for c in (None, 12)])
+  def test_lowers_for_cuda(self, b, s, kvh, g, d, ctas):
+    cfg = da.DecodeAttentionConfig(ctas_per_head=ctas)  # 12 > MAX_CLUSTER: XLA merge
+    fn = jax.jit(functools.partial(da.decode_attention, cfg=cfg))
     args = (jax.ShapeDtypeStruct((b, kvh * g, d), jnp.bfloat16),
             jax.ShapeDtypeStruct((b, s, kvh, d), jnp.bfloat16),
             jax.ShapeDtypeStruct((b, s, kvh, d), jnp.bfloat16),
@@ -86,7 +88,9 @@ class DecodeAttentionCpuTest(parameterized.TestCase):
       da.decode_attention(q, k, v, valid[:, :8])
     with self.assertRaisesRegex(ValueError, "head dims"):
       da.make_layout(1, 16, 2, 2, 96, da.DecodeAttentionConfig())
-    self.assertEqual(da.make_layout(1, 384, 32, 1, 128, da.DecodeAttentionConfig()).warps, 48)
+    self.assertEqual(da.make_layout(1, 384, 32, 1, 128, da.DecodeAttentionConfig()).warps, 32)
+    self.assertFalse(da.make_layout(1, 384, 32, 1, 128,
+                                    da.DecodeAttentionConfig(ctas_per_head=12)).cluster)
 
 
 class DispatchTest(absltest.TestCase):
@@ -115,11 +119,13 @@ class DecodeAttentionNativeTest(parameterized.TestCase):
     if not backend.is_hopper_or_newer():
       self.skipTest("the Mosaic GPU decode attention needs a Hopper (sm_90+) GPU")
 
-  @parameterized.parameters(*SHAPES)
-  def test_matches_reference(self, b, s, kvh, g, d):
+  @parameterized.parameters(*[sh + (c,) for sh in SHAPES for c in (None, 2, 12)])
+  def test_matches_reference(self, b, s, kvh, g, d, ctas):
+    # None: the default launch (cluster merge); 2: a 2-CTA cluster; 12: XLA merge.
+    cfg = da.DecodeAttentionConfig(ctas_per_head=ctas)
     for trial in range(2):
       q, k, v, valid = _inputs(10 * trial + s, b, s, kvh, g, d)
-      got = np.asarray(da.decode_attention(q, k, v, valid), np.float64)
+      got = np.asarray(da.decode_attention(q, k, v, valid, cfg=cfg), np.float64)
       want = np.asarray(da.decode_attention_reference(q, k, v, valid), np.float64)
       self.assertTrue(np.isfinite(got).all())
       np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4)

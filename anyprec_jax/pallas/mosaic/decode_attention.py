@@ -36,6 +36,7 @@ LOG2E = 1.4426950408889634
 
 TARGET_WARPS = 2048  # ~16 resident warps on each of the H200's 132 SMs
 MIN_SLOTS = 8  # fewest slots per warp the default launch gives (one group)
+MAX_CLUSTER = 8  # portable thread-block cluster size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +47,15 @@ class DecodeAttentionConfig:
     4 C warps split the slots. None: about TARGET_WARPS warps in all (C <= 32), at
     least MIN_SLOTS slots per warp.
   group: U, slots per step of a warp (their loads are issued one step ahead).
+  cluster_merge: with C <= MAX_CLUSTER, the C CTAs of a head form a thread-block
+    cluster and merge their warps' partials in the kernel (shared memory, read across
+    the cluster): one launch, no XLA merge. Otherwise (or False) the kernel writes
+    per-warp partials and `combine_partials` merges them in XLA. The default C is
+    capped at MAX_CLUSTER when this is on.
   """
   ctas_per_head: int | None = None
   group: int = 8
+  cluster_merge: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +67,7 @@ class _Layout:
   dh: int
   ctas_per_head: int
   group: int
+  cluster: bool  # merge in the kernel across a cluster of the head's C CTAs
 
   @property
   def e(self) -> int:  # dims per lane
@@ -85,16 +93,20 @@ def make_layout(batch: int, slots: int, kv_heads: int, g: int, dh: int,
   c = cfg.ctas_per_head
   if c is None:  # ~TARGET_WARPS warps in all, at least MIN_SLOTS slots per warp
     c = -(-TARGET_WARPS // (4 * batch * kv_heads))
-    c = max(1, min(c, 32, slots // (4 * MIN_SLOTS)))
+    c = max(1, min(c, MAX_CLUSTER if cfg.cluster_merge else 32,
+                   slots // (4 * MIN_SLOTS)))
   if c < 1:
     raise ValueError(f"ctas_per_head must be >= 1, got {c}")
   return _Layout(batch=batch, slots=slots, kv_heads=kv_heads, g=g, dh=dh,
-                 ctas_per_head=c, group=cfg.group)
+                 ctas_per_head=c, group=cfg.group,
+                 cluster=cfg.cluster_merge and c <= MAX_CLUSTER)
 
 
-def _emit(q_ref, k_ref, v_ref, valid_ref, out_ref, *, lay: _Layout):
+def _emit(q_ref, k_ref, v_ref, valid_ref, out_ref, *scratch, lay: _Layout):
   """The kernel body (per thread). Refs: q [B, H, Dh] bf16, k/v [B, S, KVH, Dh] bf16,
-  valid [B, S] i32, out [B, H, W, Dh + 2] f32 (values, max, sum per warp)."""
+  valid [B, S] i32; out [B, H, Dh] f32 with `lay.cluster` (scratch: the CTA's
+  partials in shared memory, [4 warps, G, Dh + 2] f32), else out [B, H, W, Dh + 2] f32
+  (values, max, sum per warp)."""
   from jaxlib.mlir import ir
   from jaxlib.mlir.dialects import arith, scf
   from anyprec_jax.pallas.mosaic import ptx
@@ -216,6 +228,11 @@ def _emit(q_ref, k_ref, v_ref, valid_ref, out_ref, *, lay: _Layout):
   res = list(loop.results)
   m, l, acc = res[:g_n], res[g_n:2 * g_n], res[2 * g_n:2 * g_n + g_n * e]
 
+  if lay.cluster:
+    _cluster_merge(scratch[0], out_ref, m, l, acc, lay=lay, b=b, kvh=kvh, warp=warp,
+                   lane=lane, lane_e=lane_e)
+    return
+
   # out[b, h, w, :]: the lane's E values, then (max, sum) from lane 0.
   for gi in range(g_n):
     head = ptx.add(ptx.mul(kvh, ptx.const(g_n)), ptx.const(gi))
@@ -227,6 +244,68 @@ def _emit(q_ref, k_ref, v_ref, valid_ref, out_ref, *, lay: _Layout):
     with ptx.If(ptx.eq(lane, ptx.const(0))):
       ptx.st_global_f32(ptx.gaddr(og, ptx.add(base, ptx.const(dh)), 4), m[gi])
       ptx.st_global_f32(ptx.gaddr(og, ptx.add(base, ptx.const(dh + 1)), 4), l[gi])
+
+
+def _cluster_merge(part_ref, out_ref, m, l, acc, *, lay: _Layout, b, kvh, warp, lane,
+                   lane_e):
+  """Each warp's (values, max, sum) per head into its CTA's shared memory; after a
+  cluster barrier, the cluster's first CTA merges the 4 C partials of each head (warp
+  w takes heads w, w + 4; remote partials read with `ld.shared::cluster`) and writes
+  out[b, h, :]; a second cluster barrier keeps the other CTAs' shared memory alive
+  until then. The same arithmetic as `combine_partials`."""
+  from jaxlib.mlir.dialects import arith
+  from anyprec_jax.pallas.mosaic import ptx
+
+  g_n, dh, e, c_n = lay.g, lay.dh, lay.e, lay.ctas_per_head
+  rec = dh + 2  # f32 slots of one partial
+  h_n = lay.kv_heads * g_n
+  smem = ptx.smem_address(part_ref)
+
+  def slot(w, gi):  # byte offset of warp w's partial of head gi
+    return ptx.mul(ptx.add(ptx.mul(w, ptx.const(g_n)), ptx.const(gi)), ptx.const(4 * rec))
+
+  for gi in range(g_n):
+    base = ptx.add(smem, slot(warp, gi))
+    for j in range(e):
+      ptx.st_shared_f32(ptx.add(base, ptx.mul(ptx.add(lane_e, ptx.const(j)), ptx.const(4))),
+                        acc[gi * e + j])
+    with ptx.If(ptx.eq(lane, ptx.const(0))):
+      ptx.st_shared_f32(base, m[gi], 4 * dh)
+      ptx.st_shared_f32(base, l[gi], 4 * dh + 4)
+  ptx.cluster_sync()  # every partial of the cluster written (release / acquire)
+
+  with ptx.If(ptx.eq(ptx.cluster_rank(), ptx.const(0))):
+    for gi in range(g_n):
+      with ptx.If(ptx.eq(warp, ptx.const(gi % 4))):
+        ms, ls, accs = [], [], []
+        for i in range(4 * c_n):  # partial i: CTA i // 4 of the cluster, warp i % 4
+          local = ptx.add(smem, slot(ptx.const(i % 4), gi))
+          remote = ptx.mapa_shared_cluster(local, ptx.const(i // 4))
+          ms.append(ptx.ld_shared_cluster_f32(remote, 4 * dh))
+          ls.append(ptx.ld_shared_cluster_f32(remote, 4 * dh + 4))
+          lane_off = ptx.add(remote, ptx.mul(lane_e, ptx.const(4)))
+          accs.append([ptx.ld_shared_cluster_f32(lane_off, 4 * j) for j in range(e)])
+        top = ms[0]
+        for mi in ms[1:]:
+          top = arith.maximumf(top, mi)
+        ws = [ptx.exp2_approx(arith.mulf(arith.subf(mi, top), ptx.fconst(LOG2E)))
+              for mi in ms]
+        den = arith.mulf(ws[0], ls[0])
+        for wi, li in zip(ws[1:], ls[1:]):
+          den = ptx.fma(wi, li, den)
+        inv = arith.divf(ptx.fconst(1.0), ptx.select(
+            arith.cmpf(arith.CmpFPredicate.OGT, den, ptx.fconst(0.0)), den,
+            ptx.fconst(1.0)))
+        head = ptx.add(ptx.mul(kvh, ptx.const(g_n)), ptx.const(gi))
+        row = ptx.mul(ptx.add(ptx.mul(b, ptx.const(h_n)), head), ptx.const(dh))
+        og = ptx.gmem_address(out_ref)
+        for j in range(e):
+          num = arith.mulf(ws[0], accs[0][j])
+          for wi, ai in zip(ws[1:], accs[1:]):
+            num = ptx.fma(wi, ai[j], num)
+          ptx.st_global_f32(ptx.gaddr(og, ptx.add(row, ptx.add(lane_e, ptx.const(j))), 4),
+                            arith.mulf(num, inv))
+  ptx.cluster_sync()  # the first CTA has read every partial: shared memory may go
 
 
 def combine_partials(part: jax.Array) -> jax.Array:
@@ -272,6 +351,8 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   Returns:
     [B, H, Dh] float32.
   """
+  if _checked_layout(q, k_cache, v_cache, valid, cfg).cluster:
+    return _launch(q, k_cache, v_cache, valid, cfg)
   return combine_partials(decode_attention_partials(q, k_cache, v_cache, valid, cfg=cfg))
 
 
@@ -280,11 +361,13 @@ def decode_attention_partials(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
                               valid: jax.Array,
                               cfg: DecodeAttentionConfig = DecodeAttentionConfig()
                               ) -> jax.Array:
-  """The kernel alone: per-warp partials [B, H, W, Dh + 2] (`combine_partials` merges
-  them). Arguments as `decode_attention`."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-  from anyprec_jax.pallas.mosaic import ptx
+  """The kernel alone, writing per-warp partials [B, H, W, Dh + 2] (`combine_partials`
+  merges them; no cluster merge). Arguments as `decode_attention`."""
+  return _launch(q, k_cache, v_cache, valid,
+                 dataclasses.replace(cfg, cluster_merge=False))
 
+
+def _checked_layout(q, k_cache, v_cache, valid, cfg: DecodeAttentionConfig) -> _Layout:
   b, h, d = q.shape
   if k_cache.shape != v_cache.shape or k_cache.ndim != 4:
     raise ValueError(f"k/v caches {k_cache.shape} / {v_cache.shape}: want equal "
@@ -297,11 +380,27 @@ def decode_attention_partials(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
   for name, arr in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
     if arr.dtype != jnp.bfloat16:
       raise ValueError(f"{name} must be bfloat16, got {arr.dtype}")
-  lay = make_layout(b, s, kvh, h // kvh, d, cfg)
+  return make_layout(b, s, kvh, h // kvh, d, cfg)
 
-  kernel = plgpu.kernel(
-      ptx.thread_body(functools.partial(_emit, lay=lay)), out_type=jax.ShapeDtypeStruct((b, h, lay.warps, d + 2), jnp.float32),
-      grid=(lay.ctas,), grid_names=("cta",), num_threads=1, thread_name="wg")
+
+def _launch(q, k_cache, v_cache, valid, cfg: DecodeAttentionConfig) -> jax.Array:
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  from anyprec_jax.pallas.mosaic import ptx
+
+  lay = _checked_layout(q, k_cache, v_cache, valid, cfg)
+  b, h, d = q.shape
+  body = ptx.thread_body(functools.partial(_emit, lay=lay))
+  if lay.cluster:  # grid = clusters; CUDA's grid is C times that, a cluster per head
+    kernel = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((b, h, d), jnp.float32),
+        scratch_types=[plgpu.SMEM((4 * lay.g * (d + 2),), jnp.float32)],
+        grid=(lay.ctas // lay.ctas_per_head,), grid_names=("head",),
+        cluster=(lay.ctas_per_head,), cluster_names=("c",),
+        num_threads=1, thread_name="wg")
+  else:
+    kernel = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((b, h, lay.warps, d + 2), jnp.float32),
+        grid=(lay.ctas,), grid_names=("cta",), num_threads=1, thread_name="wg")
   return kernel(q, k_cache, v_cache, valid.astype(jnp.int32))
 
 

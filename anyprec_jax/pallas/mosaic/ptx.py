@@ -445,3 +445,26 @@ def mbarrier_wait_parity(bar32, parity: int):
       "{ .reg .pred P1; LAB_WAIT: "
       f"mbarrier.try_wait.parity.shared::cta.b64 P1, [$0], {parity}; "
       "@P1 bra DONE; bra LAB_WAIT; DONE: }", "r", True)
+
+
+# --- thread-block clusters (sm_90) ---------------------------------------------------
+
+def cluster_rank():
+  """This CTA's rank in its cluster."""
+  return asm(i32(), [], "mov.u32 $0, %cluster_ctarank;", "=r")
+
+
+def cluster_sync():
+  """All threads of all CTAs of the cluster; shared-memory writes before it are visible
+  to `ld.shared::cluster` after it (release / acquire)."""
+  asm(None, [], "barrier.cluster.arrive.release.aligned;\n"
+      "barrier.cluster.wait.acquire.aligned;", "", True)
+
+
+def mapa_shared_cluster(addr32, rank):
+  """The shared::cluster address of `addr32` (this CTA's shared window) in CTA `rank`."""
+  return asm(i32(), [addr32, rank], "mapa.shared::cluster.u32 $0, $1, $2;", "=r,r,r")
+
+
+def ld_shared_cluster_f32(addr32, imm: int = 0):
+  return asm(f32(), [addr32], f"ld.shared::cluster.f32 $0, [$1+{imm}];", "=f,r", True)
