@@ -152,7 +152,7 @@ def _random_anyprec(key, *, n, k, planes, precisions, layout=PlaneLayout.FORMAT)
 def random_anyprec_params(cfg: models.ModelConfig, dense_params,
                           precisions: Sequence[int], seed: int = 1,
                           layout: PlaneLayout = PlaneLayout.FORMAT,
-                          fuse: bool = True, fuse_mlp: bool = False):
+                          fuse: bool = True, fuse_mlp: bool = True):
   """`dense_params` with every decoder linear replaced by a random `AnyPrecWeight`.
 
   Random parent codes and LUTs (fine for speed); only max(precisions) planes are
@@ -183,7 +183,7 @@ def random_anyprec_model(cfg: models.ModelConfig, precisions: Sequence[int], *,
                          seed: int = 0):
   """An `AnyPrecisionForCausalLM` with random weights, laid out and fused as
   `AnyPrecisionForCausalLM.from_quantized` loads a checkpoint on this backend (the
-  planes in `runtime.default_layout()`, q/k/v fused, gate/up not), for serving and
+  planes in `runtime.default_layout()`, q/k/v and gate/up fused), for serving and
   latency benchmarks without a checkpoint.
 
   Args:
@@ -214,7 +214,7 @@ def random_anyprec_model(cfg: models.ModelConfig, precisions: Sequence[int], *,
   layout = runtime.default_layout() if layout is None else PlaneLayout(layout)
   dense = random_dense_params(cfg, dtype, seed=seed, linears=False)  # linears abstract
   params = random_anyprec_params(cfg, dense, widths, seed=seed + 1, layout=layout,
-                                 fuse=True, fuse_mlp=False)
+                                 fuse=True, fuse_mlp=True)
   return runtime.AnyPrecisionForCausalLM(cfg, params, precisions=widths)
 
 
@@ -304,7 +304,7 @@ def plot_latency_and_ppl(latency_rows: Sequence[dict], eval_record: dict | None,
 def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len: int,
               new_tokens: int, dtype=jnp.bfloat16, repeats: int = 3, batch: int = 1,
               layout: PlaneLayout = PlaneLayout.FORMAT, fuse: bool = True,
-              fuse_mlp: bool = False, log: Callable[[str], None] = print) -> list[dict]:
+              fuse_mlp: bool = True, log: Callable[[str], None] = print) -> list[dict]:
   """End-to-end batch-1 generation speed: dense baseline, then each precision.
 
   Args:

@@ -102,8 +102,8 @@ def one_query_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   """A decode step's attention from a kernel, or None where none applies.
 
   The Mosaic GPU kernel (`pallas/mosaic/decode_attention.py`) runs with the PALLAS
-  backend on Hopper when `ANYPREC_DECODE_ATTENTION=mosaic` (off by default until timed),
-  for bf16 q and caches, head dims 64 or 128 and at most 8 query heads per KV head.
+  backend on Hopper unless `ANYPREC_DECODE_ATTENTION=xla`, for bf16 q and caches,
+  head dims 64 or 128 and at most 8 query heads per KV head.
   Otherwise the caller computes the attention with jnp.
 
   Args:

@@ -110,9 +110,9 @@ def fuse_projections(params, concat_rows, mlp: bool = False):
     params: params tree (not modified).
     concat_rows: parts' weights -> their row concatenation or None (e.g.
       `weight.concat_rows`, which fuses any-precision weights only).
-    mlp: also fuse gate/up. Off by default: on the H200 the 22016-row 3-bit GEMV
-      took 43-46 us where the two 11008-row ones take ~27 (more CTAs than one wave
-      holds); equal at 5 and 8 bits (kernels_tc.md step 5).
+    mlp: also fuse gate/up (`runtime.fuse_projections` does: in GPU time one
+      22016-row GEMV beats two 11008-row ones by 8-16 % on the H200, kernels_tc.md
+      step 10; step 5 had judged it slower on the wall clock).
 
   Returns:
     A new tree; untouched leaves are shared.

@@ -56,7 +56,7 @@ _BACKEND = flags.DEFINE_enum("backend", "auto", [b.value for b in ops.Backend],
                              "Kernel backend of the quantized linears.")
 _FUSE = flags.DEFINE_bool("fuse", True, "Any-precision q/k/v stored fused (one GEMV "
                           "launch), as from_quantized loads them.")
-_FUSE_MLP = flags.DEFINE_bool("fuse_mlp", False, "Also fuse gate/up (not done on load).")
+_FUSE_MLP = flags.DEFINE_bool("fuse_mlp", True, "Also fuse gate/up, as loading does.")
 _OUTPUT = flags.DEFINE_string("output_md", "benchmarks/results/e2e.md",
                               "Markdown output ('' to skip).")
 

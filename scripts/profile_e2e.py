@@ -26,7 +26,7 @@ _BATCH = flags.DEFINE_integer("batch", 1, "Sequences per step.")
 _CONTEXT = flags.DEFINE_integer("context", 384, "KV-cache slots (>= 8 + 2 iters).")
 _ITERS = flags.DEFINE_integer("iters", 50, "Timed steps per model.")
 _NCU = flags.DEFINE_bool("ncu", False, "Bracket one step for ncu (no timing).")
-_FUSE = flags.DEFINE_bool("fuse", True, "Fuse q/k/v, as loading does.")
+_FUSE = flags.DEFINE_bool("fuse", True, "Fuse q/k/v and gate/up, as loading does.")
 _PARSE = flags.DEFINE_string("parse", None, "Print the kernel table of this ncu CSV.")
 _TRACE = flags.DEFINE_string("trace_dir", None,
                              "After timing, trace one loop per model (jax.profiler, "

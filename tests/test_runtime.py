@@ -103,10 +103,11 @@ class RuntimeTest(_SyntheticCheckpointTest):
     np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=2e-4)
 
   def test_loading_fuses_projections(self):
-    """q/k/v load as one weight; fuse=False keeps the parts; the logits agree."""
+    """q/k/v and gate/up load as one weight each; fuse=False keeps the parts; the
+    logits agree."""
     layer = self.model._base["layers_0"]
     self.assertEqual(sorted(layer["attn"]), ["o_proj", "qkv_proj"])
-    self.assertEqual(sorted(layer["mlp"]), ["down_proj", "gate_proj", "up_proj"])
+    self.assertEqual(sorted(layer["mlp"]), ["down_proj", "gate_up_proj"])
     parts = AnyPrecisionForCausalLM.from_quantized(self.dir, precisions=[3], fuse=False)
     self.assertIn("q_proj", parts._base["layers_0"]["attn"])
     ids = np.arange(10, dtype=np.int32).reshape(2, 5) % 90 + 3
@@ -295,7 +296,7 @@ class FractionalRuntimeTest(_SyntheticCheckpointTest):
   def test_fused_groups_and_one_program_per_allocation(self):
     layer = self.model.params_at(3.5)["layers_0"]
     self.assertIn("qkv_proj", layer["attn"])
-    self.assertIn("gate_proj", layer["mlp"])  # gate/up share a width, not a launch
+    self.assertIn("gate_up_proj", layer["mlp"])  # gate/up share a width and a launch
     ids = self.ids[:1, :3]  # a shape no other test uses
     before = runtime._forward._cache_size()
     for p in (3.5, 3.5, 4, 3.5):

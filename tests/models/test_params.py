@@ -118,9 +118,12 @@ class FuseProjectionsTest(parameterized.TestCase):
     ids = jnp.asarray(fx.random_ids(22, (2, 7)))
     np.testing.assert_allclose(_forward(cfg, fused, ids), _forward(cfg, params, ids),
                                atol=2e-5, rtol=2e-5)
-    default = anyprec_jax.runtime.fuse_projections(params)["layers_0"]  # q/k/v only
+    default = anyprec_jax.runtime.fuse_projections(params)["layers_0"]  # as loading does
     self.assertIn("qkv_proj", default["attn"])
-    self.assertNotIn("gate_up_proj", default["mlp"])
+    self.assertEqual("gate_up_proj" in default["mlp"], cfg.gated_mlp)
+    attn_only = anyprec_jax.runtime.fuse_projections(params, mlp=False)["layers_0"]
+    self.assertIn("qkv_proj", attn_only["attn"])
+    self.assertNotIn("gate_up_proj", attn_only["mlp"])
 
   @slow.slow("interpreted Pallas kernels; native on a GPU with the flag")
   def test_kernels_run_fused_weights(self):

@@ -61,9 +61,9 @@ def _replay(q, k, v, valid, lay):
 
 class DecodeAttentionCpuTest(parameterized.TestCase):
 
-  @parameterized.parameters(*[sh + (c,) for sh in SHAPES for c in (None, 12)])
-  def test_lowers_for_cuda(self, b, s, kvh, g, d, ctas):
-    cfg = da.DecodeAttentionConfig(ctas_per_head=ctas)  # 12 > MAX_CLUSTER: XLA merge
+  @parameterized.parameters(*[sh + (m,) for sh in SHAPES for m in (False, True)])
+  def test_lowers_for_cuda(self, b, s, kvh, g, d, cluster_merge):
+    cfg = da.DecodeAttentionConfig(cluster_merge=cluster_merge)
     fn = jax.jit(functools.partial(da.decode_attention, cfg=cfg))
     args = (jax.ShapeDtypeStruct((b, kvh * g, d), jnp.bfloat16),
             jax.ShapeDtypeStruct((b, s, kvh, d), jnp.bfloat16),
@@ -88,19 +88,24 @@ class DecodeAttentionCpuTest(parameterized.TestCase):
       da.decode_attention(q, k, v, valid[:, :8])
     with self.assertRaisesRegex(ValueError, "head dims"):
       da.make_layout(1, 16, 2, 2, 96, da.DecodeAttentionConfig())
-    self.assertEqual(da.make_layout(1, 384, 32, 1, 128, da.DecodeAttentionConfig()).warps, 32)
-    self.assertFalse(da.make_layout(1, 384, 32, 1, 128,
-                                    da.DecodeAttentionConfig(ctas_per_head=12)).cluster)
+    self.assertEqual(da.make_layout(1, 384, 32, 1, 128, da.DecodeAttentionConfig()).warps, 12)
+    self.assertEqual(da.make_layout(1, 4096, 32, 1, 128, da.DecodeAttentionConfig()).warps,
+                     128)
+    on = da.DecodeAttentionConfig(cluster_merge=True)
+    self.assertTrue(da.make_layout(1, 4096, 32, 1, 128, on).cluster)  # C capped at 8
+    self.assertFalse(da.make_layout(
+        1, 384, 32, 1, 128, da.DecodeAttentionConfig(ctas_per_head=12, cluster_merge=True)
+    ).cluster)
 
 
 class DispatchTest(absltest.TestCase):
 
-  def test_switch_is_off_by_default_and_checked(self):
+  def test_switch_is_on_by_default_and_checked(self):
     with mock.patch.dict("os.environ", {}, clear=False) as env:
       env.pop(backend.DECODE_ATTENTION_ENV, None)
-      self.assertEqual(backend.decode_attention(), "xla")
-    with mock.patch.dict("os.environ", {backend.DECODE_ATTENTION_ENV: "Mosaic"}):
       self.assertEqual(backend.decode_attention(), "mosaic")
+    with mock.patch.dict("os.environ", {backend.DECODE_ATTENTION_ENV: " XLA"}):
+      self.assertEqual(backend.decode_attention(), "xla")
     with mock.patch.dict("os.environ", {backend.DECODE_ATTENTION_ENV: "cuda"}):
       with self.assertRaisesRegex(ValueError, backend.DECODE_ATTENTION_ENV):
         backend.decode_attention()
@@ -119,10 +124,11 @@ class DecodeAttentionNativeTest(parameterized.TestCase):
     if not backend.is_hopper_or_newer():
       self.skipTest("the Mosaic GPU decode attention needs a Hopper (sm_90+) GPU")
 
-  @parameterized.parameters(*[sh + (c,) for sh in SHAPES for c in (None, 2, 12)])
-  def test_matches_reference(self, b, s, kvh, g, d, ctas):
-    # None: the default launch (cluster merge); 2: a 2-CTA cluster; 12: XLA merge.
-    cfg = da.DecodeAttentionConfig(ctas_per_head=ctas)
+  @parameterized.parameters(*[sh + c for sh in SHAPES
+                               for c in ((None, False), (12, False), (2, True))])
+  def test_matches_reference(self, b, s, kvh, g, d, ctas, cluster_merge):
+    # The default launch; 12 CTAs per head (warps with no slot); a 2-CTA cluster merge.
+    cfg = da.DecodeAttentionConfig(ctas_per_head=ctas, cluster_merge=cluster_merge)
     for trial in range(2):
       q, k, v, valid = _inputs(10 * trial + s, b, s, kvh, g, d)
       got = np.asarray(da.decode_attention(q, k, v, valid, cfg=cfg), np.float64)
