@@ -102,8 +102,9 @@ def one_query_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   """A decode step's attention from a kernel, or None where none applies.
 
   The Mosaic GPU kernel (`pallas/mosaic/decode_attention.py`) runs with the PALLAS
-  backend on Hopper unless `ANYPREC_DECODE_ATTENTION=xla`, for bf16 q and caches,
-  head dims 64 or 128 and at most 8 query heads per KV head.
+  backend on Hopper for bf16 q and caches, head dims 64 or 128 and at most 8 query
+  heads per KV head, on caches of `backend.AUTO_ATTENTION_SLOTS` slots or more
+  (`ANYPREC_DECODE_ATTENTION=mosaic`: any length; `=xla`: never).
   Otherwise the caller computes the attention with jnp.
 
   Args:
@@ -116,7 +117,9 @@ def one_query_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if get_backend() is not Backend.PALLAS:
     return None
   from anyprec_jax.pallas import backend  # Local import: Pallas only when used.
-  if backend.decode_attention() != "mosaic" or not backend.is_hopper_or_newer():
+  mode = backend.decode_attention()
+  if (mode == "xla" or not backend.is_hopper_or_newer()
+      or (mode == "auto" and k.shape[1] < backend.AUTO_ATTENTION_SLOTS)):
     return None
   h, d, kvh = q.shape[1], q.shape[2], k.shape[2]
   if (q.dtype != jnp.bfloat16 or k.dtype != jnp.bfloat16 or v.dtype != jnp.bfloat16

@@ -75,13 +75,21 @@ def tiled_prefill() -> str:
 DECODE_ATTENTION_ENV = "ANYPREC_DECODE_ATTENTION"
 
 
+# "auto" runs the kernel from this many cache slots on. Measured on the H200 (7B,
+# batch 1; kernels_tc.md steps 9-11): at 384 slots the kernel + merge is no faster
+# than XLA's attention and a 3-bit decode step was 0.06 ms slower with it (bf16 0.19 ms
+# faster); at 4096 slots it is 2.7x XLA's. Between the two it was not measured.
+AUTO_ATTENTION_SLOTS = 1024
+
+
 def decode_attention() -> str:
-  """Which attention a one-query decode step runs on Hopper: "mosaic" (default:
-  `mosaic/decode_attention.py`, 1.7-2.9x XLA's on the H200) or "xla" (the decoder's
-  jnp attention). Read at trace time."""
-  v = os.environ.get(DECODE_ATTENTION_ENV, "mosaic").strip().lower()
-  if v not in ("xla", "mosaic"):
-    raise ValueError(f"{DECODE_ATTENTION_ENV}={v!r}: expected 'xla' or 'mosaic'")
+  """Which attention a one-query decode step runs on Hopper: "auto" (default: the
+  Mosaic kernel `mosaic/decode_attention.py` for caches of AUTO_ATTENTION_SLOTS slots
+  or more, XLA's below), "mosaic" (always the kernel) or "xla" (the decoder's jnp
+  attention). Read at trace time."""
+  v = os.environ.get(DECODE_ATTENTION_ENV, "auto").strip().lower()
+  if v not in ("auto", "xla", "mosaic"):
+    raise ValueError(f"{DECODE_ATTENTION_ENV}={v!r}: expected 'auto', 'xla' or 'mosaic'")
   return v
 
 

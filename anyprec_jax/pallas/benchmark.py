@@ -253,10 +253,14 @@ def attention_case(shape: AttentionShape, impl: str, cfg=None) -> Case:
     cfg = cfg or da.DecodeAttentionConfig()
     op = lambda q, k, v, ok: da.decode_attention_partials(q, k, v, ok, cfg=cfg)
   elif impl == "xla":
+    import os
+    from unittest import mock
+    from anyprec_jax.pallas import backend
     from models import decoder  # the model's own attention, as a decode step runs it
 
     def op(q, k, v, ok):  # [B, H, Dh] -> [B, H, Dh] f32
-      o = decoder.attend(q[:, None], k, v, ok[:, None, :])
+      with mock.patch.dict(os.environ, {backend.DECODE_ATTENTION_ENV: "xla"}):  # traced
+        o = decoder.attend(q[:, None], k, v, ok[:, None, :])
       return o.reshape(q.shape).astype(jnp.float32)
   else:
     raise ValueError(f"impl must be 'mosaic', 'mosaic_kernel' or 'xla', got {impl!r}")

@@ -100,15 +100,29 @@ class DecodeAttentionCpuTest(parameterized.TestCase):
 
 class DispatchTest(absltest.TestCase):
 
-  def test_switch_is_on_by_default_and_checked(self):
+  def test_switch_is_auto_by_default_and_checked(self):
     with mock.patch.dict("os.environ", {}, clear=False) as env:
       env.pop(backend.DECODE_ATTENTION_ENV, None)
+      self.assertEqual(backend.decode_attention(), "auto")
+    with mock.patch.dict("os.environ", {backend.DECODE_ATTENTION_ENV: "Mosaic"}):
       self.assertEqual(backend.decode_attention(), "mosaic")
     with mock.patch.dict("os.environ", {backend.DECODE_ATTENTION_ENV: " XLA"}):
       self.assertEqual(backend.decode_attention(), "xla")
     with mock.patch.dict("os.environ", {backend.DECODE_ATTENTION_ENV: "cuda"}):
       with self.assertRaisesRegex(ValueError, backend.DECODE_ATTENTION_ENV):
         backend.decode_attention()
+
+  def test_auto_runs_the_kernel_from_the_slot_threshold(self):
+    sentinel = jnp.zeros((1, 4, 64), jnp.float32)
+    with mock.patch.object(backend, "is_hopper_or_newer", return_value=True), \
+         mock.patch.object(da, "decode_attention", return_value=sentinel) as kernel, \
+         mock.patch.dict("os.environ", {backend.DECODE_ATTENTION_ENV: "auto"}), \
+         ops.use_backend(ops.Backend.PALLAS):
+      for s, runs in ((backend.AUTO_ATTENTION_SLOTS - 1, False),
+                      (backend.AUTO_ATTENTION_SLOTS, True)):
+        q, k, v, valid = _inputs(2, 1, s, 2, 2, 64)
+        self.assertEqual(ops.one_query_attention(q, k, v, valid) is sentinel, runs)
+      self.assertEqual(kernel.call_count, 1)
 
   def test_no_kernel_off_the_pallas_backend(self):
     q, k, v, valid = _inputs(1, 1, 16, 2, 2, 64)
