@@ -77,8 +77,9 @@ class RandomServeTest(absltest.TestCase):
         self.engine.params_at(3), is_leaf=lambda x: isinstance(x, AnyPrecWeight))[0]
     weights = {jax.tree_util.keystr(p): w for p, w in leaves
                if isinstance(w, AnyPrecWeight)}
-    self.assertLen(weights, 5)  # One layer: q/k/v fused; o, gate, up, down.
+    self.assertLen(weights, 4)  # One layer: q/k/v fused, o, gate/up fused, down.
     self.assertTrue(any("qkv_proj" in p for p in weights))
+    self.assertTrue(any("gate_up_proj" in p for p in weights))
     self.assertFalse(any("q_proj" in p and "qkv" not in p for p in weights))
     for w in weights.values():
       self.assertEqual((w.bits, w.precisions, w.planes.shape[0]), (3, (3, 8), 8))
