@@ -6,11 +6,7 @@
 #   3. fused gate_up (22016 x 4096) with 2 or 4 row tiles per CTA against gate/up: does
 #      one launch of twice the rows beat two launches (fixed per-launch cost)?
 #   4. one 7B decode step traced, bf16 and 3 bits, XLA attention against the kernel.
-set -uo pipefail
-: "${OUT:?set OUT to the output directory}"
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-mkdir -p "$OUT"
-step() { echo "== $* ($(date +%T))"; }
+source "$(dirname "$0")/device_common.sh"
 step tests
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/pallas/test_decode_attention.py \
   2>&1 | grep -v Deprecation > "$OUT/logs.txt"; tail -4 "$OUT/logs.txt"

@@ -6,11 +6,7 @@
 #   1. native decode-attention tests; the default launch against XLA's attention;
 #   2. bench_e2e, Llama-2-7B shape, batch 1 (3..8 bits) and batch 8 (3, 4, 8);
 #   3. decode-step A/B of the attention switch (profile_e2e, bf16 / 3 / 8 bits).
-set -uo pipefail
-: "${OUT:?set OUT to the output directory}"
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-mkdir -p "$OUT"
-step() { echo "== $* ($(date +%T))"; }
+source "$(dirname "$0")/device_common.sh"
 step tests
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/pallas/test_decode_attention.py \
   2>&1 | grep -v Deprecation > "$OUT/logs.txt"; tail -3 "$OUT/logs.txt"

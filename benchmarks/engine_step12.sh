@@ -5,11 +5,7 @@
 #   1. bench_e2e batch 1, 3..8 bits (384-slot caches: XLA attention);
 #   2. a 4096-slot decode step, bf16 and 3 bits: XLA attention vs the kernel;
 #   3. the native GPU suite `tests/pallas`, timed (item 7: < 5 min).
-set -uo pipefail
-: "${OUT:?set OUT to the output directory}"
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-mkdir -p "$OUT"
-step() { echo "== $* ($(date +%T))"; }
+source "$(dirname "$0")/device_common.sh"
 step e2e batch 1
 timeout 115 python3 scripts/bench_e2e.py --precisions=3,4,5,6,7,8 --repeats=2 \
   --output_md="$OUT/e2e_b1.md" --output_json="$OUT/e2e_b1.json" > "$OUT/e2e_b1.log" 2>&1

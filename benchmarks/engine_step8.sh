@@ -8,11 +8,7 @@
 #   3. decode attention: kernel against the decoder's XLA attention;
 #   4. decode steps (7B shape, 3 bits and bf16): XLA attention, the kernel
 #      (ANYPREC_DECODE_ATTENTION=mosaic), and XLA without dot strength reduction.
-set -uo pipefail
-: "${OUT:?set OUT to the output directory}"
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-mkdir -p "$OUT"
-step() { echo "== $* ($(date +%T))"; }
+source "$(dirname "$0")/device_common.sh"
 step tests
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/pallas/test_decode_attention.py \
   tests/pallas/test_mosaic_gemv_tc.py -k "bulk or Attention or attention" 2>&1 \

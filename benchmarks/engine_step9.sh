@@ -9,11 +9,7 @@
 #   4. GEMV loads-only probes, landed launch vs bulk copies (3 bits): do bulk copies
 #      move the bytes faster, so that the decode alone is what slows them;
 #   5. quantizer: seed + upscale of every Llama-2-7B linear, greedy and optimal nesting.
-set -uo pipefail
-: "${OUT:?set OUT to the output directory}"
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-mkdir -p "$OUT"
-step() { echo "== $* ($(date +%T))"; }
+source "$(dirname "$0")/device_common.sh"
 step tests
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/pallas/test_decode_attention.py \
   2>&1 | grep -v Deprecation > "$OUT/logs.txt"; tail -4 "$OUT/logs.txt"
