@@ -112,7 +112,7 @@ def one_query_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       written; valid: [B, S] bool.
 
   Returns:
-    [B, H, Dh] float32, or None.
+    [B, H, Dh] in q's dtype, or None.
   """
   if get_backend() is not Backend.PALLAS:
     return None
@@ -126,4 +126,4 @@ def one_query_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       or d not in (64, 128) or h % kvh or h // kvh > 8):
     return None
   from anyprec_jax.pallas.mosaic import decode_attention as da
-  return da.decode_attention(q, k, v, valid)
+  return da.decode_attention(q, k, v, valid, out_dtype=q.dtype)

@@ -193,7 +193,7 @@ def attend(q, k, v, mask):
   b, t, h, d = q.shape
   kvh = k.shape[2]
   if t == 1:  # a decode step: a kernel where one applies (ops.one_query_attention)
-    o = ops.one_query_attention(q[:, 0], k, v, mask[:, 0])  # [B, H, Dh] f32 or None
+    o = ops.one_query_attention(q[:, 0], k, v, mask[:, 0])  # [B, H, Dh] or None
     if o is not None:
       return o.reshape(b, 1, h * d).astype(q.dtype)
   q = q.reshape(b, t, kvh, h // kvh, d)  # [B, T, KVH, G, Dh]

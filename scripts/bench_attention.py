@@ -1,6 +1,7 @@
 """Decode attention: the Mosaic GPU kernel against the decoder's XLA attention (GPU).
 
   PYTHONPATH=. python3 scripts/bench_attention.py --gpu_time --out=$OUT
+  PYTHONPATH=. python3 scripts/bench_attention.py --gpu_time --variants=c4t1d6k,c1t4k
 
 One query per sequence over a full KV cache (`pallas.benchmark.ATTENTION_SHAPES`:
 Llama-2-7B MHA at 384 and 4096 slots, batch 1 and 8, Llama-3-8B GQA), correctness first
@@ -19,9 +20,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "", "directory for the JSON results and the table")
 flags.DEFINE_bool("gpu_time", False, "also report each case's GPU kernel time (CUPTI)")
 flags.DEFINE_integer("samples", 20, "timing samples per case")
-flags.DEFINE_list("ctas_per_head", [], "extra kernel variants: CTAs per (sequence, KV "
-                  "head) (default: the kernel's own choice only)")
-flags.DEFINE_list("groups", [], "extra kernel variants: slots per warp step")
+flags.DEFINE_list("variants", [], "extra kernel launches, as specs of "
+                  "`decode_attention.config_from_spec` (e.g. c4t1d6k, c12x); the default "
+                  "launch always runs")
+flags.DEFINE_list("ctas_per_head", [], "extra launches with C CTAs per head (= c<C>)")
+flags.DEFINE_list("groups", [], "extra launches with U slots per warp step (= u<U>)")
 
 
 def main(argv):
@@ -32,13 +35,14 @@ def main(argv):
   from anyprec_jax.pallas.mosaic import decode_attention as da
   print("jax", jax.__version__, jax.devices(), flush=True)
   cfgs = [da.DecodeAttentionConfig()]
-  cfgs += [da.DecodeAttentionConfig(ctas_per_head=int(c)) for c in FLAGS.ctas_per_head]
-  cfgs += [da.DecodeAttentionConfig(group=int(u)) for u in FLAGS.groups]
+  specs = (FLAGS.variants + [f"c{c}" for c in FLAGS.ctas_per_head]
+           + [f"u{u}" for u in FLAGS.groups])
+  cfgs += [da.config_from_spec(v) for v in specs]
   cases = [bm.copy_case()]
   for shape in bm.ATTENTION_SHAPES:
     cases.append(bm.attention_case(shape, "xla"))
     cases += [bm.attention_case(shape, "mosaic", cfg) for cfg in cfgs]
-    cases.append(bm.attention_case(shape, "mosaic_kernel"))  # the merge's share
+    cases.append(bm.attention_case(shape, "mosaic_kernel"))  # the XLA merge's share
   res = {}
   bench_report.run_cases(cases, res, lambda s: print(s, flush=True), samples=FLAGS.samples,
                          gpu_time=FLAGS.gpu_time, threads=4)

@@ -238,9 +238,9 @@ ATTENTION_SHAPES = (
 
 def attention_case(shape: AttentionShape, impl: str, cfg=None) -> Case:
   """Case for one decode step's attention (one query per sequence over a full cache):
-  impl "mosaic" (`mosaic/decode_attention.py`), "mosaic_kernel" (its kernel alone,
-  without the merge of the per-warp partials) or "xla" (the decoder's `attend`,
-  jitted: what a decode step runs today)."""
+  impl "mosaic" (`mosaic/decode_attention.py`, bf16 output as the decoder asks),
+  "mosaic_kernel" (its kernel alone, writing per-warp partials, no merge) or "xla" (the
+  decoder's `attend` with the kernel switched off, jitted, bf16 output)."""
   from anyprec_jax.pallas.mosaic import decode_attention as da
   b, s, kvh, g, d = shape.batch, shape.slots, shape.kv_heads, shape.g, shape.dh
   nbytes = da.bytes_moved(b, s, kvh, kvh * g, d)
@@ -248,7 +248,8 @@ def attention_case(shape: AttentionShape, impl: str, cfg=None) -> Case:
 
   if impl == "mosaic":
     cfg = cfg or da.DecodeAttentionConfig()
-    op = lambda q, k, v, ok: da.decode_attention(q, k, v, ok, cfg=cfg)
+    op = lambda q, k, v, ok: da.decode_attention(q, k, v, ok, cfg=cfg,
+                                                 out_dtype=jnp.bfloat16)
   elif impl == "mosaic_kernel":  # the kernel without the XLA merge of its partials
     cfg = cfg or da.DecodeAttentionConfig()
     op = lambda q, k, v, ok: da.decode_attention_partials(q, k, v, ok, cfg=cfg)
@@ -258,10 +259,10 @@ def attention_case(shape: AttentionShape, impl: str, cfg=None) -> Case:
     from anyprec_jax.pallas import backend
     from models import decoder  # the model's own attention, as a decode step runs it
 
-    def op(q, k, v, ok):  # [B, H, Dh] -> [B, H, Dh] f32
+    def op(q, k, v, ok):  # [B, H, Dh] -> [B, H, Dh] bf16
       with mock.patch.dict(os.environ, {backend.DECODE_ATTENTION_ENV: "xla"}):  # traced
         o = decoder.attend(q[:, None], k, v, ok[:, None, :])
-      return o.reshape(q.shape).astype(jnp.float32)
+      return o.reshape(q.shape)
   else:
     raise ValueError(f"impl must be 'mosaic', 'mosaic_kernel' or 'xla', got {impl!r}")
 
@@ -292,6 +293,42 @@ def attention_case(shape: AttentionShape, impl: str, cfg=None) -> Case:
 
   return Case(("attention", shape.name, impl, str(cfg) if cfg else ""), fn, make_args,
               nbytes, r, check)
+
+
+def floor_case(kind: str, ctas: int = 132, warpgroups: int = 1) -> Case:
+  """The shortest kernels, to measure a launch's fixed GPU time (the floor every
+  kernel of a decode step pays): "mosaic" (a Mosaic GPU kernel of `ctas` CTAs whose
+  thread 0 stores one word) or "xla" (y = 2 x + 1 over 4096 bf16)."""
+  from anyprec_jax.pallas.mosaic import ptx
+  r = 16
+
+  if kind == "mosaic":
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def emit(x_ref, o_ref):
+      with ptx.If(ptx.eq(ptx.thread_id(), ptx.const(0))):
+        ptx.st_global_b32(ptx.gaddr(ptx.gmem_address(o_ref), ptx.block_id(), 4),
+                          ptx.ld_global_u32(ptx.gmem_address(x_ref)))
+
+    kernel = plgpu.kernel(ptx.thread_body(emit),
+                          out_type=jax.ShapeDtypeStruct((ctas,), jnp.int32),
+                          grid=(ctas,), grid_names=("cta",), num_threads=warpgroups,
+                          thread_name="wg")
+    op = kernel
+    make = lambda i: jnp.full((4,), i, jnp.int32)
+  elif kind == "xla":
+    op = lambda x: x * 2 + 1
+    make = lambda i: jnp.full((4096,), i, jnp.bfloat16)
+  else:
+    raise ValueError(f"kind must be 'mosaic' or 'xla', got {kind!r}")
+
+  def fn(xs, _):
+    return [op(x) for x in xs]
+
+  def make_args():
+    return [make(i) for i in range(r)], None
+
+  return Case(("floor", kind, ctas, warpgroups), fn, make_args, 0.0, r)
 
 
 def copy_case(nbytes: float = 2**30) -> Case:

@@ -23,6 +23,14 @@ class HarnessTest(absltest.TestCase):
                      + 2 * 4 * 64 * 4)
     self.assertIn("compiled 1 programs", log[0])
 
+  def test_floor_case_runs_on_cpu_and_rejects_unknown_kinds(self):
+    res = {}
+    bench_report.run_cases([bm.floor_case("xla")], res, lambda _: None, samples=3,
+                           threads=1)
+    self.assertGreater(res[("floor", "xla", 132, 1)]["us"], 0)
+    with self.assertRaisesRegex(ValueError, "kind"):
+      bm.floor_case("cuda")
+
   def test_a_failing_case_is_reported_and_the_others_run(self):
     def boom(*_):
       raise RuntimeError("no GPU")

@@ -1,8 +1,9 @@
 """Decode attention (`pallas/mosaic/decode_attention.py`) against its jnp twin.
 
-On CPU: the kernel lowers for CUDA, and a numpy replay of the per-warp algorithm
+On CPU: the kernel lowers for CUDA, a numpy replay of the per-warp algorithm
 (slot ranges, groups of U slots, online softmax, masks, the partials' layout) merged by
-`combine_partials` equals the reference. Natively (Hopper): the kernel itself.
+`combine_partials` equals the reference, and the in-kernel merge's split of the head
+dims over CTAs and threads covers every output once. Natively (Hopper): the kernel.
 """
 
 import functools
@@ -20,6 +21,13 @@ from models import decoder
 
 # (B, S, KVH, G, Dh): 7B MHA, GQA with ragged S, SmolLM2-like Dh = 64.
 SHAPES = ((1, 384, 32, 1, 128), (2, 100, 8, 4, 128), (3, 37, 3, 3, 64))
+
+# (C, T, D, merge, out dtype): the default launch; 12 CTAs per head with the XLA merge
+# (warps with no slot); a 2-CTA cluster merge; one CTA of 2 warpgroups (CTA merge);
+# 4 CTAs with 6 groups in flight and bf16 output.
+NATIVE_LAUNCHES = ((None, None, None, None, "float32"), (12, 1, 1, "xla", "float32"),
+                   (2, 1, 1, "kernel", "float32"), (1, 2, 2, "kernel", "float32"),
+                   (4, 1, 6, "kernel", "bfloat16"))
 
 
 def _inputs(seed, b, s, kvh, g, d):
@@ -61,10 +69,10 @@ def _replay(q, k, v, valid, lay):
 
 class DecodeAttentionCpuTest(parameterized.TestCase):
 
-  @parameterized.parameters(*[sh + (m,) for sh in SHAPES for m in (False, True)])
-  def test_lowers_for_cuda(self, b, s, kvh, g, d, cluster_merge):
-    cfg = da.DecodeAttentionConfig(cluster_merge=cluster_merge)
-    fn = jax.jit(functools.partial(da.decode_attention, cfg=cfg))
+  @parameterized.parameters(*[sh + (m,) for sh in SHAPES for m in ("kernel", "xla")])
+  def test_lowers_for_cuda(self, b, s, kvh, g, d, merge):
+    cfg = da.DecodeAttentionConfig(merge=merge)
+    fn = jax.jit(functools.partial(da.decode_attention, cfg=cfg, out_dtype=jnp.bfloat16))
     args = (jax.ShapeDtypeStruct((b, kvh * g, d), jnp.bfloat16),
             jax.ShapeDtypeStruct((b, s, kvh, d), jnp.bfloat16),
             jax.ShapeDtypeStruct((b, s, kvh, d), jnp.bfloat16),
@@ -91,11 +99,40 @@ class DecodeAttentionCpuTest(parameterized.TestCase):
     self.assertEqual(da.make_layout(1, 384, 32, 1, 128, da.DecodeAttentionConfig()).warps, 12)
     self.assertEqual(da.make_layout(1, 4096, 32, 1, 128, da.DecodeAttentionConfig()).warps,
                      128)
-    on = da.DecodeAttentionConfig(cluster_merge=True)
-    self.assertTrue(da.make_layout(1, 4096, 32, 1, 128, on).cluster)  # C capped at 8
-    self.assertFalse(da.make_layout(
-        1, 384, 32, 1, 128, da.DecodeAttentionConfig(ctas_per_head=12, cluster_merge=True)
-    ).cluster)
+    lay = da.make_layout(1, 4096, 32, 1, 128, da.DecodeAttentionConfig())
+    self.assertEqual((lay.ctas_per_head, lay.warpgroups, lay.cluster), (8, 4, True))
+    self.assertFalse(da.make_layout(1, 384, 32, 1, 128, da.DecodeAttentionConfig(
+        ctas_per_head=12)).in_kernel)  # past MAX_CLUSTER: the XLA merge
+    with self.assertRaisesRegex(ValueError, "in-kernel merge"):
+      da.make_layout(1, 384, 32, 1, 128, da.DecodeAttentionConfig(ctas_per_head=12,
+                                                                  merge="kernel"))
+    with self.assertRaisesRegex(ValueError, "out_dtype"):
+      da.decode_attention(q, k, v, valid, out_dtype=jnp.float16)
+
+  def test_config_from_spec(self):
+    self.assertEqual(da.config_from_spec("c4t1d6u8k"), da.DecodeAttentionConfig(
+        ctas_per_head=4, warpgroups=1, depth=6, group=8, merge="kernel"))
+    self.assertEqual(da.config_from_spec(""), da.DecodeAttentionConfig())
+    self.assertEqual(da.config_from_spec("C12X").merge, "xla")
+    for bad in ("c4z", "kx", "4c"):
+      with self.assertRaisesRegex(ValueError, "spec"):
+        da.config_from_spec(bad)
+
+  @parameterized.parameters((1, 1, 1, 128), (4, 1, 1, 128), (8, 4, 8, 128), (2, 2, 3, 64),
+                            (1, 4, 8, 64), (8, 1, 1, 64))
+  def test_in_kernel_merge_covers_every_output_once(self, c, t, g, d):
+    # The kernel's assignment: CTA r, thread unit -> head gi, dims (dd, dd + 1).
+    lay = da.make_layout(1, 64, 1, g, d, da.DecodeAttentionConfig(
+        ctas_per_head=c, warpgroups=t, merge="kernel"))
+    pairs, passes = da.merge_units(lay)
+    span = d // c
+    seen = np.zeros((g, d), int)
+    for r in range(c):
+      for unit in range(passes * 128 * t):
+        if unit < pairs:
+          gi, dd = unit // (span // 2), r * span + 2 * (unit % (span // 2))
+          seen[gi, dd:dd + 2] += 1
+    np.testing.assert_array_equal(seen, 1)
 
 
 class DispatchTest(absltest.TestCase):
@@ -138,17 +175,20 @@ class DecodeAttentionNativeTest(parameterized.TestCase):
     if not backend.is_hopper_or_newer():
       self.skipTest("the Mosaic GPU decode attention needs a Hopper (sm_90+) GPU")
 
-  @parameterized.parameters(*[sh + c for sh in SHAPES
-                               for c in ((None, False), (12, False), (2, True))])
-  def test_matches_reference(self, b, s, kvh, g, d, ctas, cluster_merge):
-    # The default launch; 12 CTAs per head (warps with no slot); a 2-CTA cluster merge.
-    cfg = da.DecodeAttentionConfig(ctas_per_head=ctas, cluster_merge=cluster_merge)
+  @parameterized.parameters(*[sh + c for sh in SHAPES for c in NATIVE_LAUNCHES])
+  def test_matches_reference(self, b, s, kvh, g, d, ctas, wgs, depth, merge, out_dtype):
+    cfg = da.DecodeAttentionConfig(ctas_per_head=ctas, warpgroups=wgs, depth=depth,
+                                   merge=merge)
+    tol = dict(rtol=2e-2, atol=2e-2) if out_dtype == "bfloat16" else dict(rtol=2e-3,
+                                                                             atol=2e-4)
     for trial in range(2):
       q, k, v, valid = _inputs(10 * trial + s, b, s, kvh, g, d)
-      got = np.asarray(da.decode_attention(q, k, v, valid, cfg=cfg), np.float64)
+      out = da.decode_attention(q, k, v, valid, cfg=cfg, out_dtype=out_dtype)
+      self.assertEqual(out.dtype, jnp.dtype(out_dtype))
+      got = np.asarray(out, np.float64)
       want = np.asarray(da.decode_attention_reference(q, k, v, valid), np.float64)
       self.assertTrue(np.isfinite(got).all())
-      np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4)
+      np.testing.assert_allclose(got, want, **tol)
 
   def test_decoder_attend_uses_it_when_switched_on(self):
     b, s, kvh, g, d = SHAPES[1]

@@ -11,15 +11,19 @@ dims [E L, E L + E) (E = Dh / 32) of the G query heads of that KV head in f32, r
 its E values of each slot's key and value (one 4- or 8-byte load each; the warp reads a
 slot's whole 2 Dh-byte row), forms each score with a warp all-reduce (5 shuffles) and
 keeps an online softmax per head (running max, sum and weighted values, f32), a group
-of U slots at a time with the next group's loads in flight. Each warp writes its
-partial (values, max, sum); `combine_partials` merges the partials of a head in XLA.
+of U slots at a time with the next D groups' loads in flight. C CTAs of T warpgroups
+share a head. By default the kernel merges the 4 T C partials of a head itself (one
+launch; C > 1: a thread-block cluster, each CTA merging a slice of the head dims);
+otherwise each warp writes its partial (values, max, sum) and `combine_partials`
+merges them in XLA (needed above MAX_CLUSTER CTAs per head).
 
 Everything a thread does is inside one `plgpu.inline_mgpu` (see `ptx.py`), as in
 `gemv_tc.py`. Twin: `decode_attention_reference` (the decoder's `attend` for T = 1).
 
-Status: on the H200 (kernels_tc.md steps 8-10) 1.7x XLA's attention at 384 slots,
-2.9x at 4096 (7B, batch 1; kernel + merge); the decoder calls it for one-query steps
-on Hopper unless `ANYPREC_DECODE_ATTENTION=xla` (`ops.one_query_attention`).
+Status: the step-8 kernel (D = 1, T = 1, XLA merge) measured on the H200 1.7x XLA's
+attention at 384 slots, 2.9x at 4096 (7B, batch 1; kernel + merge; kernels_tc.md steps
+8-10); the decoder calls it for one-query steps on Hopper (`ops.one_query_attention`,
+`ANYPREC_DECODE_ATTENTION`).
 """
 
 from __future__ import annotations
@@ -44,22 +48,41 @@ MAX_CLUSTER = 8  # portable thread-block cluster size
 class DecodeAttentionConfig:
   """Static launch shape.
 
-  ctas_per_head: C, CTAs (one warpgroup of 4 warps each) per (sequence, KV head); the
-    4 C warps split the slots. None: about SLOTS_PER_WARP slots per warp, C <= 32,
-    at most MAX_WARPS warps in all (on the H200 at 384 slots C = 3-4 beat 8-32,
-    at 4096 slots 16-32 beat 4; kernels_tc.md steps 9-10).
-  group: U, slots per step of a warp (their loads are issued one step ahead); 4 was
-    faster than 8 in 3 of 4 shapes on the H200 and equal in the fourth.
-  cluster_merge: with C <= MAX_CLUSTER, the C CTAs of a head form a thread-block
-    cluster and merge their warps' partials in the kernel (shared memory, read across
-    the cluster): one launch, no XLA merge. Off by default: on the H200 it was no
-    faster than the XLA merge, and slower at C = 8 (11.4 against 9.6 us, 7B, batch 1,
-    384 slots; the cluster's CTAs wait for each other twice). Otherwise the kernel
-    writes per-warp partials and `combine_partials` merges them in XLA.
+  ctas_per_head: C, CTAs per (sequence, KV head); their 4 T C warps split the slots.
+    None: from the shape (`make_layout`).
+  warpgroups: T, warpgroups (4 warps each) per CTA.
+  group: U, slots per step of a warp; 4 was faster than 8 in 3 of 4 shapes on the H200
+    and equal in the fourth (kernels_tc.md step 9).
+  depth: D >= 1, steps of U slots whose loads are in flight ahead of the one being
+    computed (carried in registers). D = 1 was the step-8 kernel; with few slots per
+    warp a larger D puts a warp's whole range in flight at once.
+  merge: "kernel": the partials of a head are merged inside the kernel (C = 1: through
+    the CTA's shared memory; 1 < C <= MAX_CLUSTER: the C CTAs form a thread-block
+    cluster and each merges a 1/C slice of the head dims, reading the other CTAs'
+    partials with `ld.shared::cluster`): one launch, output in `out_dtype`. "xla": the
+    kernel writes per-warp partials and `combine_partials` merges them in XLA (any C).
+    None: "kernel" where C <= MAX_CLUSTER.
   """
   ctas_per_head: int | None = None
+  warpgroups: int | None = None
   group: int = 4
-  cluster_merge: bool = False
+  depth: int | None = None
+  merge: str | None = None
+
+
+def config_from_spec(spec: str) -> DecodeAttentionConfig:
+  """A config from a short spec, for benchmarks: letters with values, in any order,
+  c<C> t<T> d<D> u<U> and k (merge in the kernel) or x (in XLA); "" = the default.
+  E.g. "c4t1d6k"."""
+  import re
+  fields = dict(re.findall(r"([ctdukx])(\d*)", spec.lower()))
+  if "".join(k + v for k, v in re.findall(r"([ctdukx])(\d*)", spec.lower())) != \
+      spec.lower() or ("k" in fields and "x" in fields):
+    raise ValueError(f"bad decode-attention spec {spec!r}: want e.g. 'c4t1d6u4k'")
+  num = lambda key: int(fields[key]) if fields.get(key) else None
+  return DecodeAttentionConfig(
+      ctas_per_head=num("c"), warpgroups=num("t"), depth=num("d"), group=num("u") or 4,
+      merge="kernel" if "k" in fields else "xla" if "x" in fields else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,21 +92,46 @@ class _Layout:
   kv_heads: int
   g: int  # query heads per KV head
   dh: int
-  ctas_per_head: int
-  group: int
-  cluster: bool  # merge in the kernel across a cluster of the head's C CTAs
+  ctas_per_head: int  # C
+  warpgroups: int  # T
+  group: int  # U
+  depth: int  # D
+  in_kernel: bool  # merge inside the kernel (a cluster of the head's C CTAs if C > 1)
 
   @property
   def e(self) -> int:  # dims per lane
     return self.dh // 32
 
   @property
+  def cta_warps(self) -> int:
+    return 4 * self.warpgroups
+
+  @property
   def warps(self) -> int:  # warps per (sequence, KV head)
-    return 4 * self.ctas_per_head
+    return self.cta_warps * self.ctas_per_head
 
   @property
   def ctas(self) -> int:
     return self.batch * self.kv_heads * self.ctas_per_head
+
+  @property
+  def cluster(self) -> bool:  # a cluster launch (in-kernel merge across CTAs)
+    return self.in_kernel and self.ctas_per_head > 1
+
+  @property
+  def partial_floats(self) -> int:  # shared f32 of one CTA's partials (in-kernel merge)
+    return self.cta_warps * self.g * (self.dh + 2)
+
+
+def _auto_shape(batch: int, slots: int, kv_heads: int) -> tuple[int, int]:
+  """(C, T) of the default launch: about SLOTS_PER_WARP slots per warp, at most
+  MAX_WARPS warps in all, C <= MAX_CLUSTER (so the merge stays in the kernel), and T
+  (<= 4) grows once C is at its cap."""
+  heads = batch * kv_heads
+  want = max(1, min(-(-slots // SLOTS_PER_WARP), MAX_WARPS // heads))  # warps per head
+  c = max(1, min(-(-want // 4), MAX_CLUSTER))
+  t = max(1, min(4, -(-want // (4 * c))))
+  return c, t
 
 
 def make_layout(batch: int, slots: int, kv_heads: int, g: int, dh: int,
@@ -94,23 +142,31 @@ def make_layout(batch: int, slots: int, kv_heads: int, g: int, dh: int,
     raise ValueError(f"1..8 query heads per KV head, got {g}")
   if cfg.group < 1:
     raise ValueError(f"group must be >= 1, got {cfg.group}")
-  c = cfg.ctas_per_head
-  if c is None:  # ~SLOTS_PER_WARP slots per warp, <= MAX_WARPS warps in all
-    c = -(-slots // (4 * SLOTS_PER_WARP))
-    c = max(1, min(c, MAX_CLUSTER if cfg.cluster_merge else 32,
-                   MAX_WARPS // (4 * batch * kv_heads)))
-  if c < 1:
-    raise ValueError(f"ctas_per_head must be >= 1, got {c}")
+  if cfg.merge not in (None, "kernel", "xla"):
+    raise ValueError(f"merge must be 'kernel' or 'xla', got {cfg.merge!r}")
+  auto_c, auto_t = _auto_shape(batch, slots, kv_heads)
+  c = auto_c if cfg.ctas_per_head is None else cfg.ctas_per_head
+  t = (auto_t if cfg.ctas_per_head is None else 1) if cfg.warpgroups is None \
+      else cfg.warpgroups
+  if c < 1 or not 1 <= t <= 8:
+    raise ValueError(f"ctas_per_head must be >= 1 and warpgroups 1..8, got {c}, {t}")
+  merge = cfg.merge or ("kernel" if c <= MAX_CLUSTER else "xla")
+  if merge == "kernel" and c > MAX_CLUSTER:
+    raise ValueError(f"an in-kernel merge needs ctas_per_head <= {MAX_CLUSTER}, got {c}")
+  steps = -(-slots // (4 * t * c * cfg.group))  # steps of the busiest warp
+  d = max(1, min(steps, 4)) if cfg.depth is None else cfg.depth
+  if d < 1:
+    raise ValueError(f"depth must be >= 1, got {d}")
   return _Layout(batch=batch, slots=slots, kv_heads=kv_heads, g=g, dh=dh,
-                 ctas_per_head=c, group=cfg.group,
-                 cluster=cfg.cluster_merge and c <= MAX_CLUSTER)
+                 ctas_per_head=c, warpgroups=t, group=cfg.group, depth=d,
+                 in_kernel=merge == "kernel")
 
 
 def _emit(q_ref, k_ref, v_ref, valid_ref, out_ref, *scratch, lay: _Layout):
   """The kernel body (per thread). Refs: q [B, H, Dh] bf16, k/v [B, S, KVH, Dh] bf16,
-  valid [B, S] i32; out [B, H, Dh] f32 with `lay.cluster` (scratch: the CTA's
-  partials in shared memory, [4 warps, G, Dh + 2] f32), else out [B, H, W, Dh + 2] f32
-  (values, max, sum per warp)."""
+  valid [B, S] i32; with `lay.in_kernel` out [B, H, Dh] f32 or bf16 and scratch the
+  CTA's partials in shared memory ([4T warps, G, Dh + 2] f32), else out
+  [B, H, W, Dh + 2] f32 (values, max, sum per warp)."""
   from jaxlib.mlir import ir
   from jaxlib.mlir.dialects import arith, scf
   from anyprec_jax.pallas.mosaic import ptx
@@ -121,10 +177,10 @@ def _emit(q_ref, k_ref, v_ref, valid_ref, out_ref, *scratch, lay: _Layout):
   words = e // 2  # 32-bit words per lane and row (bf16 pairs)
   tid = ptx.thread_id()
   lane = ptx.band(tid, 31)
-  warp = ptx.shr(tid, 5)
+  warp = ptx.shr(tid, 5)  # warp of the CTA, 0..4T-1
   cta = ptx.block_id()
   bh = ptx.udiv(cta, lay.ctas_per_head)  # b * KVH + kvh
-  widx = ptx.add(ptx.mul(ptx.urem(cta, lay.ctas_per_head), ptx.const(4)), warp)
+  widx = ptx.add(ptx.mul(ptx.urem(cta, lay.ctas_per_head), ptx.const(lay.cta_warps)), warp)
   b = ptx.udiv(bh, kvh_n)
   kvh = ptx.urem(bh, kvh_n)
   qg, kg, vg, mg, og = (ptx.gmem_address(r) for r in (q_ref, k_ref, v_ref, valid_ref,
@@ -174,6 +230,7 @@ def _emit(q_ref, k_ref, v_ref, valid_ref, out_ref, *scratch, lay: _Layout):
     return ks, vs, oks
 
   flat = lambda ks, vs, oks: [w for r in ks for w in r] + [w for r in vs for w in r] + oks
+  per_group = u_n * (2 * words + 1)
 
   def unflat(vals):
     it = iter(vals)
@@ -187,7 +244,9 @@ def _emit(q_ref, k_ref, v_ref, valid_ref, out_ref, *scratch, lay: _Layout):
   state0 = m0 + l0 + a0
   n_groups = ptx.udiv(ptx.add(ptx.add(end, ptx.mul(start, ptx.const(-1))),
                               ptx.const(u_n - 1)), u_n)
-  pre0 = flat(*group_loads(start))
+  pre0 = []  # the first D groups' loads; the loop issues group i + D while computing i
+  for j in range(lay.depth):
+    pre0 += flat(*group_loads(ptx.add(start, ptx.const(j * u_n))))
   loop = scf.ForOp(ptx.to_index(ptx.const(0)), ptx.to_index(n_groups),
                    ptx.to_index(ptx.const(1)), state0 + pre0)
   with ir.InsertionPoint(loop.body):
@@ -195,8 +254,9 @@ def _emit(q_ref, k_ref, v_ref, valid_ref, out_ref, *scratch, lay: _Layout):
     carried = list(loop.inner_iter_args)
     ns = len(state0)
     m, l, acc = carried[:g_n], carried[g_n:2 * g_n], carried[2 * g_n:ns]
-    ks, vs, oks = unflat(carried[ns:])
-    nxt = flat(*group_loads(ptx.add(start, ptx.mul(ptx.add(gi_, ptx.const(1)),
+    ks, vs, oks = unflat(carried[ns:ns + per_group])
+    ahead = carried[ns + per_group:]
+    nxt = flat(*group_loads(ptx.add(start, ptx.mul(ptx.add(gi_, ptx.const(lay.depth)),
                                                    ptx.const(u_n)))))
     kf = [unpack(w) for w in ks]  # [U][E]
     vf = [unpack(w) for w in vs]
@@ -228,13 +288,13 @@ def _emit(q_ref, k_ref, v_ref, valid_ref, out_ref, *scratch, lay: _Layout):
         for u in range(u_n):
           a = ptx.fma(ps[u], vf[u][j], a)
         acc_new.append(a)
-    scf.YieldOp(m_new + l_new + acc_new + nxt)
+    scf.YieldOp(m_new + l_new + acc_new + ahead + nxt)
   res = list(loop.results)
   m, l, acc = res[:g_n], res[g_n:2 * g_n], res[2 * g_n:2 * g_n + g_n * e]
 
-  if lay.cluster:
-    _cluster_merge(scratch[0], out_ref, m, l, acc, lay=lay, b=b, kvh=kvh, warp=warp,
-                   lane=lane, lane_e=lane_e)
+  if lay.in_kernel:
+    _merge_in_kernel(scratch[0], out_ref, m, l, acc, lay=lay, b=b, kvh=kvh, tid=tid,
+                     warp=warp, lane=lane, lane_e=lane_e)
     return
 
   # out[b, h, w, :]: the lane's E values, then (max, sum) from lane 0.
@@ -250,66 +310,101 @@ def _emit(q_ref, k_ref, v_ref, valid_ref, out_ref, *scratch, lay: _Layout):
       ptx.st_global_f32(ptx.gaddr(og, ptx.add(base, ptx.const(dh + 1)), 4), l[gi])
 
 
-def _cluster_merge(part_ref, out_ref, m, l, acc, *, lay: _Layout, b, kvh, warp, lane,
-                   lane_e):
+def merge_units(lay: _Layout) -> tuple[int, int]:
+  """(pairs of head dims each CTA merges, passes of its 128 T threads over them)."""
+  pairs = lay.g * lay.dh // (2 * lay.ctas_per_head)
+  return pairs, -(-pairs // (128 * lay.warpgroups))
+
+
+def _merge_in_kernel(part_ref, out_ref, m, l, acc, *, lay: _Layout, b, kvh, tid, warp,
+                     lane, lane_e):
   """Each warp's (values, max, sum) per head into its CTA's shared memory; after a
-  cluster barrier, the cluster's first CTA merges the 4 C partials of each head (warp
-  w takes heads w, w + 4; remote partials read with `ld.shared::cluster`) and writes
-  out[b, h, :]; a second cluster barrier keeps the other CTAs' shared memory alive
-  until then. The same arithmetic as `combine_partials`."""
+  barrier (the CTA's, or the cluster's when C > 1) CTA r of the head merges dims
+  [r Dh / C, (r + 1) Dh / C) of its G heads, a pair of dims per thread, reading all
+  4 T C partials (other CTAs' with `ld.shared::cluster`), and writes them to out;
+  with C > 1 a second cluster barrier keeps every CTA's shared memory alive until
+  then. The same arithmetic as `combine_partials`."""
   from jaxlib.mlir.dialects import arith
   from anyprec_jax.pallas.mosaic import ptx
 
   g_n, dh, e, c_n = lay.g, lay.dh, lay.e, lay.ctas_per_head
   rec = dh + 2  # f32 slots of one partial
   h_n = lay.kv_heads * g_n
+  cw = lay.cta_warps
   smem = ptx.smem_address(part_ref)
 
-  def slot(w, gi):  # byte offset of warp w's partial of head gi
-    return ptx.mul(ptx.add(ptx.mul(w, ptx.const(g_n)), ptx.const(gi)), ptx.const(4 * rec))
+  def slot(w, gi):  # byte offset of warp w's partial of head gi (w, gi: i32 values)
+    return ptx.mul(ptx.add(ptx.mul(w, ptx.const(g_n)), gi), ptx.const(4 * rec))
 
   for gi in range(g_n):
-    base = ptx.add(smem, slot(warp, gi))
+    base = ptx.add(smem, slot(warp, ptx.const(gi)))
     for j in range(e):
       ptx.st_shared_f32(ptx.add(base, ptx.mul(ptx.add(lane_e, ptx.const(j)), ptx.const(4))),
                         acc[gi * e + j])
     with ptx.If(ptx.eq(lane, ptx.const(0))):
       ptx.st_shared_f32(base, m[gi], 4 * dh)
       ptx.st_shared_f32(base, l[gi], 4 * dh + 4)
-  ptx.cluster_sync()  # every partial of the cluster written (release / acquire)
+  if lay.cluster:
+    ptx.cluster_sync()  # every partial of the cluster written (release / acquire)
+    rank = ptx.cluster_rank()
+  else:
+    ptx.cta_sync()
+    rank = ptx.const(0)
 
-  with ptx.If(ptx.eq(ptx.cluster_rank(), ptx.const(0))):
-    for gi in range(g_n):
-      with ptx.If(ptx.eq(warp, ptx.const(gi % 4))):
-        ms, ls, accs = [], [], []
-        for i in range(4 * c_n):  # partial i: CTA i // 4 of the cluster, warp i % 4
-          local = ptx.add(smem, slot(ptx.const(i % 4), gi))
-          remote = ptx.mapa_shared_cluster(local, ptx.const(i // 4))
-          ms.append(ptx.ld_shared_cluster_f32(remote, 4 * dh))
-          ls.append(ptx.ld_shared_cluster_f32(remote, 4 * dh + 4))
-          lane_off = ptx.add(remote, ptx.mul(lane_e, ptx.const(4)))
-          accs.append([ptx.ld_shared_cluster_f32(lane_off, 4 * j) for j in range(e)])
-        top = ms[0]
-        for mi in ms[1:]:
-          top = arith.maximumf(top, mi)
-        ws = [ptx.exp2_approx(arith.mulf(arith.subf(mi, top), ptx.fconst(LOG2E)))
-              for mi in ms]
-        den = arith.mulf(ws[0], ls[0])
-        for wi, li in zip(ws[1:], ls[1:]):
-          den = ptx.fma(wi, li, den)
-        inv = arith.divf(ptx.fconst(1.0), ptx.select(
-            arith.cmpf(arith.CmpFPredicate.OGT, den, ptx.fconst(0.0)), den,
-            ptx.fconst(1.0)))
-        head = ptx.add(ptx.mul(kvh, ptx.const(g_n)), ptx.const(gi))
-        row = ptx.mul(ptx.add(ptx.mul(b, ptx.const(h_n)), head), ptx.const(dh))
-        og = ptx.gmem_address(out_ref)
-        for j in range(e):
-          num = arith.mulf(ws[0], accs[0][j])
-          for wi, ai in zip(ws[1:], accs[1:]):
-            num = ptx.fma(wi, ai[j], num)
-          ptx.st_global_f32(ptx.gaddr(og, ptx.add(row, ptx.add(lane_e, ptx.const(j))), 4),
-                            arith.mulf(num, inv))
-  ptx.cluster_sync()  # the first CTA has read every partial: shared memory may go
+  pairs, passes = merge_units(lay)
+  span = dh // c_n  # dims this CTA merges per head
+  og = ptx.gmem_address(out_ref)
+  bf16 = ir_is_bf16(out_ref)
+  for rep in range(passes):
+    unit = ptx.add(tid, ptx.const(rep * 128 * lay.warpgroups))
+    with ptx.If(ptx.lt(unit, ptx.const(pairs))):
+      gi = ptx.udiv(unit, span // 2)
+      d = ptx.add(ptx.mul(rank, ptx.const(span)), ptx.mul(ptx.urem(unit, span // 2),
+                                                           ptx.const(2)))
+      ms, ls, a0, a1 = [], [], [], []
+      for i in range(cw * c_n):  # partial i: CTA i // 4T of the cluster, warp i % 4T
+        local = ptx.add(smem, slot(ptx.const(i % cw), gi))
+        if lay.cluster:
+          addr = ptx.mapa_shared_cluster(local, ptx.const(i // cw))
+          ms.append(ptx.ld_shared_cluster_f32(addr, 4 * dh))
+          ls.append(ptx.ld_shared_cluster_f32(addr, 4 * dh + 4))
+          v0, v1 = ptx.ld_shared_cluster_v2_f32(ptx.add(addr, ptx.mul(d, ptx.const(4))))
+        else:
+          ms.append(ptx.ld_shared_f32(local, 4 * dh))
+          ls.append(ptx.ld_shared_f32(local, 4 * dh + 4))
+          v0, v1 = ptx.ld_shared_v2_f32(ptx.add(local, ptx.mul(d, ptx.const(4))))
+        a0.append(v0)
+        a1.append(v1)
+      top = ms[0]
+      for mi in ms[1:]:
+        top = arith.maximumf(top, mi)
+      ws = [ptx.exp2_approx(arith.mulf(arith.subf(mi, top), ptx.fconst(LOG2E)))
+            for mi in ms]
+      den = arith.mulf(ws[0], ls[0])
+      num0 = arith.mulf(ws[0], a0[0])
+      num1 = arith.mulf(ws[0], a1[0])
+      for i in range(1, len(ws)):
+        den = ptx.fma(ws[i], ls[i], den)
+        num0 = ptx.fma(ws[i], a0[i], num0)
+        num1 = ptx.fma(ws[i], a1[i], num1)
+      # A query with no valid slot gets 0 (the reference averages V over the masked slots).
+      inv = arith.divf(ptx.fconst(1.0), ptx.select(
+          arith.cmpf(arith.CmpFPredicate.OGT, den, ptx.fconst(0.0)), den, ptx.fconst(1.0)))
+      head = ptx.add(ptx.mul(kvh, ptx.const(g_n)), gi)
+      elem = ptx.add(ptx.mul(ptx.add(ptx.mul(b, ptx.const(h_n)), head), ptx.const(dh)), d)
+      o0, o1 = arith.mulf(num0, inv), arith.mulf(num1, inv)
+      if bf16:
+        ptx.st_global_b32(ptx.gaddr(og, elem, 2), ptx.pack_bf16x2(o0, o1))
+      else:
+        ptx.st_global_v2_f32(ptx.gaddr(og, elem, 4), o0, o1)
+  if lay.cluster:
+    ptx.cluster_sync()  # every CTA has read the partials it needs: shared memory may go
+
+
+def ir_is_bf16(ref) -> bool:
+  """Whether a raw memref holds bf16 (else f32)."""
+  from jaxlib.mlir import ir
+  return str(ir.MemRefType(ref.type).element_type) == "bf16"
 
 
 def combine_partials(part: jax.Array) -> jax.Array:
@@ -340,10 +435,11 @@ def decode_attention_reference(q, k_cache, v_cache, valid) -> jax.Array:
   return o.reshape(b, h, d)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+@functools.partial(jax.jit, static_argnames=("cfg", "out_dtype"))
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                      valid: jax.Array,
-                     cfg: DecodeAttentionConfig = DecodeAttentionConfig()) -> jax.Array:
+                     cfg: DecodeAttentionConfig = DecodeAttentionConfig(),
+                     out_dtype=jnp.float32) -> jax.Array:
   """Attention of one query per sequence over its cache (Hopper, Mosaic GPU).
 
   Args:
@@ -351,13 +447,18 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     k_cache, v_cache: [B, S, KVH, Dh] bf16, the new slot already written.
     valid: [B, S] bool or int: slots the query may attend to.
     cfg: launch shape (static).
+    out_dtype: float32 or bfloat16 (static).
 
   Returns:
-    [B, H, Dh] float32.
+    [B, H, Dh] in `out_dtype`.
   """
-  if _checked_layout(q, k_cache, v_cache, valid, cfg).cluster:
-    return _launch(q, k_cache, v_cache, valid, cfg)
-  return combine_partials(decode_attention_partials(q, k_cache, v_cache, valid, cfg=cfg))
+  out_dtype = jnp.dtype(out_dtype)
+  if out_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    raise ValueError(f"out_dtype must be float32 or bfloat16, got {out_dtype}")
+  if _checked_layout(q, k_cache, v_cache, valid, cfg).in_kernel:
+    return _launch(q, k_cache, v_cache, valid, cfg, out_dtype)
+  part = _launch(q, k_cache, v_cache, valid, cfg, jnp.float32)
+  return combine_partials(part).astype(out_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -366,9 +467,9 @@ def decode_attention_partials(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
                               cfg: DecodeAttentionConfig = DecodeAttentionConfig()
                               ) -> jax.Array:
   """The kernel alone, writing per-warp partials [B, H, W, Dh + 2] (`combine_partials`
-  merges them; no cluster merge). Arguments as `decode_attention`."""
-  return _launch(q, k_cache, v_cache, valid,
-                 dataclasses.replace(cfg, cluster_merge=False))
+  merges them; no in-kernel merge). Arguments as `decode_attention`."""
+  return _launch(q, k_cache, v_cache, valid, dataclasses.replace(cfg, merge="xla"),
+                 jnp.float32)
 
 
 def _checked_layout(q, k_cache, v_cache, valid, cfg: DecodeAttentionConfig) -> _Layout:
@@ -387,24 +488,28 @@ def _checked_layout(q, k_cache, v_cache, valid, cfg: DecodeAttentionConfig) -> _
   return make_layout(b, s, kvh, h // kvh, d, cfg)
 
 
-def _launch(q, k_cache, v_cache, valid, cfg: DecodeAttentionConfig) -> jax.Array:
+def _launch(q, k_cache, v_cache, valid, cfg: DecodeAttentionConfig, out_dtype) -> jax.Array:
   from jax.experimental.pallas import mosaic_gpu as plgpu
   from anyprec_jax.pallas.mosaic import ptx
 
   lay = _checked_layout(q, k_cache, v_cache, valid, cfg)
   b, h, d = q.shape
   body = ptx.thread_body(functools.partial(_emit, lay=lay))
-  if lay.cluster:  # grid = clusters; CUDA's grid is C times that, a cluster per head
-    kernel = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((b, h, d), jnp.float32),
-        scratch_types=[plgpu.SMEM((4 * lay.g * (d + 2),), jnp.float32)],
-        grid=(lay.ctas // lay.ctas_per_head,), grid_names=("head",),
-        cluster=(lay.ctas_per_head,), cluster_names=("c",),
-        num_threads=1, thread_name="wg")
+  common = dict(num_threads=lay.warpgroups, thread_name="wg")
+  if lay.in_kernel:
+    out_type = jax.ShapeDtypeStruct((b, h, d), out_dtype)
+    scratch = [plgpu.SMEM((lay.partial_floats,), jnp.float32)]
+    if lay.cluster:  # grid = clusters; CUDA's grid is C times that, a cluster per head
+      kernel = plgpu.kernel(body, out_type=out_type, scratch_types=scratch,
+                            grid=(lay.ctas // lay.ctas_per_head,), grid_names=("head",),
+                            cluster=(lay.ctas_per_head,), cluster_names=("c",), **common)
+    else:
+      kernel = plgpu.kernel(body, out_type=out_type, scratch_types=scratch,
+                            grid=(lay.ctas,), grid_names=("cta",), **common)
   else:
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((b, h, lay.warps, d + 2), jnp.float32),
-        grid=(lay.ctas,), grid_names=("cta",), num_threads=1, thread_name="wg")
+        grid=(lay.ctas,), grid_names=("cta",), **common)
   return kernel(q, k_cache, v_cache, valid.astype(jnp.int32))
 
 

@@ -468,3 +468,26 @@ def mapa_shared_cluster(addr32, rank):
 
 def ld_shared_cluster_f32(addr32, imm: int = 0):
   return asm(f32(), [addr32], f"ld.shared::cluster.f32 $0, [$1+{imm}];", "=f,r", True)
+
+
+def ld_shared_cluster_v2_f32(addr32, imm: int = 0):
+  """Two f32 at a shared::cluster address (8-byte aligned)."""
+  st = llvm.StructType.get_literal([f32()] * 2)
+  r = asm(st, [addr32], f"ld.shared::cluster.v2.f32 {{$0, $1}}, [$2+{imm}];",
+          "=f,=f,r", True)
+  return [llvm.extractvalue(f32(), r, [i]) for i in range(2)]
+
+
+def ld_shared_v2_f32(addr32, imm: int = 0):
+  st = llvm.StructType.get_literal([f32()] * 2)
+  r = asm(st, [addr32], f"ld.shared.v2.f32 {{$0, $1}}, [$2+{imm}];", "=f,=f,r", True)
+  return [llvm.extractvalue(f32(), r, [i]) for i in range(2)]
+
+
+def st_global_v2_f32(addr64, a, b):
+  asm(None, [addr64, a, b], "st.global.v2.f32 [$0], {$1, $2};", "l,f,f", True)
+
+
+def pack_bf16x2(lo, hi):
+  """Two f32 -> one word of two bf16 (round to nearest even), `lo` in the low half."""
+  return asm(i32(), [hi, lo], "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f")
