@@ -23,11 +23,12 @@ from models import decoder
 SHAPES = ((1, 384, 32, 1, 128), (2, 100, 8, 4, 128), (3, 37, 3, 3, 64))
 
 # (C, T, D, merge, out dtype): the default launch; 12 CTAs per head with the XLA merge
-# (warps with no slot); a 2-CTA cluster merge; one CTA of 2 warpgroups (CTA merge);
-# 4 CTAs with 6 groups in flight and bf16 output.
+# (warps with no slot); 3 CTAs (not a power of two: the XLA merge by default); a
+# 2-CTA cluster merge; one CTA of 2 warpgroups (CTA merge); 8 CTAs of 4 warpgroups
+# with 6 groups in flight and bf16 output.
 NATIVE_LAUNCHES = ((None, None, None, None, "float32"), (12, 1, 1, "xla", "float32"),
-                   (2, 1, 1, "kernel", "float32"), (1, 2, 2, "kernel", "float32"),
-                   (4, 1, 6, "kernel", "bfloat16"))
+                   (3, None, None, None, "float32"), (2, 1, 1, "kernel", "float32"),
+                   (1, 2, 2, "kernel", "float32"), (8, 4, 6, "kernel", "bfloat16"))
 
 
 def _inputs(seed, b, s, kvh, g, d):
@@ -96,16 +97,14 @@ class DecodeAttentionCpuTest(parameterized.TestCase):
       da.decode_attention(q, k, v, valid[:, :8])
     with self.assertRaisesRegex(ValueError, "head dims"):
       da.make_layout(1, 16, 2, 2, 96, da.DecodeAttentionConfig())
-    self.assertEqual(da.make_layout(1, 384, 32, 1, 128, da.DecodeAttentionConfig()).warps, 12)
-    self.assertEqual(da.make_layout(1, 4096, 32, 1, 128, da.DecodeAttentionConfig()).warps,
-                     128)
     lay = da.make_layout(1, 4096, 32, 1, 128, da.DecodeAttentionConfig())
     self.assertEqual((lay.ctas_per_head, lay.warpgroups, lay.cluster), (8, 4, True))
     self.assertFalse(da.make_layout(1, 384, 32, 1, 128, da.DecodeAttentionConfig(
         ctas_per_head=12)).in_kernel)  # past MAX_CLUSTER: the XLA merge
-    with self.assertRaisesRegex(ValueError, "in-kernel merge"):
-      da.make_layout(1, 384, 32, 1, 128, da.DecodeAttentionConfig(ctas_per_head=12,
-                                                                  merge="kernel"))
+    for c in (3, 12):
+      with self.assertRaisesRegex(ValueError, "in-kernel merge"):
+        da.make_layout(1, 384, 32, 1, 128, da.DecodeAttentionConfig(ctas_per_head=c,
+                                                                    merge="kernel"))
     with self.assertRaisesRegex(ValueError, "out_dtype"):
       da.decode_attention(q, k, v, valid, out_dtype=jnp.float16)
 
@@ -121,18 +120,35 @@ class DecodeAttentionCpuTest(parameterized.TestCase):
   @parameterized.parameters((1, 1, 1, 128), (4, 1, 1, 128), (8, 4, 8, 128), (2, 2, 3, 64),
                             (1, 4, 8, 64), (8, 1, 1, 64))
   def test_in_kernel_merge_covers_every_output_once(self, c, t, g, d):
-    # The kernel's assignment: CTA r, thread unit -> head gi, dims (dd, dd + 1).
+    # The kernel's assignment. Phase 2: thread unit of each CTA -> head gi, dims
+    # (dd, dd + 1) of the CTA's partial; phase 3 (C > 1): CTA r, unit -> gi, dd.
     lay = da.make_layout(1, 64, 1, g, d, da.DecodeAttentionConfig(
         ctas_per_head=c, warpgroups=t, merge="kernel"))
-    pairs, passes = da.merge_units(lay)
-    span = d // c
+    cta_pairs, cta_passes, slice_pairs, slice_passes = da.merge_units(lay)
     seen = np.zeros((g, d), int)
+    for unit in range(cta_passes * 128 * t):
+      if unit < cta_pairs:
+        gi, dd = unit // (d // 2), 2 * (unit % (d // 2))
+        seen[gi, dd:dd + 2] += 1
+    np.testing.assert_array_equal(seen, 1)
+    if c == 1:
+      return
+    span = d // c
+    seen[:] = 0
     for r in range(c):
-      for unit in range(passes * 128 * t):
-        if unit < pairs:
+      for unit in range(slice_passes * 128 * t):
+        if unit < slice_pairs:
           gi, dd = unit // (span // 2), r * span + 2 * (unit % (span // 2))
           seen[gi, dd:dd + 2] += 1
     np.testing.assert_array_equal(seen, 1)
+
+  def test_auto_launch(self):
+    # (B, S, KVH) -> (C, T): C CTAs per head until every SM has one, then warpgroups.
+    for shape, want in (((1, 384, 32), (8, 1)), ((1, 4096, 32), (8, 4)),
+                        ((8, 384, 32), (1, 3)), ((64, 384, 32), (1, 1))):
+      lay = da.make_layout(*shape, 1, 128, da.DecodeAttentionConfig())
+      self.assertEqual((lay.ctas_per_head, lay.warpgroups), want, shape)
+      self.assertTrue(lay.in_kernel)
 
 
 class DispatchTest(absltest.TestCase):

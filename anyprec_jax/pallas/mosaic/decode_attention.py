@@ -15,7 +15,7 @@ of U slots at a time with the next D groups' loads in flight. C CTAs of T warpgr
 share a head. By default the kernel merges the 4 T C partials of a head itself (one
 launch; C > 1: a thread-block cluster, each CTA merging a slice of the head dims);
 otherwise each warp writes its partial (values, max, sum) and `combine_partials`
-merges them in XLA (needed above MAX_CLUSTER CTAs per head).
+merges them in XLA (for C other than 1, 2, 4, 8 CTAs per head).
 
 Everything a thread does is inside one `plgpu.inline_mgpu` (see `ptx.py`), as in
 `gemv_tc.py`. Twin: `decode_attention_reference` (the decoder's `attend` for T = 1).
@@ -42,6 +42,7 @@ LOG2E = 1.4426950408889634
 SLOTS_PER_WARP = 32  # the default launch's aim (H200, kernels_tc.md step 10)
 MAX_WARPS = 4096  # the default launch's cap on warps in all
 MAX_CLUSTER = 8  # portable thread-block cluster size
+SMS = 132  # streaming multiprocessors of the H200 (and H100 SXM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +58,11 @@ class DecodeAttentionConfig:
     computed (carried in registers). D = 1 was the step-8 kernel; with few slots per
     warp a larger D puts a warp's whole range in flight at once.
   merge: "kernel": the partials of a head are merged inside the kernel (C = 1: through
-    the CTA's shared memory; 1 < C <= MAX_CLUSTER: the C CTAs form a thread-block
-    cluster and each merges a 1/C slice of the head dims, reading the other CTAs'
-    partials with `ld.shared::cluster`): one launch, output in `out_dtype`. "xla": the
-    kernel writes per-warp partials and `combine_partials` merges them in XLA (any C).
-    None: "kernel" where C <= MAX_CLUSTER.
+    the CTA's shared memory; C = 2, 4, 8: the C CTAs form a thread-block cluster and
+    each merges a 1/C slice of the head dims, reading the other CTAs' partials with
+    `ld.shared::cluster`): one launch, output in `out_dtype`. "xla": the kernel writes
+    per-warp partials and `combine_partials` merges them in XLA (any C). None:
+    "kernel" where C is 1, 2, 4 or 8.
   """
   ctas_per_head: int | None = None
   warpgroups: int | None = None
@@ -119,17 +120,21 @@ class _Layout:
     return self.in_kernel and self.ctas_per_head > 1
 
   @property
-  def partial_floats(self) -> int:  # shared f32 of one CTA's partials (in-kernel merge)
-    return self.cta_warps * self.g * (self.dh + 2)
+  def partial_floats(self) -> int:  # shared f32 of the in-kernel merge: P, then Q
+    return (self.cta_warps + 1) * self.g * (self.dh + 2)
 
 
 def _auto_shape(batch: int, slots: int, kv_heads: int) -> tuple[int, int]:
-  """(C, T) of the default launch: about SLOTS_PER_WARP slots per warp, at most
-  MAX_WARPS warps in all, C <= MAX_CLUSTER (so the merge stays in the kernel), and T
-  (<= 4) grows once C is at its cap."""
+  """(C, T) of the default launch: C (1, 2, 4, 8) the fewest CTAs per head that give
+  every SM one (132 on the H200), then T warpgroups (<= 4) for about SLOTS_PER_WARP
+  slots per warp, at most MAX_WARPS warps in all. On the H200 (step 13, GPU time) C = 8
+  was best for 7B at batch 1 (32 heads) at 384 and 4096 slots, C = 1 with T = 4 at
+  batch 8 (256 heads)."""
   heads = batch * kv_heads
+  c = 1
+  while c < MAX_CLUSTER and heads * c < SMS:
+    c *= 2
   want = max(1, min(-(-slots // SLOTS_PER_WARP), MAX_WARPS // heads))  # warps per head
-  c = max(1, min(-(-want // 4), MAX_CLUSTER))
   t = max(1, min(4, -(-want // (4 * c))))
   return c, t
 
@@ -150,11 +155,12 @@ def make_layout(batch: int, slots: int, kv_heads: int, g: int, dh: int,
       else cfg.warpgroups
   if c < 1 or not 1 <= t <= 8:
     raise ValueError(f"ctas_per_head must be >= 1 and warpgroups 1..8, got {c}, {t}")
-  merge = cfg.merge or ("kernel" if c <= MAX_CLUSTER else "xla")
-  if merge == "kernel" and c > MAX_CLUSTER:
-    raise ValueError(f"an in-kernel merge needs ctas_per_head <= {MAX_CLUSTER}, got {c}")
+  mergeable = c in (1, 2, 4, 8)  # a cluster slice of the head dims: even, equal parts
+  merge = cfg.merge or ("kernel" if mergeable else "xla")
+  if merge == "kernel" and not mergeable:
+    raise ValueError(f"an in-kernel merge needs ctas_per_head in 1, 2, 4, 8, got {c}")
   steps = -(-slots // (4 * t * c * cfg.group))  # steps of the busiest warp
-  d = max(1, min(steps, 4)) if cfg.depth is None else cfg.depth
+  d = max(1, min(steps, 2)) if cfg.depth is None else cfg.depth
   if d < 1:
     raise ValueError(f"depth must be >= 1, got {d}")
   return _Layout(batch=batch, slots=slots, kv_heads=kv_heads, g=g, dh=dh,
@@ -310,20 +316,46 @@ def _emit(q_ref, k_ref, v_ref, valid_ref, out_ref, *scratch, lay: _Layout):
       ptx.st_global_f32(ptx.gaddr(og, ptx.add(base, ptx.const(dh + 1)), 4), l[gi])
 
 
-def merge_units(lay: _Layout) -> tuple[int, int]:
-  """(pairs of head dims each CTA merges, passes of its 128 T threads over them)."""
-  pairs = lay.g * lay.dh // (2 * lay.ctas_per_head)
-  return pairs, -(-pairs // (128 * lay.warpgroups))
+def merge_units(lay: _Layout) -> tuple[int, int, int, int]:
+  """(pairs of head dims each CTA merges over its warps, passes of its 128 T threads
+  over them; pairs each CTA merges over the cluster, passes): the two merge phases."""
+  threads = 128 * lay.warpgroups
+  cta_pairs = lay.g * lay.dh // 2
+  slice_pairs = cta_pairs // lay.ctas_per_head
+  return cta_pairs, -(-cta_pairs // threads), slice_pairs, -(-slice_pairs // threads)
+
+
+def _merged(ptx, parts):
+  """Merges partials [(m, l, a0, a1)] (a0, a1: two dims of the values): (m, l, a0, a1)
+  with m the largest max and everything rescaled to it, as `combine_partials`."""
+  from jaxlib.mlir.dialects import arith
+  top = parts[0][0]
+  for p in parts[1:]:
+    top = arith.maximumf(top, p[0])
+  l = a0 = a1 = None
+  for mi, li, x0, x1 in parts:
+    w = ptx.exp2_approx(arith.mulf(arith.subf(mi, top), ptx.fconst(LOG2E)))
+    if l is None:
+      l, a0, a1 = arith.mulf(w, li), arith.mulf(w, x0), arith.mulf(w, x1)
+    else:
+      l, a0, a1 = ptx.fma(w, li, l), ptx.fma(w, x0, a0), ptx.fma(w, x1, a1)
+  return top, l, a0, a1
 
 
 def _merge_in_kernel(part_ref, out_ref, m, l, acc, *, lay: _Layout, b, kvh, tid, warp,
                      lane, lane_e):
-  """Each warp's (values, max, sum) per head into its CTA's shared memory; after a
-  barrier (the CTA's, or the cluster's when C > 1) CTA r of the head merges dims
-  [r Dh / C, (r + 1) Dh / C) of its G heads, a pair of dims per thread, reading all
-  4 T C partials (other CTAs' with `ld.shared::cluster`), and writes them to out;
-  with C > 1 a second cluster barrier keeps every CTA's shared memory alive until
-  then. The same arithmetic as `combine_partials`."""
+  """Merges the head's 4 T C warp partials and writes out[b, heads of kvh, :].
+
+  Shared memory: the warps' partials P[4T][G][Dh + 2], then the CTA's Q[G][Dh + 2].
+  1. Each warp writes its (values, max, sum) per head into P; CTA barrier.
+  2. The CTA's threads merge the 4T partials, a pair of dims per thread; with C = 1
+     that is the output; else into Q, then a cluster barrier.
+  3. (C > 1) CTA r of the cluster merges dims [r Dh / C, (r + 1) Dh / C) of every head
+     from the C CTAs' Q (`ld.shared::cluster`) and writes them; a second cluster
+     barrier keeps every CTA's shared memory alive until all have read it.
+  Two short merges keep each thread's loads at 4T + C partials (one merge of all 4T C
+  partials held ~4T C * 4 values live per thread: T37 and step 13's C = 8, T = 4).
+  """
   from jaxlib.mlir.dialects import arith
   from anyprec_jax.pallas.mosaic import ptx
 
@@ -331,7 +363,9 @@ def _merge_in_kernel(part_ref, out_ref, m, l, acc, *, lay: _Layout, b, kvh, tid,
   rec = dh + 2  # f32 slots of one partial
   h_n = lay.kv_heads * g_n
   cw = lay.cta_warps
+  threads = 128 * lay.warpgroups
   smem = ptx.smem_address(part_ref)
+  q_area = ptx.add(smem, ptx.const(4 * cw * g_n * rec))
 
   def slot(w, gi):  # byte offset of warp w's partial of head gi (w, gi: i32 values)
     return ptx.mul(ptx.add(ptx.mul(w, ptx.const(g_n)), gi), ptx.const(4 * rec))
@@ -344,61 +378,65 @@ def _merge_in_kernel(part_ref, out_ref, m, l, acc, *, lay: _Layout, b, kvh, tid,
     with ptx.If(ptx.eq(lane, ptx.const(0))):
       ptx.st_shared_f32(base, m[gi], 4 * dh)
       ptx.st_shared_f32(base, l[gi], 4 * dh + 4)
-  if lay.cluster:
-    ptx.cluster_sync()  # every partial of the cluster written (release / acquire)
-    rank = ptx.cluster_rank()
-  else:
-    ptx.cta_sync()
-    rank = ptx.const(0)
+  ptx.cta_sync()
 
-  pairs, passes = merge_units(lay)
-  span = dh // c_n  # dims this CTA merges per head
   og = ptx.gmem_address(out_ref)
   bf16 = ir_is_bf16(out_ref)
-  for rep in range(passes):
-    unit = ptx.add(tid, ptx.const(rep * 128 * lay.warpgroups))
-    with ptx.If(ptx.lt(unit, ptx.const(pairs))):
-      gi = ptx.udiv(unit, span // 2)
-      d = ptx.add(ptx.mul(rank, ptx.const(span)), ptx.mul(ptx.urem(unit, span // 2),
-                                                           ptx.const(2)))
-      ms, ls, a0, a1 = [], [], [], []
-      for i in range(cw * c_n):  # partial i: CTA i // 4T of the cluster, warp i % 4T
-        local = ptx.add(smem, slot(ptx.const(i % cw), gi))
-        if lay.cluster:
-          addr = ptx.mapa_shared_cluster(local, ptx.const(i // cw))
-          ms.append(ptx.ld_shared_cluster_f32(addr, 4 * dh))
-          ls.append(ptx.ld_shared_cluster_f32(addr, 4 * dh + 4))
-          v0, v1 = ptx.ld_shared_cluster_v2_f32(ptx.add(addr, ptx.mul(d, ptx.const(4))))
-        else:
-          ms.append(ptx.ld_shared_f32(local, 4 * dh))
-          ls.append(ptx.ld_shared_f32(local, 4 * dh + 4))
-          v0, v1 = ptx.ld_shared_v2_f32(ptx.add(local, ptx.mul(d, ptx.const(4))))
-        a0.append(v0)
-        a1.append(v1)
-      top = ms[0]
-      for mi in ms[1:]:
-        top = arith.maximumf(top, mi)
-      ws = [ptx.exp2_approx(arith.mulf(arith.subf(mi, top), ptx.fconst(LOG2E)))
-            for mi in ms]
-      den = arith.mulf(ws[0], ls[0])
-      num0 = arith.mulf(ws[0], a0[0])
-      num1 = arith.mulf(ws[0], a1[0])
-      for i in range(1, len(ws)):
-        den = ptx.fma(ws[i], ls[i], den)
-        num0 = ptx.fma(ws[i], a0[i], num0)
-        num1 = ptx.fma(ws[i], a1[i], num1)
-      # A query with no valid slot gets 0 (the reference averages V over the masked slots).
-      inv = arith.divf(ptx.fconst(1.0), ptx.select(
-          arith.cmpf(arith.CmpFPredicate.OGT, den, ptx.fconst(0.0)), den, ptx.fconst(1.0)))
-      head = ptx.add(ptx.mul(kvh, ptx.const(g_n)), gi)
-      elem = ptx.add(ptx.mul(ptx.add(ptx.mul(b, ptx.const(h_n)), head), ptx.const(dh)), d)
-      o0, o1 = arith.mulf(num0, inv), arith.mulf(num1, inv)
-      if bf16:
-        ptx.st_global_b32(ptx.gaddr(og, elem, 2), ptx.pack_bf16x2(o0, o1))
+
+  def write(gi, d, top_l_a):  # out[b, kvh G + gi, d:d + 2] = a / l (0 where l = 0)
+    _, den, num0, num1 = top_l_a
+    # A query with no valid slot gets 0 (the reference averages V over the masked slots).
+    inv = arith.divf(ptx.fconst(1.0), ptx.select(
+        arith.cmpf(arith.CmpFPredicate.OGT, den, ptx.fconst(0.0)), den, ptx.fconst(1.0)))
+    head = ptx.add(ptx.mul(kvh, ptx.const(g_n)), gi)
+    elem = ptx.add(ptx.mul(ptx.add(ptx.mul(b, ptx.const(h_n)), head), ptx.const(dh)), d)
+    o0, o1 = arith.mulf(num0, inv), arith.mulf(num1, inv)
+    if bf16:
+      ptx.st_global_b32(ptx.gaddr(og, elem, 2), ptx.pack_bf16x2(o0, o1))
+    else:
+      ptx.st_global_v2_f32(ptx.gaddr(og, elem, 4), o0, o1)
+
+  cta_pairs, cta_passes, slice_pairs, slice_passes = merge_units(lay)
+  for rep in range(cta_passes):  # phase 2: the CTA's warps
+    unit = ptx.add(tid, ptx.const(rep * threads))
+    with ptx.If(ptx.lt(unit, ptx.const(cta_pairs))):
+      gi = ptx.udiv(unit, dh // 2)
+      d = ptx.mul(ptx.urem(unit, dh // 2), ptx.const(2))
+      parts = []
+      for w in range(cw):
+        at = ptx.add(smem, slot(ptx.const(w), gi))
+        v0, v1 = ptx.ld_shared_v2_f32(ptx.add(at, ptx.mul(d, ptx.const(4))))
+        parts.append((ptx.ld_shared_f32(at, 4 * dh), ptx.ld_shared_f32(at, 4 * dh + 4),
+                      v0, v1))
+      merged = _merged(ptx, parts)
+      if not lay.cluster:
+        write(gi, d, merged)
       else:
-        ptx.st_global_v2_f32(ptx.gaddr(og, elem, 4), o0, o1)
-  if lay.cluster:
-    ptx.cluster_sync()  # every CTA has read the partials it needs: shared memory may go
+        at = ptx.add(q_area, ptx.mul(gi, ptx.const(4 * rec)))
+        ptx.st_shared_v2_f32(ptx.add(at, ptx.mul(d, ptx.const(4))), merged[2], merged[3])
+        with ptx.If(ptx.eq(d, ptx.const(0))):
+          ptx.st_shared_v2_f32(at, merged[0], merged[1], 4 * dh)
+  if not lay.cluster:
+    return
+
+  ptx.cluster_sync()  # every CTA's Q written (release / acquire)
+  rank = ptx.cluster_rank()
+  span = dh // c_n  # dims this CTA merges per head
+  for rep in range(slice_passes):  # phase 3: the cluster's CTAs
+    unit = ptx.add(tid, ptx.const(rep * threads))
+    with ptx.If(ptx.lt(unit, ptx.const(slice_pairs))):
+      gi = ptx.udiv(unit, span // 2)
+      d = ptx.add(ptx.mul(rank, ptx.const(span)),
+                  ptx.mul(ptx.urem(unit, span // 2), ptx.const(2)))
+      local = ptx.add(q_area, ptx.mul(gi, ptx.const(4 * rec)))
+      parts = []
+      for r in range(c_n):
+        at = ptx.mapa_shared_cluster(local, ptx.const(r))
+        v0, v1 = ptx.ld_shared_cluster_v2_f32(ptx.add(at, ptx.mul(d, ptx.const(4))))
+        mm, ll = ptx.ld_shared_cluster_v2_f32(at, 4 * dh)
+        parts.append((mm, ll, v0, v1))
+      write(gi, d, _merged(ptx, parts))
+  ptx.cluster_sync()  # every CTA has read the partials it needs: shared memory may go
 
 
 def ir_is_bf16(ref) -> bool:
