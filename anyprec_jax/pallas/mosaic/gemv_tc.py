@@ -161,6 +161,7 @@ class _Layout:
   depth: int = 1
   split4: bool = False
   bulk: int = 0
+  rms_eps: float | None = None  # fold an RMSNorm's 1 / rms(norm_x) into the output
 
   @property
   def warps(self) -> int:
@@ -211,9 +212,13 @@ class _Layout:
     return self.warps * (self.bulk_warp_bytes + 8 * self.bulk) if self.bulk else 0
 
   @property
+  def norm_bytes(self) -> int:  # per warp and activation row, its sum of squares
+    return 4 * self.warps * self.m if self.rms_eps is not None else 0
+
+  @property
   def smem_bytes(self) -> int:
     return (self.table_bytes + self.red_bytes + self.ring_bytes + self.x_bytes
-            + self.bulk_bytes)
+            + self.bulk_bytes + self.norm_bytes)
 
 
 def config_for(bits: int, m: int, n: int, k: int, tiled: bool = False) -> TcGemvConfig:
@@ -243,7 +248,7 @@ def _tiled_config(m: int, n: int, k: int) -> TcGemvConfig:
 
 
 def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
-                x_dtype, tiled: bool = False) -> _Layout:
+                x_dtype, tiled: bool = False, rms_eps: float | None = None) -> _Layout:
   if not 3 <= bits <= MAX_BITS:
     raise ValueError(f"the tensor-core GEMV handles 3..{MAX_BITS} bits, got {bits}")
   if bits >= SMEM_TABLE_BITS and cfg.row_tiles % 2 and cfg.row_tiles != 1:
@@ -273,11 +278,15 @@ def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
     raise ValueError("bulk copies and the cp.async ring (stages) exclude each other")
   if tiled and n % tc_layout.TILE_ROWS:
     raise ValueError(f"tiled planes need N % {tc_layout.TILE_ROWS} == 0, got N={n}")
+  if rms_eps is not None and (k % 8 or cfg.ksplit > 1):
+    raise ValueError(f"a folded RMSNorm needs K % 8 == 0 and ksplit 1, got K={k}, "
+                     f"ksplit={cfg.ksplit}")
   lay = _Layout(bits=bits, m=m, n=n, k=k, blocks=blocks, row_tiles=cfg.row_tiles,
                 warpgroups=t, ctas=ctas, prefetch=cfg.prefetch, mma_dtype=mma,
                 stages=cfg.stages, tiled=tiled, x_smem=cfg.x_smem,
                 early_loads=cfg.early_loads, ksplit=cfg.ksplit, probe=cfg.probe,
-                depth=cfg.depth, split4=cfg.split4 and bits == 4, bulk=cfg.bulk)
+                depth=cfg.depth, split4=cfg.split4 and bits == 4, bulk=cfg.bulk,
+                rms_eps=None if rms_eps is None else float(rms_eps))
   if lay.x_smem and lay.smem_bytes > SMEM_BUDGET:
     lay = dataclasses.replace(lay, x_smem=False)
   if lay.bulk and lay.smem_bytes > SMEM_BUDGET:
@@ -316,11 +325,13 @@ def _select_words(ptx, w0):
 
 
 def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
-          dequant: bool = False):
+          dequant: bool = False, nx_ref=None):
   """The GEMV body; with `dequant`, x_ref is unused and the decoded A fragments are
-  stored to out_ref = W [N, 128 KB] (the MMA operand dtype) instead of multiplied."""
+  stored to out_ref = W [N, 128 KB] (the MMA operand dtype) instead of multiplied.
+  With `lay.rms_eps`, nx_ref [M, K] bf16 is the RMSNorm's input: row m of y is scaled
+  by 1 / sqrt(mean(nx[m]^2) + eps) (x being nx times the norm's weight)."""
   from jaxlib.mlir import ir
-  from jaxlib.mlir.dialects import scf
+  from jaxlib.mlir.dialects import arith, scf
   from anyprec_jax.pallas.mosaic import ptx
 
   b, n, k, m, rt_n = lay.bits, lay.n, lay.k, lay.m, lay.row_tiles
@@ -361,6 +372,8 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
 
   if not lay.early_loads:
     tile_a_regs = make_tables()
+  if lay.rms_eps is not None:  # this thread's share of sum(nx[m]^2), kept until the end
+    sumsq = _rms_partials(ptx, lay, ptx.gmem_address(nx_ref), tid)
 
   tiles_n = -(-n // 16)
   # TC_TILED: word offset of this lane's pair in block 0 of each of the CTA's tiles.
@@ -521,6 +534,13 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
     slot = ptx.add(red, ptx.shl(ptx.add(ptx.mul(warp, ptx.const(rt_n * 32)),
                                         ptx.add(ptx.const(32 * rt), lane)), 4))
     ptx.st_shared_v4_f32(slot, acc[4 * rt:4 * rt + 4])
+  if lay.rms_eps is not None:  # norm[warp][m]: the warp's sums of squares
+    norm = ptx.add(smem, ptx.const(lay.smem_bytes - lay.norm_bytes))
+    for mm_, v in enumerate(sumsq):
+      tot_w = ptx.warp_sum(v)
+      with ptx.If(ptx.eq(lane, ptx.const(0))):
+        ptx.st_shared_f32(ptx.add(norm, ptx.shl(ptx.add(ptx.mul(warp, ptx.const(m)),
+                                                        ptx.const(mm_)), 2)), tot_w)
   ptx.cta_sync()
   nthreads = WARPGROUP * lay.warpgroups
   elems = rt_n * 32 * 4
@@ -538,6 +558,8 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
                     ptx.add(ptx.shr(ln, 2), ptx.shl(ptx.shr(c, 1), 3)))
       mm = ptx.add(ptx.shl(ptx.band(ln, 3), 1), ptx.band(c, 1))
       ok = ptx.land(ptx.lt(row, n), ptx.lt(mm, m))
+      if lay.rms_eps is not None:
+        tot = arith.mulf(tot, _rms_scale(ptx, lay, norm, ptx.umin(mm, m - 1)))
       with ptx.If(ok):
         addr = ptx.gaddr(og, ptx.add(ptx.mul(mm, ptx.const(n)), row), 4)
         if lay.ksplit > 1:
@@ -545,6 +567,41 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
         else:
           ptx.st_global_f32(addr, tot)
 
+
+
+def _rms_partials(ptx, lay: _Layout, nxg, tid):
+  """Per activation row m, this thread's sum of nx[m, k]^2 over its 16-byte pieces
+  (piece i = tid + j * threads of the row's K / 8; K % 8 == 0), f32."""
+  vecs = lay.k // 8  # 16-byte pieces per row
+  threads = WARPGROUP * lay.warpgroups
+  zero = ptx.const(0)
+  out = []
+  for mm in range(lay.m):
+    acc = ptx.fconst(0.0)
+    for j in range(-(-vecs // threads)):
+      i = ptx.add(tid, ptx.const(j * threads))
+      inside = ptx.lt(i, vecs) if (j + 1) * threads > vecs else None
+      ic = ptx.umin(i, vecs - 1) if inside is not None else i
+      ws = ptx.ld_global_v4_u32(ptx.gaddr(nxg, ptx.add(ptx.const(mm * vecs), ic), 16))
+      for w in ws:
+        if inside is not None:
+          w = ptx.select(inside, w, zero)
+        lo = ptx.bf16_bits_to_f32(w)
+        hi = ptx.bits_f32(ptx.band(w, ptx.const(0xFFFF0000)))
+        acc = ptx.fma(hi, hi, ptx.fma(lo, lo, acc))
+    out.append(acc)
+  return out
+
+
+def _rms_scale(ptx, lay: _Layout, norm, mm):
+  """1 / sqrt(sum_w norm[w][mm] / K + eps) for activation row mm (an i32 value)."""
+  from jaxlib.mlir.dialects import arith
+  tot = None
+  for w in range(lay.warps):
+    v = ptx.ld_shared_f32(ptx.add(norm, ptx.shl(mm, 2)), imm=4 * w * lay.m)
+    tot = v if tot is None else ptx.fadd(tot, v)
+  ms = ptx.fma(tot, ptx.fconst(1.0 / lay.k), ptx.fconst(lay.rms_eps))
+  return arith.divf(ptx.fconst(1.0), ptx.sqrt_f32(ms))
 
 
 def _plane_ring(ptx, lay: _Layout, pg, red, row0, warp, lane, g, q, start, end, last):
@@ -848,9 +905,18 @@ def gemv_tc_reference(x, planes_tc, lut, *, bits: int, in_features: int):
                         in_features=in_features)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "cfg", "tiled"))
+def gemv_tc_rms_reference(x, planes_tc, lut, norm_x, rms_eps: float, *, bits: int,
+                          in_features: int):
+  """Pure-jnp twin of `gemv_tc` with a folded RMSNorm -> [M, N] f32."""
+  nx = norm_x.astype(jnp.float32)
+  scale = jax.lax.rsqrt(jnp.mean(nx * nx, axis=-1, keepdims=True) + rms_eps)  # [M, 1]
+  return gemv_tc_reference(x, planes_tc, lut, bits=bits, in_features=in_features) * scale
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "cfg", "tiled", "rms_eps"))
 def gemv_tc(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, *, bits: int,
-            cfg: TcGemvConfig = TcGemvConfig(), tiled: bool = False) -> jax.Array:
+            cfg: TcGemvConfig = TcGemvConfig(), tiled: bool = False,
+            norm_x: jax.Array | None = None, rms_eps: float | None = None) -> jax.Array:
   """y = x @ W_b^T on the tensor cores, b in 3..8.
 
   Args:
@@ -861,6 +927,10 @@ def gemv_tc(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, *, bits: int,
     bits: 3..8 (static); from 5 on the LUTs live in shared memory.
     cfg: launch shape (static).
     tiled: the planes are in PlaneLayout.TC_TILED (static; N % 16 == 0).
+    norm_x, rms_eps: an RMSNorm folded in (`gemv_tc_rms_reference`): x = norm_x * w
+      (the norm's weight) and row m of y is scaled by 1 / sqrt(mean(norm_x[m]^2) +
+      rms_eps), which each CTA computes from norm_x [M, K] (K % 8 == 0). rms_eps is
+      static.
 
   Returns:
     [M, N] float32.
@@ -877,15 +947,27 @@ def gemv_tc(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, *, bits: int,
     raise ValueError(f"LUT shape {lut.shape}, expected {(n, 1 << bits)}")
   if k % 2:
     raise ValueError(f"K must be even for the tensor-core GEMV, got {k}")
+  if (norm_x is None) != (rms_eps is None):
+    raise ValueError("norm_x and rms_eps come together")
+  if norm_x is not None and norm_x.shape != x.shape:
+    raise ValueError(f"norm_x {norm_x.shape} must have x's shape {x.shape}")
   if lut.dtype != jnp.float16:
     lut = lut.astype(jnp.float16)
   if x.dtype not in (jnp.bfloat16, jnp.float16):
     x = x.astype(jnp.bfloat16)
-  lay = make_layout(bits, m, n, k, cfg, x.dtype, tiled=tiled)
+  lay = make_layout(bits, m, n, k, cfg, x.dtype, tiled=tiled, rms_eps=rms_eps)
 
-  body = ptx.thread_body(functools.partial(_emit, lay=lay))
   scratch = plgpu.SMEM((lay.smem_bytes // 4,), jnp.int32)
   grid = lay.ctas * lay.ksplit
+  if norm_x is not None:
+    body = ptx.thread_body(lambda xr, pr, lr, nr, orf, sr: _emit(
+        xr, pr, lr, orf, sr, lay=lay, nx_ref=nr))
+    kernel = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((m, n), jnp.float32),
+        scratch_types=[scratch], grid=(grid,), grid_names=("cta",),
+        num_threads=lay.warpgroups, thread_name="wg")
+    return kernel(x, planes_tc, lut, norm_x.astype(jnp.bfloat16))
+  body = ptx.thread_body(functools.partial(_emit, lay=lay))
   if lay.ksplit == 1:
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((m, n), jnp.float32),

@@ -491,3 +491,8 @@ def st_global_v2_f32(addr64, a, b):
 def pack_bf16x2(lo, hi):
   """Two f32 -> one word of two bf16 (round to nearest even), `lo` in the low half."""
   return asm(i32(), [hi, lo], "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f")
+
+
+def sqrt_f32(v):
+  """Correctly rounded square root."""
+  return asm(f32(), [v], "sqrt.rn.f32 $0, $1;", "=f,f")
