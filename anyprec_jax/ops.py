@@ -14,6 +14,7 @@ Backends (`Backend`):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import math
 import threading
@@ -73,17 +74,80 @@ def _anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, backend: Backend) -> jax.Ar
   return kernels.anyprec_matmul(x2, w, interpret=backend is Backend.INTERPRET)
 
 
-def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm over the last axis, computed in float32, in x's dtype (the decoder's)."""
+  dtype = x.dtype
+  h = x.astype(jnp.float32)
+  h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps)
+  return weight.astype(dtype) * h.astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class RmsNormed:
+  """rms_norm(x, weight, eps) not yet formed, for `linear` to fold into a kernel.
+
+  The decoder's norms return this where `folds_norms()`; `linear` on a quantized
+  weight whose product runs on the tensor-core GEMV passes x * weight and x to the
+  kernel, which scales each output row by 1 / rms(x) itself (two XLA kernels fewer
+  per norm); anywhere else `value()` forms the norm exactly as `rms_norm`.
+  """
+  x: jax.Array  # [..., D]
+  weight: jax.Array  # [D]
+  eps: float
+
+  @property
+  def shape(self):
+    return self.x.shape
+
+  @property
+  def dtype(self):
+    return self.x.dtype
+
+  def value(self) -> jax.Array:
+    return rms_norm(self.x, self.weight, self.eps)
+
+
+def folds_norms() -> bool:
+  """Whether the decoder should hand its RMSNorms to `linear` unformed (`RmsNormed`):
+  the PALLAS backend on Hopper with `ANYPREC_FOLD_NORM` on."""
+  if get_backend() is not Backend.PALLAS:
+    return False
+  from anyprec_jax.pallas import backend  # Local import: Pallas only when used.
+  return backend.fold_norm() and backend.mosaic_available()
+
+
+def _folded_linear(x: RmsNormed, w: AnyPrecWeight) -> jax.Array | None:
+  """y = rms_norm(x) @ W^T with the norm folded into the GEMV, or None where it can't."""
+  if get_backend() is not Backend.PALLAS:
+    return None
+  from anyprec_jax.pallas import kernels  # Local import: Pallas only when used.
+  lead = x.shape[:-1]
+  m = math.prod(lead)
+  if not kernels.folds_rms(w, m):
+    return None
+  x2 = x.x.reshape(m, x.shape[-1])  # [M, K]
+  xg = (x2.astype(jnp.float32) * x.weight.astype(jnp.float32)).astype(x.dtype)
+  y = kernels.anyprec_matmul(xg, w, rms=(x2, x.eps))  # [M, N] f32
+  return y.astype(x.dtype).reshape(*lead, w.out_features)
+
+
+def linear(x, w, bias: jax.Array | None = None) -> jax.Array:
   """y = x @ w^T + bias for a dense or any-precision weight.
 
   Args:
-    x: [..., K] activations.
+    x: [..., K] activations, or an `RmsNormed` (folded into the tensor-core GEMV where
+      it runs, else formed first).
     w: dense [N, K] array or `AnyPrecWeight` (uses its active precision `w.bits`).
     bias: optional [N].
 
   Returns:
     [..., N] in the dtype of x.
   """
+  if isinstance(x, RmsNormed):
+    y = _folded_linear(x, w) if isinstance(w, AnyPrecWeight) else None
+    if y is not None:
+      return y if bias is None else y + bias.astype(y.dtype)
+    x = x.value()
   if isinstance(w, AnyPrecWeight):
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])  # [M, K]

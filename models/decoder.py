@@ -145,18 +145,24 @@ class Embed(nn.Module):
 
 
 class Norm(nn.Module):
-  """RMSNorm (weight) or LayerNorm (weight, bias), computed in float32."""
+  """RMSNorm (weight) or LayerNorm (weight, bias), computed in float32.
+
+  With `fold` (a norm whose output only feeds linears) an RMSNorm may return
+  `ops.RmsNormed`, which a quantized linear folds into its kernel (`ops.folds_norms`).
+  """
   cfg: ModelConfig
   dim: int
+  fold: bool = False
 
   @nn.compact
   def __call__(self, x):  # [..., D]
     dtype = x.dtype
     w = _get_or_init(self, "weight", (self.dim,), jnp.float32, nn.initializers.ones)
-    h = x.astype(jnp.float32)
     if self.cfg.norm is NormKind.RMS:
-      h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.cfg.norm_eps)
-      return w.astype(dtype) * h.astype(dtype)
+      if self.fold and ops.folds_norms():
+        return ops.RmsNormed(x, w, self.cfg.norm_eps)
+      return ops.rms_norm(x, w, self.cfg.norm_eps)
+    h = x.astype(jnp.float32)
     b = _get_or_init(self, "bias", (self.dim,), jnp.float32, nn.initializers.zeros)
     h = h - jnp.mean(h, axis=-1, keepdims=True)
     h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.cfg.norm_eps)
@@ -269,8 +275,8 @@ class DecoderLayer(nn.Module):
     c = self.cfg
     attn = Attention(c, self.param_dtype, name="attn")
     mlp = Mlp(c, self.param_dtype, name="mlp")
-    norm1 = Norm(c, c.hidden_size, name="attn_norm")
-    norm2 = Norm(c, c.hidden_size, name="mlp_norm")
+    norm1 = Norm(c, c.hidden_size, fold=c.pre_norm, name="attn_norm")
+    norm2 = Norm(c, c.hidden_size, fold=c.pre_norm, name="mlp_norm")
     if c.pre_norm:
       a, kv = attn(norm1(x), rope, mask, kv, cache_index)
       x = x + a

@@ -93,6 +93,20 @@ def decode_attention() -> str:
   return v
 
 
+FOLD_NORM_ENV = "ANYPREC_FOLD_NORM"
+
+
+def fold_norm() -> bool:
+  """Whether a decoder layer's RMSNorms fold into the quantized linears after them on
+  the tensor-core GEMV (`ops.RmsNormed`; each CTA computes 1 / rms itself, so XLA's
+  two norm kernels per norm go). `ANYPREC_FOLD_NORM=1|0`; default off (step 15 of
+  notes_kernels.md measures it). Read at trace time."""
+  v = os.environ.get(FOLD_NORM_ENV, "0").strip().lower()
+  if v not in ("0", "1", "off", "on"):
+    raise ValueError(f"{FOLD_NORM_ENV}={v!r}: expected 1 or 0")
+  return v in ("1", "on")
+
+
 def is_hopper_or_newer() -> bool:
   """Whether the first device is a GPU of compute capability >= 9.0."""
   cc = compute_capability()

@@ -82,13 +82,33 @@ def dequant_config(bits: int, n: int, k: int) -> dequant.DequantConfig:
                                launch=lowering.LaunchParams(num_warps=4))
 
 
-def anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, interpret: bool = False) -> jax.Array:
+def _runs_tc_gemv(w: AnyPrecWeight, m: int) -> bool:
+  """Whether `anyprec_matmul` of m rows runs the tensor-core GEMV (Mosaic available)."""
+  bits, n, k = w.bits, w.out_features, w.in_features
+  tiled = w.layout is PlaneLayout.TC_TILED
+  use_tc = 3 <= bits <= 8 and (m > 1 or tiled or backend.tc_gemv_at_m1(bits, n, k))
+  return (w.layout is not PlaneLayout.FORMAT and use_tc and m <= gemv.MAX_ROWS
+          and k % 2 == 0)
+
+
+def folds_rms(w: AnyPrecWeight, m: int) -> bool:
+  """Whether `anyprec_matmul(x2, w, rms=...)` of m rows can fold an RMSNorm: on the
+  tensor-core GEMV (Hopper), K % 8 == 0."""
+  return (backend.mosaic_available() and _runs_tc_gemv(w, m)
+          and w.in_features % 8 == 0)
+
+
+def anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, interpret: bool = False,
+                   rms: tuple[jax.Array, float] | None = None) -> jax.Array:
   """y = x2 @ W_b^T with b = w.bits, through the Pallas kernels.
 
   Args:
     x2: [M, K] activations (bf16/fp16/fp32).
     w: the weight; only planes 0..b-1 and the b-bit LUT are read.
     interpret: run the kernels in the Pallas interpreter (CPU).
+    rms: (norm_x [M, K], eps): an RMSNorm folded into the tensor-core GEMV (x2 is
+      norm_x times the norm's weight; row m of y is scaled by 1 / rms(norm_x[m])).
+      Only where `folds_rms(w, M)`.
 
   Returns:
     [M, N] float32.
@@ -103,12 +123,16 @@ def anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, interpret: bool = False) -> 
     raise ValueError(f"x has {k} features, weight expects {w.in_features}")
   tiled = w.layout is PlaneLayout.TC_TILED
   tc = w.layout is not PlaneLayout.FORMAT
+  if rms is not None and (interpret or not folds_rms(w, m)):
+    raise ValueError(f"an RMSNorm folds only into the tensor-core GEMV (M={m}, "
+                     f"{bits} bits, layout {w.layout.value}, K={k})")
   if not interpret and backend.mosaic_available():
-    use_tc = 3 <= bits <= 8 and (m > 1 or tiled or backend.tc_gemv_at_m1(bits, n, k))
-    if tc and use_tc and m <= gemv.MAX_ROWS and k % 2 == 0:
+    if _runs_tc_gemv(w, m):
       from anyprec_jax.pallas.mosaic import gemv_tc  # Hopper only.
       return gemv_tc.gemv_tc(x2, planes, lut, bits=bits, tiled=tiled,
-                             cfg=gemv_tc.config_for(bits, m, n, k, tiled=tiled))
+                             cfg=gemv_tc.config_for(bits, m, n, k, tiled=tiled),
+                             norm_x=None if rms is None else rms[0],
+                             rms_eps=None if rms is None else rms[1])
     if (tiled and m > gemv.MAX_ROWS and 3 <= bits <= 8
         and backend.tiled_prefill() == "mosaic"):
       from anyprec_jax.pallas.mosaic import gemv_tc  # Hopper only.

@@ -233,6 +233,21 @@ class TcLoweringTest(parameterized.TestCase):
     self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
     self.assertTrue(gt.make_layout(bits, m, n, k, cfg, jnp.bfloat16, True).x_smem == x_smem)
 
+  @parameterized.parameters((3, 1, True), (5, 8, False))
+  def test_folded_rms_norm_lowers_for_cuda(self, bits, m, tiled):
+    n, k = 1008, 4000
+    fn = jax.jit(lambda x, p, l, nx: gt.gemv_tc(x, p, l, bits=bits, tiled=tiled, norm_x=nx,
+                                                rms_eps=1e-5))
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    args = (x, jax.ShapeDtypeStruct((bits, n, tc_layout.num_words(k)), jnp.uint32),
+            jax.ShapeDtypeStruct((n, 1 << bits), jnp.float16), x)
+    self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
+    with self.assertRaisesRegex(ValueError, "come together"):
+      gt.gemv_tc(jnp.ones((1, 16), jnp.bfloat16), jnp.ones((3, 16, 4), jnp.uint32),
+                 jnp.ones((16, 8), jnp.float16), bits=3, rms_eps=1e-5)
+    with self.assertRaisesRegex(ValueError, "K % 8"):
+      gt.make_layout(3, 1, 16, 12, gt.TcGemvConfig(), jnp.bfloat16, rms_eps=1e-5)
+
   @parameterized.parameters((3, 1, 2), (4, 8, 3), (8, 1, 2))
   def test_ksplit_lowers_for_cuda(self, bits, m, ksplit):
     n, k = 1008, 4000
@@ -412,6 +427,41 @@ class TcGemvTest(parameterized.TestCase):
       self.assertTrue(np.isfinite(got).all())
       err = np.abs(got - want).max() / (np.abs(want).max() + 1e-30)
       self.assertLess(err, 1e-4, f"b{bits} M={m} {dtype} {shape}: {err:.3g}")
+
+  @parameterized.parameters((3, 1, True, (4096, 4096)), (4, 8, True, (1008, 4000)),
+                            (8, 3, False, (1000, 4000)))
+  def test_folded_rms_norm_matches_reference(self, bits, m, tiled, shape):
+    n, k = shape
+    kx, kp, kl, kg = jax.random.split(jax.random.PRNGKey(bits + m), 4)
+    nx = (3 * jax.random.normal(kx, (m, k), jnp.float32)).astype(jnp.bfloat16)
+    x = (nx.astype(jnp.float32) * jax.random.uniform(kg, (k,), minval=0.5, maxval=1.5)
+         ).astype(jnp.bfloat16)
+    planes = tc_layout.to_tc(jax.random.bits(kp, (bits, n, -(-k // 32)), jnp.uint32), k)
+    lut = jax.random.normal(kl, (n, 1 << bits), jnp.float16)
+    got = np.asarray(gt.gemv_tc(x, tc_layout.tile(planes) if tiled else planes, lut,
+                                bits=bits, tiled=tiled,
+                                cfg=gt.config_for(bits, m, n, k, tiled=tiled),
+                                norm_x=nx, rms_eps=1e-5), np.float64)
+    want = np.asarray(gt.gemv_tc_rms_reference(x, planes, lut.astype(jnp.bfloat16), nx,
+                                               1e-5, bits=bits, in_features=k), np.float64)
+    self.assertTrue(np.isfinite(got).all())
+    err = np.abs(got - want).max() / (np.abs(want).max() + 1e-30)
+    self.assertLess(err, 1e-4, f"b{bits} M={m}: {err:.3g}")
+
+  def test_folded_rms_norm_through_linear(self):
+    # ops.linear(RmsNormed) on TC_TILED planes against the norm formed first (bf16).
+    from unittest import mock
+    rng = np.random.default_rng(7)
+    w = _tc_weight(rng, 1024, 512, 3).with_layout(PlaneLayout.TC_TILED)
+    x = jnp.asarray(rng.standard_normal((1, 1, 512)), jnp.bfloat16)
+    normed = ops.RmsNormed(x, jnp.asarray(rng.uniform(0.5, 1.5, 512), jnp.float32), 1e-6)
+    with mock.patch.dict("os.environ", {backend.FOLD_NORM_ENV: "1"}), \
+        ops.use_backend(ops.Backend.PALLAS):
+      self.assertTrue(ops.folds_norms())
+      got = np.asarray(ops.linear(normed, w), np.float64)
+      want = np.asarray(ops.linear(normed.value(), w), np.float64)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    self.assertLess(err, 2e-2)  # bf16 roundings of x * w vs x / rms * w
 
   @parameterized.parameters((3, 8, 2), (8, 8, 4))
   def test_plane_ring_matches_reference(self, bits, m, stages):

@@ -15,6 +15,40 @@ def _weight(rng, n, k):
   return wt.from_codes(codes, luts, 8)
 
 
+class RmsNormedTest(absltest.TestCase):
+  """The unformed RMSNorm (`ops.RmsNormed`) off the tensor-core GEMV: formed as before."""
+
+  def test_value_is_the_norm_and_linear_forms_it(self):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 1, 64)), jnp.bfloat16)
+    g = jnp.asarray(rng.uniform(0.5, 1.5, 64), jnp.float32)
+    h = x.astype(jnp.float32)
+    want = g.astype(jnp.bfloat16) * (h * jax.lax.rsqrt(
+        jnp.mean(h * h, axis=-1, keepdims=True) + 1e-5)).astype(jnp.bfloat16)
+    normed = ops.RmsNormed(x, g, 1e-5)
+    self.assertEqual((normed.shape, normed.dtype), (x.shape, x.dtype))
+    np.testing.assert_array_equal(np.asarray(normed.value(), np.float32),
+                                  np.asarray(want, np.float32))
+    w = _weight(rng, 24, 64).with_bits(3)
+    dense = jnp.asarray(rng.standard_normal((24, 64)), jnp.float32)
+    for backend in (ops.Backend.REFERENCE, ops.Backend.INTERPRET):
+      with ops.use_backend(backend):
+        self.assertFalse(ops.folds_norms())
+        for weight in (w, dense):
+          np.testing.assert_array_equal(
+              np.asarray(ops.linear(normed, weight), np.float32),
+              np.asarray(ops.linear(normed.value(), weight), np.float32))
+
+  def test_switch_is_checked(self):
+    from unittest import mock
+    from anyprec_jax.pallas import backend
+    with mock.patch.dict("os.environ", {backend.FOLD_NORM_ENV: "1"}):
+      self.assertTrue(backend.fold_norm())
+    with mock.patch.dict("os.environ", {backend.FOLD_NORM_ENV: "yes"}):
+      with self.assertRaisesRegex(ValueError, backend.FOLD_NORM_ENV):
+        backend.fold_norm()
+
+
 class OpsDispatchTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
