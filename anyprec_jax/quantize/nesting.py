@@ -124,11 +124,15 @@ def nested_tree(cost: jax.Array, n_seed: int,
   return levels, value
 
 
-def range_sse(row: rowops.SortedRow, start: jax.Array, stop: jax.Array) -> jax.Array:
-  """Weighted SSE of x[start:stop] around its weighted mean (0 for empty ranges)."""
-  sums = rowops.range_sums(row, start, stop)  # [..., 4]
+def sse_of_sums(sums: jax.Array) -> jax.Array:
+  """Weighted SSE around the weighted mean from range sums [..., 4] (0 if no weight)."""
   w, s1, s2 = sums[..., rowops.S], sums[..., rowops.SX], sums[..., rowops.SXX]
   return jnp.where(w > 0, jnp.maximum(s2 - s1 * s1 / jnp.where(w > 0, w, 1.0), 0.0), 0.0)
+
+
+def range_sse(row: rowops.SortedRow, start: jax.Array, stop: jax.Array) -> jax.Array:
+  """Weighted SSE of x[start:stop] around its weighted mean (0 for empty ranges)."""
+  return sse_of_sums(rowops.range_sums(row, start, stop))
 
 
 def objective(row: rowops.SortedRow, borders: jax.Array, weights: tuple[float, ...],
@@ -147,64 +151,113 @@ def _level_table(n_borders: int, depth_levels: int, parity: int):
 
   Returns:
     (moving int [M]: border indices m = parity, parity + 2, ... in 1..C-1;
-     step int [M, L]: 2^(D - b) for the levels b where m is a border, else 0).
+     step int [M, L + 1]: 2^(D - b) for the levels b where m is a border, else 0;
+     used int [U]: the levels (columns of step) where some moving border is a border).
   """
   c = n_borders - 1
   moving = np.arange(2 - parity if parity == 0 else 1, c, 2)
   steps = np.array([[(1 << l) if m % (1 << l) == 0 and l <= depth_levels else 0
                      for l in range(depth_levels, -1, -1)] for m in moving], np.int32)
-  return moving, steps.reshape(len(moving), depth_levels + 1)
+  steps = steps.reshape(len(moving), depth_levels + 1)
+  return moving, steps, np.flatnonzero(steps.any(axis=0))
+
+
+def _window_min_scatter(c: jax.Array, win: jax.Array, n_win: int):
+  """(min, first argmin) of c over each window by two segment_min scatters.
+
+  Args:
+    c: float32 [Q] costs; win: int32 [Q] nondecreasing window of each position.
+
+  Returns:
+    (best float32 [M], inf for a window without positions; pos int32 [M]).
+  """
+  best = jax.ops.segment_min(c, win, num_segments=n_win)
+  q = jnp.arange(c.shape[0], dtype=jnp.int32)
+  pos = jax.ops.segment_min(jnp.where(c <= best[win], q, c.shape[0]), win,
+                            num_segments=n_win)
+  return best, pos
+
+
+def _window_min_dense(c: jax.Array, win: jax.Array, n_win: int):
+  """As `_window_min_scatter`, by a masked argmin over [M, Q] (no scatter).
+
+  The optimization barrier asks XLA to materialise c rather than recompute it per
+  window (XLA CPU was seen to fuse part of it into the reduction regardless).
+  """
+  c, win = jax.lax.optimization_barrier((c, win))
+  masked = jnp.where(win[None, :] == jnp.arange(n_win)[:, None], c[None, :], jnp.inf)
+  pos = jnp.argmin(masked, axis=1).astype(jnp.int32)  # [M]
+  return jnp.take_along_axis(masked, pos[:, None], axis=1)[:, 0], pos
+
+
+WINDOW_MIN = {"scatter": _window_min_scatter, "dense": _window_min_dense}
+
+
+def default_window_min() -> str:
+  """"scatter" on CPU (faster there); "dense" elsewhere (no contended scatter-min)."""
+  return "scatter" if jax.default_backend() == "cpu" else "dense"
 
 
 def _half_sweep(row: rowops.SortedRow, bd: jax.Array, weights: tuple[float, ...],
-                parity: int) -> jax.Array:
-  """Moves every border of one parity to its best position between its neighbours."""
+                parity: int, window_min: str = "scatter") -> jax.Array:
+  """Moves every border of one parity to its best position between its neighbours.
+
+  The windows [bd[m - 1], bd[m + 1]] of the M moving borders tile 0..K (a shared end
+  belongs to the lower window), so one pass over the K + 1 positions q evaluates every
+  window: the prefix rows at q are row.pre itself, those of the fixed neighbours are
+  gathered once per window ([M, U, 8]) and indexed by the window of q (a compare with
+  the M window ends, no search); levels where no moving border lies are skipped. The
+  first minimum of each window comes from `WINDOW_MIN[window_min]` (same result either
+  way). A border moves only if that lowers its cost by more than a relative 1e-6.
+  """
   k = row.x.shape[0]
-  levels = len(weights) - 1
-  moving, steps = _level_table(bd.shape[0], levels, parity)
+  moving, steps, used = _level_table(bd.shape[0], len(weights) - 1, parity)
   if moving.size == 0:
     return bd
-  lam = jnp.asarray(weights, jnp.float32)  # [L + 1] seed..D
-  m = jnp.asarray(moving)
-  st = jnp.asarray(steps)  # [M, L + 1]
+  n_win = moving.size
+  st = steps[:, used]  # [M, U] static: levels where no moving border is one are left out
   on = st > 0
-  left = bd[jnp.where(on, m[:, None] - st, 0)]  # [M, L + 1]
-  right = bd[jnp.where(on, m[:, None] + st, 0)]
+  lam = jnp.asarray([weights[u] for u in used], jnp.float32)  # [U]
+  m = jnp.asarray(moving)
+  pre_left = row.pre[bd[np.where(on, moving[:, None] - st, 0)]]  # [M, U, 8]
+  pre_right = row.pre[bd[np.where(on, moving[:, None] + st, 0)]]
   lo, hi = bd[m - 1], bd[m + 1]  # [M] window of each moving border
 
-  def cost(w_idx, q):  # w_idx [Q], q [Q] -> [Q]
-    a, z = left[w_idx], right[w_idx]  # [Q, L + 1]
-    qq = jnp.broadcast_to(q[:, None], a.shape)
-    per = range_sse(row, a, qq) + range_sse(row, qq, z)
-    return jnp.sum(jnp.where(on[w_idx], per * lam, 0.0), axis=-1)
+  def cost(w_idx, pre_q):  # w_idx [Q], pre_q [Q, 8] -> [Q]
+    a, z = pre_left[w_idx], pre_right[w_idx]  # [Q, U, 8]
+    pq = jnp.broadcast_to(pre_q[:, None], a.shape)
+    per = sse_of_sums(rowops.sums_between(a, pq)) + sse_of_sums(rowops.sums_between(pq, z))
+    return jnp.sum(jnp.where(jnp.asarray(on)[w_idx], per * lam, 0.0), axis=-1)
 
   q = jnp.arange(k + 1, dtype=jnp.int32)
-  win = jnp.clip(jnp.searchsorted(hi, q, side="left"), 0, m.shape[0] - 1)
+  win = jnp.minimum(jnp.sum(hi[None, :] < q[:, None], axis=1), n_win - 1)  # [K + 1]
   valid = (lo[win] <= q) & (q <= hi[win])
-  c = jnp.where(valid, cost(win, q), jnp.inf)  # [K + 1]
-  n_seg = m.shape[0]
-  best = jax.ops.segment_min(c, win, num_segments=n_seg)  # [M]
-  pos = jax.ops.segment_min(jnp.where(valid & (c <= best[win]), q, k + 1), win,
-                            num_segments=n_seg)
-  current = cost(jnp.arange(n_seg), bd[m])
-  take = (best < current * (1 - 1e-6)) & (pos <= k)
+  c = jnp.where(valid, cost(win, row.pre), jnp.inf)  # [K + 1]
+  best, pos = WINDOW_MIN[window_min](c, win, n_win)
+  current = cost(jnp.arange(n_win), row.pre[bd[m]])
+  take = best < current * (1 - 1e-6)
   return bd.at[m].set(jnp.where(take, pos, bd[m]).astype(bd.dtype))
 
 
 def refine(row: rowops.SortedRow, borders: jax.Array, weights: tuple[float, ...],
-           sweeps: int = DEFAULT_SWEEPS) -> jax.Array:
+           sweeps: int = DEFAULT_SWEEPS, window_min: str | None = None) -> jax.Array:
   """Exact coordinate descent on J at full resolution (J never increases).
 
   Args:
     row: SortedRow; borders: int32 [2^D + 1] nested borders of level D.
     weights: lambda of the levels seed..D (static).
     sweeps: red-black sweeps (static).
+    window_min: "scatter" or "dense" (static; None: `default_window_min()`); both give
+      the same borders.
 
   Returns:
     int32 [2^D + 1] nested borders.
   """
+  window_min = window_min or default_window_min()
+
   def body(_, bd):
-    return _half_sweep(row, _half_sweep(row, bd, weights, 1), weights, 0)
+    bd = _half_sweep(row, bd, weights, 1, window_min)
+    return _half_sweep(row, bd, weights, 0, window_min)
 
   return jax.lax.fori_loop(0, sweeps, body, borders)
 
