@@ -35,6 +35,9 @@ _PARENT = flags.DEFINE_integer("parent_bits", 8, "Parent width.")
 _BINS = flags.DEFINE_integer("bins", nesting.DEFAULT_BINS, "Bins of the nesting DP.")
 _SWEEPS = flags.DEFINE_integer("sweeps", nesting.DEFAULT_SWEEPS, "Refinement sweeps.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per phase (minimum kept).")
+_CHECK = flags.DEFINE_boolean(
+    "check", True, "Also time the previous refinement (tests/quantize/test_nesting.py's "
+    "half_sweep_reference) and count rows whose refined borders differ from it.")
 
 
 def _time(fn, *args) -> float:
@@ -104,6 +107,20 @@ def main(argv):
       "objective x2": (objective_fn, rows, tree, g_borders),
       "optimal_row (total)": (optimal_fn, rows, g_borders, g_lut),
   }
+  if _CHECK.value:
+    from tests.quantize.test_nesting import half_sweep_reference  # pylint: disable=g-import-not-at-top
+
+    def previous(row, e, lv):
+      body = lambda _, bd: half_sweep_reference(  # noqa: E731
+          row, half_sweep_reference(row, bd, dp_lams, 1), dp_lams, 0)
+      return jax.lax.fori_loop(0, sweeps, body, e[lv])
+
+    phases["refine (previous formulation)"] = (vmap(previous), rows, edges, levels)
+    want = phases["refine (previous formulation)"][0](rows, edges, levels)
+    for wm, fn in refine_fns.items():
+      differ = jnp.sum(jnp.any(fn(rows, edges, levels) != want, axis=-1))
+      print(json.dumps({"check": f"refine ({wm or 'one method'}) vs previous formulation",
+                        "rows_with_other_borders": int(differ)}), flush=True)
   for name, (fn, *args) in phases.items():
     s = _time(fn, *args)
     print(json.dumps({"phase": name, "seconds": round(s, 4),

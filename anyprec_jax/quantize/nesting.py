@@ -30,10 +30,12 @@ J over the levels seed..D: red-black sweeps, each border to its best position be
 its two neighbours; J never increases), and the levels below D are split greedily at
 full resolution (split.py). `upscaling` keeps the better of this tree and the greedy
 one on the exact objective over all levels, so the result is never worse than greedy.
-Per row: (D - seed) E^3 + 2^seed E^2 + sweeps * K * (D - seed + 1) steps: at the
-default 64 bins (seed 3) about 0.3M min-plus steps + the sweeps, at 128 bins 4.4M
-(levels 3-5 by the DP; better 5-bit trees, ~15x the DP time). All jitted and vmapped
-over rows.
+Per row: (D - seed) E^3 + 2^seed E^2 min-plus steps + 2 sweeps (K + 1) window positions,
+each costing two range SSEs per level of its border (1 level for odd borders, 2 for
+even ones at D = seed + 1): at the default 64 bins (seed 3) about 0.3M min-plus steps
++ the sweeps, at 128 bins 4.4M (levels 3-5 by the DP; better 5-bit trees, ~15x the
+DP time). On CPU the sweeps are most of the time (benchmarks/nesting_phases.py times
+each phase on any device). All jitted and vmapped over rows.
 """
 
 from __future__ import annotations
