@@ -187,9 +187,10 @@ def _window_min_dense(c: jax.Array, win: jax.Array, n_win: int):
   window (XLA CPU was seen to fuse part of it into the reduction regardless).
   """
   c, win = jax.lax.optimization_barrier((c, win))
-  masked = jnp.where(win[None, :] == jnp.arange(n_win)[:, None], c[None, :], jnp.inf)
-  pos = jnp.argmin(masked, axis=1).astype(jnp.int32)  # [M]
-  return jnp.take_along_axis(masked, pos[:, None], axis=1)[:, 0], pos
+  ids = jnp.arange(n_win)
+  pos = jnp.argmin(jnp.where(win[None, :] == ids[:, None], c[None, :], jnp.inf),
+                   axis=1).astype(jnp.int32)  # [M]; 0 for a window without finite c
+  return jnp.where(win[pos] == ids, c[pos], jnp.inf), pos
 
 
 WINDOW_MIN = {"scatter": _window_min_scatter, "dense": _window_min_dense}
