@@ -201,6 +201,22 @@ def default_window_min() -> str:
   return "scatter" if jax.default_backend() == "cpu" else "dense"
 
 
+def _by_window(table: jax.Array, win: jax.Array) -> jax.Array:
+  """table[win] for a small table [M, ...] as M - 1 selects (dense, no gather).
+
+  Args:
+    table: [M, ...]; win: int32 [Q] in 0..M-1.
+
+  Returns:
+    [Q, ...].
+  """
+  out = jnp.broadcast_to(table[0], win.shape + table.shape[1:])
+  for j in range(1, table.shape[0]):
+    pick = (win >= j).reshape(win.shape + (1,) * (table.ndim - 1))
+    out = jnp.where(pick, table[j], out)
+  return out
+
+
 def _half_sweep(row: rowops.SortedRow, bd: jax.Array, weights: tuple[float, ...],
                 parity: int, window_min: str = "scatter") -> jax.Array:
   """Moves every border of one parity to its best position between its neighbours.
@@ -208,10 +224,11 @@ def _half_sweep(row: rowops.SortedRow, bd: jax.Array, weights: tuple[float, ...]
   The windows [bd[m - 1], bd[m + 1]] of the M moving borders tile 0..K (a shared end
   belongs to the lower window), so one pass over the K + 1 positions q evaluates every
   window: the prefix rows at q are row.pre itself, those of the fixed neighbours are
-  gathered once per window ([M, U, 8]) and indexed by the window of q (a compare with
-  the M window ends, no search); levels where no moving border lies are skipped. The
-  first minimum of each window comes from `WINDOW_MIN[window_min]` (same result either
-  way). A border moves only if that lowers its cost by more than a relative 1e-6.
+  gathered once per window ([M, U, 8]) and spread over the positions of their window
+  by selects (`_by_window`); the window of q is a compare with the M window ends (no
+  search); levels where no moving border lies are skipped. The first minimum of each
+  window comes from `WINDOW_MIN[window_min]` (same result either way). A border moves
+  only if that lowers its cost by more than a relative 1e-6.
   """
   k = row.x.shape[0]
   moving, steps, used = _level_table(bd.shape[0], len(weights) - 1, parity)
@@ -222,24 +239,37 @@ def _half_sweep(row: rowops.SortedRow, bd: jax.Array, weights: tuple[float, ...]
   on = st > 0
   lam = jnp.asarray([weights[u] for u in used], jnp.float32)  # [U]
   m = jnp.asarray(moving)
-  pre_left = row.pre[bd[np.where(on, moving[:, None] - st, 0)]]  # [M, U, 8]
-  pre_right = row.pre[bd[np.where(on, moving[:, None] + st, 0)]]
+  left = bd[np.where(on, moving[:, None] - st, 0)]  # [M, U] fixed neighbours per level
+  right = bd[np.where(on, moving[:, None] + st, 0)]
+  pre_left, pre_right = row.pre[left], row.pre[right]  # [M, U, 8]
   lo, hi = bd[m - 1], bd[m + 1]  # [M] window of each moving border
 
-  def cost(w_idx, pre_q):  # w_idx [Q], pre_q [Q, 8] -> [Q]
-    a, z = pre_left[w_idx], pre_right[w_idx]  # [Q, U, 8]
-    pq = jnp.broadcast_to(pre_q[:, None], a.shape)
-    per = sse_of_sums(rowops.sums_between(a, pq)) + sse_of_sums(rowops.sums_between(pq, z))
-    return jnp.sum(jnp.where(jnp.asarray(on)[w_idx], per * lam, 0.0), axis=-1)
+  def cost(w_idx, pre_q, use):  # w_idx [Q], pre_q [Q, 8], use bool [Q, U] -> [Q]
+    per = []
+    for u in range(used.size):
+      a = _by_window(pre_left[:, u], w_idx)  # [Q, 8]
+      z = _by_window(pre_right[:, u], w_idx)
+      per.append(sse_of_sums(rowops.sums_between(a, pre_q)) +
+                 sse_of_sums(rowops.sums_between(pre_q, z)))
+    # `use` is data-dependent (never constant-folded), so the select rounds every
+    # lambda_b * SSE_b before the sum: XLA could otherwise fuse a product into the sum
+    # (an FMA), change the last bit and so a border in a near-tie.
+    return jnp.sum(jnp.where(use, jnp.stack(per, axis=-1) * lam, 0.0), axis=-1)
 
   q = jnp.arange(k + 1, dtype=jnp.int32)
   win = jnp.minimum(jnp.sum(hi[None, :] < q[:, None], axis=1), n_win - 1)  # [K + 1]
-  valid = (lo[win] <= q) & (q <= hi[win])
-  c = jnp.where(valid, cost(win, row.pre), jnp.inf)  # [K + 1]
+  valid = (_by_window(lo, win) <= q) & (q <= _by_window(hi, win))
+  use = _by_window(jnp.asarray(on), win) & valid[:, None]  # [K + 1, U]
+  c = jnp.where(valid, cost(win, row.pre, use), jnp.inf)  # [K + 1]
   best, pos = WINDOW_MIN[window_min](c, win, n_win)
-  current = cost(jnp.arange(n_win), row.pre[bd[m]])
+  # The cost of staying is written (and so rounded by XLA, FMAs included) as in the
+  # previous formulation: it decides near-ties at the 1e-6 threshold.
+  here = bd[m]  # [M]
+  stay = jnp.broadcast_to(here[:, None], left.shape)
+  per = range_sse(row, left, stay) + range_sse(row, stay, right)  # [M, U]
+  current = jnp.sum(jnp.where(jnp.asarray(on)[jnp.arange(n_win)], per * lam, 0.0), axis=-1)
   take = best < current * (1 - 1e-6)
-  return bd.at[m].set(jnp.where(take, pos, bd[m]).astype(bd.dtype))
+  return bd.at[m].set(jnp.where(take, pos, here).astype(bd.dtype))
 
 
 def refine(row: rowops.SortedRow, borders: jax.Array, weights: tuple[float, ...],
