@@ -30,12 +30,13 @@ J over the levels seed..D: red-black sweeps, each border to its best position be
 its two neighbours; J never increases), and the levels below D are split greedily at
 full resolution (split.py). `upscaling` keeps the better of this tree and the greedy
 one on the exact objective over all levels, so the result is never worse than greedy.
-Per row: (D - seed) E^3 + 2^seed E^2 min-plus steps + 2 sweeps (K + 1) window positions,
-each costing two range SSEs per level of its border (1 level for odd borders, 2 for
-even ones at D = seed + 1): at the default 64 bins (seed 3) about 0.3M min-plus steps
-+ the sweeps, at 128 bins 4.4M (levels 3-5 by the DP; better 5-bit trees, ~15x the
-DP time). On CPU the sweeps are most of the time (benchmarks/nesting_phases.py times
-each phase on any device). All jitted and vmapped over rows.
+Per row: (D - seed) E^3 + 2^seed E^2 min-plus steps, then 2 * sweeps * (K + 1) window
+positions (one pass per half-sweep), each costing two range SSEs per level of its
+border (1 level for odd borders, 2 for even ones at D = seed + 1): at the default 64
+bins (seed 3) about 0.3M min-plus steps + the sweeps, at 128 bins 4.4M (levels 3-5 by
+the DP; better 5-bit trees, ~15x the DP time). On CPU the sweeps were most of the time
+(benchmarks/nesting_phases.py times each phase on any device). All jitted and vmapped
+over rows.
 """
 
 from __future__ import annotations
@@ -197,7 +198,11 @@ WINDOW_MIN = {"scatter": _window_min_scatter, "dense": _window_min_dense}
 
 
 def default_window_min() -> str:
-  """"scatter" on CPU (faster there); "dense" elsewhere (no contended scatter-min)."""
+  """"scatter" on CPU (2x faster there); "dense" elsewhere.
+
+  The accelerator choice is not measured yet: it avoids scatter-min, whose updates of
+  one window go to one address; benchmarks/nesting_phases.py times both.
+  """
   return "scatter" if jax.default_backend() == "cpu" else "dense"
 
 
@@ -267,7 +272,8 @@ def _half_sweep(row: rowops.SortedRow, bd: jax.Array, weights: tuple[float, ...]
   here = bd[m]  # [M]
   stay = jnp.broadcast_to(here[:, None], left.shape)
   per = range_sse(row, left, stay) + range_sse(row, stay, right)  # [M, U]
-  current = jnp.sum(jnp.where(jnp.asarray(on)[jnp.arange(n_win)], per * lam, 0.0), axis=-1)
+  keep = jnp.asarray(on)[jnp.arange(n_win)]
+  current = jnp.sum(jnp.where(keep, per * lam, 0.0), axis=-1)
   take = best < current * (1 - 1e-6)
   return bd.at[m].set(jnp.where(take, pos, here).astype(bd.dtype))
 
