@@ -1,7 +1,7 @@
 """Time of each phase of the optimal nesting (quantize/nesting.py) on any device.
 
-  PYTHONPATH=. python3 benchmarks/nesting_phases.py --rows=256 --k=4096
-  PYTHONPATH=. python3 benchmarks/nesting_phases.py --rows=4096 --k=4096 --repeats=3
+  PYTHONPATH=. python3 benchmarks/nesting_phases.py --rows=256 --k=4096      # CPU
+  PYTHONPATH=. python3 benchmarks/nesting_phases.py --rows=4096 --k=4096    # GPU chunk
 
 Random rows (Gaussian weights, |N(0,1)|^3 Fisher, as quantize/bench.py). Each phase is
 its own jitted function of the previous phases' outputs, vmapped over the rows, timed
@@ -9,8 +9,11 @@ after a warm-up call (block_until_ready), the minimum of --repeats calls. `optim
 is the whole `upscaling.optimal_nesting_row` (what Nesting.OPTIMAL adds to greedy),
 with the refinement's default window minimum (nesting.default_window_min: "scatter"
 on CPU, "dense" elsewhere); `refine` is timed with each method. The phases need not
-sum to the total exactly (XLA fuses across them there). Prints one JSON object per
-line.
+sum to the total exactly (XLA fuses across them there); --sweeps applies to the
+`refine` phases only. With --check (default) the previous refinement (searchsorted
+windows, per-level gathers, segment_min; tests/quantize/test_nesting.py) is timed too
+and every method's borders are compared with its borders on this device (--nocheck
+for a checkout without that test). Prints one JSON object per line.
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ def main(argv):
       "optimal_row (total)": (optimal_fn, rows, g_borders, g_lut),
   }
   if _CHECK.value:
-    from tests.quantize.test_nesting import half_sweep_reference  # pylint: disable=g-import-not-at-top
+    from tests.quantize.test_nesting import half_sweep_reference
 
     def previous(row, e, lv):
       body = lambda _, bd: half_sweep_reference(  # noqa: E731
