@@ -1,5 +1,6 @@
 """Tests of the optimal nested quantizer (anyprec_jax/quantize/nesting.py) on tiny rows."""
 
+import functools
 import itertools
 
 import jax
@@ -10,7 +11,7 @@ from absl.testing import absltest, parameterized
 from anyprec_jax.quantize import dp, nesting, rowops, upscaling
 from anyprec_jax.quantize.config import Nesting
 from tests.quantize import reference as ref
-from tests.quantize.test_kmeans import rows
+from tests.quantize.test_kmeans import K, N, rows
 from tests import slow
 
 K_TINY = 7  # 3432 nested trees of 8 ranges: brute force is instant
@@ -50,6 +51,56 @@ def _dp_and_refined(x, s, weights):
   return levels, value, nesting.objective(row, bd, weights, 1)
 
 
+def half_sweep_reference(row, bd, weights, parity):
+  """The previous `nesting._half_sweep`: searchsorted windows, per-level gathers of
+  the prefix rows at every position, two segment_min scatters."""
+  k = row.x.shape[0]
+  moving, steps, _ = nesting._level_table(bd.shape[0], len(weights) - 1, parity)
+  lam = jnp.asarray(weights, jnp.float32)
+  m, st = jnp.asarray(moving), jnp.asarray(steps)
+  on = st > 0
+  left = bd[jnp.where(on, m[:, None] - st, 0)]
+  right = bd[jnp.where(on, m[:, None] + st, 0)]
+  lo, hi = bd[m - 1], bd[m + 1]
+
+  def cost(w_idx, q):
+    a, z = left[w_idx], right[w_idx]
+    qq = jnp.broadcast_to(q[:, None], a.shape)
+    per = nesting.range_sse(row, a, qq) + nesting.range_sse(row, qq, z)
+    return jnp.sum(jnp.where(on[w_idx], per * lam, 0.0), axis=-1)
+
+  q = jnp.arange(k + 1, dtype=jnp.int32)
+  win = jnp.clip(jnp.searchsorted(hi, q, side="left"), 0, m.shape[0] - 1)
+  valid = (lo[win] <= q) & (q <= hi[win])
+  c = jnp.where(valid, cost(win, q), jnp.inf)
+  best = jax.ops.segment_min(c, win, num_segments=m.shape[0])
+  pos = jax.ops.segment_min(jnp.where(valid & (c <= best[win]), q, k + 1), win,
+                            num_segments=m.shape[0])
+  take = (best < cost(jnp.arange(m.shape[0]), bd[m]) * (1 - 1e-6)) & (pos <= k)
+  return bd.at[m].set(jnp.where(take, pos, bd[m]).astype(bd.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("weights",))
+def _sweeps_three_ways(w, f, bd, weights):
+  """Two sweeps of (reference, scatter, dense) half-sweeps of every row [N, K]."""
+  def one(w_row, f_row, b):
+    row = rowops.sort_row(w_row, rowops.sample_weights(w_row, f_row))
+    out = []
+    for fn in (lambda b, p: half_sweep_reference(row, b, weights, p),
+               lambda b, p: nesting._half_sweep(row, b, weights, p, "scatter"),
+               lambda b, p: nesting._half_sweep(row, b, weights, p, "dense")):
+      trace = []
+      bb = b
+      for _ in range(2):
+        for parity in (1, 0):
+          bb = fn(bb, parity)
+          trace.append(bb)
+      out.append(jnp.stack(trace))
+    return jnp.stack(out)  # [3, 4, C + 1]
+
+  return jax.vmap(one)(w, f, bd)
+
+
 def level_errors(w, f, res, seed, parent):
   return np.stack([ref.weighted_error(w, f, res.codes.astype(np.int64) >> (parent - b),
                                       res.luts[b]) for b in range(seed, parent + 1)])
@@ -71,6 +122,24 @@ class NestedDPTest(parameterized.TestCase):
         self.assertTrue(np.all(np.diff(deepest) >= 0))
         np.testing.assert_array_equal(np.asarray(levels[0]), deepest[::4])  # nested
         np.testing.assert_array_equal(np.asarray(levels[1]), deepest[::2])
+
+  @parameterized.parameters(((0.5, 1.3),), ((1.0, 0.4, 2.0),))
+  def test_half_sweep_equals_previous_formulation(self, weights):
+    # Gaussian, heavy-tailed and tied rows (values on a coarse grid, so many equal
+    # values and equal costs), zero weights; random nested borders with empty ranges.
+    rng = np.random.default_rng(len(weights))
+    w, f = rows(5)
+    w[:4] = np.round(w[:4] * 4) / 4
+    f[4:8, ::3] = 0.0
+    w[8:10, ::2] = 0.0
+    n_borders = 8 + 1
+    inner = np.sort(rng.integers(0, K + 1, (N, n_borders - 2)), axis=1)
+    inner[:6, 2:5] = inner[:6, 2:3]  # repeated borders: empty windows
+    bd = np.concatenate([np.zeros((N, 1)), inner, np.full((N, 1), K)], 1).astype(np.int32)
+    out = np.asarray(_sweeps_three_ways(w, f, bd, weights))
+    self.assertGreater(np.sum(out[:, 0, -1] != bd), N)  # borders do move
+    np.testing.assert_array_equal(out[:, 1], out[:, 0])  # scatter == previous
+    np.testing.assert_array_equal(out[:, 2], out[:, 0])  # dense == previous
 
   @slow.slow("the optimal-nesting DP on a full layer")
   def test_optimal_nesting_beats_greedy_and_stays_nested(self):
