@@ -97,7 +97,7 @@ class DecodeAttentionCpuTest(parameterized.TestCase):
       da.decode_attention(q, k, v, valid[:, :8])
     with self.assertRaisesRegex(ValueError, "head dims"):
       da.make_layout(1, 16, 2, 2, 96, da.DecodeAttentionConfig())
-    lay = da.make_layout(1, 4096, 32, 1, 128, da.DecodeAttentionConfig())
+    lay = da.make_layout(1, 4096, 32, 1, 128, da.DecodeAttentionConfig(merge="kernel"))
     self.assertEqual((lay.ctas_per_head, lay.warpgroups, lay.cluster), (8, 4, True))
     self.assertFalse(da.make_layout(1, 384, 32, 1, 128, da.DecodeAttentionConfig(
         ctas_per_head=12)).in_kernel)  # past MAX_CLUSTER: the XLA merge
@@ -148,7 +148,7 @@ class DecodeAttentionCpuTest(parameterized.TestCase):
                         ((8, 384, 32), (1, 3)), ((64, 384, 32), (1, 1))):
       lay = da.make_layout(*shape, 1, 128, da.DecodeAttentionConfig())
       self.assertEqual((lay.ctas_per_head, lay.warpgroups), want, shape)
-      self.assertTrue(lay.in_kernel)
+      self.assertFalse(lay.in_kernel)  # the XLA merge until the two-phase one runs natively
 
 
 class DispatchTest(absltest.TestCase):

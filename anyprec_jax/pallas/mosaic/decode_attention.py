@@ -61,8 +61,10 @@ class DecodeAttentionConfig:
     the CTA's shared memory; C = 2, 4, 8: the C CTAs form a thread-block cluster and
     each merges a 1/C slice of the head dims, reading the other CTAs' partials with
     `ld.shared::cluster`): one launch, output in `out_dtype`. "xla": the kernel writes
-    per-warp partials and `combine_partials` merges them in XLA (any C). None:
-    "kernel" where C is 1, 2, 4 or 8.
+    per-warp partials and `combine_partials` merges them in XLA (any C). None: "xla"
+    for now: the two-phase in-kernel merge lowers and its index split is checked on
+    CPU, but it has not run on a GPU yet (the one-phase version did, step 13:
+    native tests passed for C = 1, 2, 4, 8 and C = 8 was the fastest launch at batch 1).
   """
   ctas_per_head: int | None = None
   warpgroups: int | None = None
@@ -156,7 +158,7 @@ def make_layout(batch: int, slots: int, kv_heads: int, g: int, dh: int,
   if c < 1 or not 1 <= t <= 8:
     raise ValueError(f"ctas_per_head must be >= 1 and warpgroups 1..8, got {c}, {t}")
   mergeable = c in (1, 2, 4, 8)  # a cluster slice of the head dims: even, equal parts
-  merge = cfg.merge or ("kernel" if mergeable else "xla")
+  merge = cfg.merge or "xla"  # "kernel" once the two-phase merge has run natively
   if merge == "kernel" and not mergeable:
     raise ValueError(f"an in-kernel merge needs ctas_per_head in 1, 2, 4, 8, got {c}")
   steps = -(-slots // (4 * t * c * cfg.group))  # steps of the busiest warp
