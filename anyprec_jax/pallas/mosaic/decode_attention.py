@@ -434,8 +434,8 @@ def _merge_in_kernel(part_ref, out_ref, m, l, acc, *, lay: _Layout, b, kvh, tid,
       parts = []
       for r in range(c_n):
         at = ptx.mapa_shared_cluster(local, ptx.const(r))
-        v0, v1 = ptx.ld_shared_cluster_v2_f32(ptx.add(at, ptx.mul(d, ptx.const(4))))
-        mm, ll = ptx.ld_shared_cluster_v2_f32(at, 4 * dh)
+        v0, v1 = ptx.ld_shared_v2_f32(ptx.add(at, ptx.mul(d, ptx.const(4))), cluster=True)
+        mm, ll = ptx.ld_shared_v2_f32(at, 4 * dh, cluster=True)
         parts.append((mm, ll, v0, v1))
       write(gi, d, _merged(ptx, parts))
   ptx.cluster_sync()  # every CTA has read the partials it needs: shared memory may go

@@ -470,17 +470,11 @@ def ld_shared_cluster_f32(addr32, imm: int = 0):
   return asm(f32(), [addr32], f"ld.shared::cluster.f32 $0, [$1+{imm}];", "=f,r", True)
 
 
-def ld_shared_cluster_v2_f32(addr32, imm: int = 0):
-  """Two f32 at a shared::cluster address (8-byte aligned)."""
+def ld_shared_v2_f32(addr32, imm: int = 0, cluster: bool = False):
+  """Two f32 at a shared address (8-byte aligned); `cluster`: a shared::cluster one."""
   st = llvm.StructType.get_literal([f32()] * 2)
-  r = asm(st, [addr32], f"ld.shared::cluster.v2.f32 {{$0, $1}}, [$2+{imm}];",
-          "=f,=f,r", True)
-  return [llvm.extractvalue(f32(), r, [i]) for i in range(2)]
-
-
-def ld_shared_v2_f32(addr32, imm: int = 0):
-  st = llvm.StructType.get_literal([f32()] * 2)
-  r = asm(st, [addr32], f"ld.shared.v2.f32 {{$0, $1}}, [$2+{imm}];", "=f,=f,r", True)
+  space = "shared::cluster" if cluster else "shared"
+  r = asm(st, [addr32], f"ld.{space}.v2.f32 {{$0, $1}}, [$2+{imm}];", "=f,=f,r", True)
   return [llvm.extractvalue(f32(), r, [i]) for i in range(2)]
 
 
