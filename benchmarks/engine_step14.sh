@@ -28,7 +28,7 @@ ms() { grep -E "^3: .* ms/step" "$OUT/step_fold$1.log" | head -1 | awk '{print $
 fold=0
 if [ "$tests_rc" = 0 ] && awk -v a="$(ms 1)" -v b="$(ms 0)" 'BEGIN{exit !(a < b)}'; then fold=1; fi
 step e2e batch 1, attention kernel on, fold=$fold
-ANYPREC_DECODE_ATTENTION=mosaic ANYPREC_FOLD_NORM=$fold timeout 140 python3 scripts/bench_e2e.py \
+ANYPREC_DECODE_ATTENTION=mosaic ANYPREC_FOLD_NORM=$fold timeout 115 python3 scripts/bench_e2e.py \
   --precisions=3,4,5,6,7,8 --repeats=2 --output_md="$OUT/e2e_b1.md" \
   --output_json="$OUT/e2e_b1.json" > "$OUT/e2e_b1.log" 2>&1
 tail -9 "$OUT/e2e_b1.md"

@@ -25,6 +25,8 @@ flags.DEFINE_list("variants", [], "extra kernel launches, as specs of "
                   "launch always runs")
 flags.DEFINE_list("ctas_per_head", [], "extra launches with C CTAs per head (= c<C>)")
 flags.DEFINE_list("groups", [], "extra launches with U slots per warp step (= u<U>)")
+flags.DEFINE_list("shapes", [], "shape names (default: pallas.benchmark.ATTENTION_SHAPES; "
+                  "also EXTRA_ATTENTION_SHAPES, e.g. '7b b1 s128')")
 
 
 def main(argv):
@@ -39,7 +41,7 @@ def main(argv):
            + [f"u{u}" for u in FLAGS.groups])
   cfgs += [da.config_from_spec(v) for v in specs]
   cases = [bm.copy_case()]
-  for shape in bm.ATTENTION_SHAPES:
+  for shape in bm.attention_shapes(FLAGS.shapes):
     cases.append(bm.attention_case(shape, "xla"))
     cases += [bm.attention_case(shape, "mosaic", cfg) for cfg in cfgs]
     cases.append(bm.attention_case(shape, "mosaic_kernel"))  # the XLA merge's share

@@ -75,17 +75,20 @@ def tiled_prefill() -> str:
 DECODE_ATTENTION_ENV = "ANYPREC_DECODE_ATTENTION"
 
 
-# "auto" runs the kernel from this many cache slots on. Measured on the H200 (7B,
-# batch 1; kernels_tc.md steps 9-11): at 384 slots the kernel + merge is no faster
-# than XLA's attention and a 3-bit decode step was 0.06 ms slower with it (bf16 0.19 ms
-# faster); at 4096 slots it is 2.7x XLA's. Between the two it was not measured.
-AUTO_ATTENTION_SLOTS = 1024
+# "auto" runs the kernel from this many cache slots on. With the in-kernel merge
+# (kernels_tc.md steps 13-14, 7B batch 1, GPU time) the kernel is 2.1-2.2x XLA's
+# attention at 384 slots on the H100 and H200, and a 384-slot 3-bit decode step is
+# ~0.16 ms faster with it. Shorter caches: see step 15.
+AUTO_ATTENTION_SLOTS = 256
+# "auto" leaves caches with this many query heads per KV head or more to XLA: 8B GQA
+# (G = 4), 4096 slots: XLA 16.9 us against the kernel's best 19.1 on the H200 (step 13).
+AUTO_ATTENTION_MAX_G = 4
 
 
 def decode_attention() -> str:
   """Which attention a one-query decode step runs on Hopper: "auto" (default: the
   Mosaic kernel `mosaic/decode_attention.py` for caches of AUTO_ATTENTION_SLOTS slots
-  or more, XLA's below), "mosaic" (always the kernel) or "xla" (the decoder's jnp
+  or more and fewer than AUTO_ATTENTION_MAX_G query heads per KV head, XLA's otherwise), "mosaic" (always the kernel) or "xla" (the decoder's jnp
   attention). Read at trace time."""
   v = os.environ.get(DECODE_ATTENTION_ENV, "auto").strip().lower()
   if v not in ("auto", "xla", "mosaic"):
@@ -99,9 +102,10 @@ FOLD_NORM_ENV = "ANYPREC_FOLD_NORM"
 def fold_norm() -> bool:
   """Whether a decoder layer's RMSNorms fold into the quantized linears after them on
   the tensor-core GEMV (`ops.RmsNormed`; each CTA computes 1 / rms itself, so XLA's
-  two norm kernels per norm go). `ANYPREC_FOLD_NORM=1|0`; default off (step 15 of
-  notes_kernels.md measures it). Read at trace time."""
-  v = os.environ.get(FOLD_NORM_ENV, "0").strip().lower()
+  two norm kernels per norm go). `ANYPREC_FOLD_NORM=1|0`; default on: a 384-slot 3-bit
+  7B decode step 2.836 -> 2.475 ms on the H100 (notes_kernels.md step 14). Read at
+  trace time."""
+  v = os.environ.get(FOLD_NORM_ENV, "1").strip().lower()
   if v not in ("0", "1", "off", "on"):
     raise ValueError(f"{FOLD_NORM_ENV}={v!r}: expected 1 or 0")
   return v in ("1", "on")

@@ -234,6 +234,25 @@ ATTENTION_SHAPES = (
     AttentionShape("7b b8 s384", 8, 384, 32, 1),
     AttentionShape("8b-gqa b1 s4096", 1, 4096, 8, 4),
 )
+# Further shapes a bench may name (`bench_attention.py --shapes`): short caches (where
+# "auto" switches from XLA's attention to the kernel), batch 8 at 4096 slots, GQA at 384.
+EXTRA_ATTENTION_SHAPES = (
+    AttentionShape("7b b1 s128", 1, 128, 32, 1),
+    AttentionShape("7b b1 s256", 1, 256, 32, 1),
+    AttentionShape("7b b8 s4096", 8, 4096, 32, 1),
+    AttentionShape("8b-gqa b1 s384", 1, 384, 8, 4),
+)
+
+
+def attention_shapes(names=()) -> tuple:
+  """ATTENTION_SHAPES, or the named ones of it and EXTRA_ATTENTION_SHAPES, in order."""
+  if not names:
+    return ATTENTION_SHAPES
+  known = {s.name: s for s in ATTENTION_SHAPES + EXTRA_ATTENTION_SHAPES}
+  bad = [n for n in names if n not in known]
+  if bad:
+    raise ValueError(f"unknown attention shape(s) {bad}; known: {sorted(known)}")
+  return tuple(known[n] for n in names)
 
 
 def attention_case(shape: AttentionShape, impl: str, cfg=None) -> Case:

@@ -23,6 +23,13 @@ class HarnessTest(absltest.TestCase):
                      + 2 * 4 * 64 * 4)
     self.assertIn("compiled 1 programs", log[0])
 
+  def test_attention_shapes_by_name(self):
+    self.assertEqual(bm.attention_shapes(), bm.ATTENTION_SHAPES)
+    picked = bm.attention_shapes(["7b b1 s128", "7b b1 s384"])
+    self.assertEqual([(s.slots, s.batch) for s in picked], [(128, 1), (384, 1)])
+    with self.assertRaisesRegex(ValueError, "unknown attention shape.*s99"):
+      bm.attention_shapes(["s99"])
+
   def test_floor_case_runs_on_cpu_and_rejects_unknown_kinds(self):
     res = {}
     bench_report.run_cases([bm.floor_case("xla")], res, lambda _: None, samples=3,

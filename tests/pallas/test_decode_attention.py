@@ -98,7 +98,7 @@ class DecodeAttentionCpuTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "head dims"):
       da.make_layout(1, 16, 2, 2, 96, da.DecodeAttentionConfig())
     lay = da.make_layout(1, 4096, 32, 1, 128, da.DecodeAttentionConfig(merge="kernel"))
-    self.assertEqual((lay.ctas_per_head, lay.warpgroups, lay.cluster), (8, 4, True))
+    self.assertEqual((lay.ctas_per_head, lay.warpgroups, lay.cluster), (8, 1, True))
     self.assertFalse(da.make_layout(1, 384, 32, 1, 128, da.DecodeAttentionConfig(
         ctas_per_head=12)).in_kernel)  # past MAX_CLUSTER: the XLA merge
     for c in (3, 12):
@@ -143,12 +143,16 @@ class DecodeAttentionCpuTest(parameterized.TestCase):
     np.testing.assert_array_equal(seen, 1)
 
   def test_auto_launch(self):
-    # (B, S, KVH) -> (C, T): C CTAs per head until every SM has one, then warpgroups.
-    for shape, want in (((1, 384, 32), (8, 1)), ((1, 4096, 32), (8, 4)),
-                        ((8, 384, 32), (1, 3)), ((64, 384, 32), (1, 1))):
+    # (B, S, KVH) -> (C, T): C CTAs per head until every SM has one; warpgroups only
+    # at C = 1 (measured: C = 8 with T = 4 is up to 1.9x slower than T = 1).
+    for shape, want in (((1, 384, 32), (8, 1)), ((1, 4096, 32), (8, 1)),
+                        ((8, 384, 32), (1, 4)), ((8, 96, 32), (1, 1)),
+                        ((64, 384, 32), (1, 1)), ((1, 384, 24), (8, 1))):
       lay = da.make_layout(*shape, 1, 128, da.DecodeAttentionConfig())
       self.assertEqual((lay.ctas_per_head, lay.warpgroups), want, shape)
-      self.assertFalse(lay.in_kernel)  # the XLA merge until the two-phase one runs natively
+      self.assertTrue(lay.in_kernel)  # C in 1, 2, 4, 8: merged in the kernel
+    self.assertFalse(da.make_layout(1, 384, 32, 1, 128, da.DecodeAttentionConfig(
+        ctas_per_head=3)).in_kernel)
 
 
 class DispatchTest(absltest.TestCase):
@@ -171,11 +175,14 @@ class DispatchTest(absltest.TestCase):
          mock.patch.object(da, "decode_attention", return_value=sentinel) as kernel, \
          mock.patch.dict("os.environ", {backend.DECODE_ATTENTION_ENV: "auto"}), \
          ops.use_backend(ops.Backend.PALLAS):
-      for s, runs in ((backend.AUTO_ATTENTION_SLOTS - 1, False),
-                      (backend.AUTO_ATTENTION_SLOTS, True)):
-        q, k, v, valid = _inputs(2, 1, s, 2, 2, 64)
-        self.assertEqual(ops.one_query_attention(q, k, v, valid) is sentinel, runs)
-      self.assertEqual(kernel.call_count, 1)
+      g_max = backend.AUTO_ATTENTION_MAX_G
+      for s, g, runs in ((backend.AUTO_ATTENTION_SLOTS - 1, 2, False),
+                         (backend.AUTO_ATTENTION_SLOTS, 2, True),
+                         (backend.AUTO_ATTENTION_SLOTS, g_max - 1, True),
+                         (backend.AUTO_ATTENTION_SLOTS, g_max, False)):
+        q, k, v, valid = _inputs(2, 1, s, 2, g, 64)
+        self.assertEqual(ops.one_query_attention(q, k, v, valid) is sentinel, runs, (s, g))
+      self.assertEqual(kernel.call_count, 2)
 
   def test_no_kernel_off_the_pallas_backend(self):
     q, k, v, valid = _inputs(1, 1, 16, 2, 2, 64)

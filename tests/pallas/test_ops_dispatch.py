@@ -42,6 +42,11 @@ class RmsNormedTest(absltest.TestCase):
   def test_switch_is_checked(self):
     from unittest import mock
     from anyprec_jax.pallas import backend
+    with mock.patch.dict("os.environ", {}) as env:
+      env.pop(backend.FOLD_NORM_ENV, None)
+      self.assertTrue(backend.fold_norm())  # on by default
+    with mock.patch.dict("os.environ", {backend.FOLD_NORM_ENV: "0"}):
+      self.assertFalse(backend.fold_norm())
     with mock.patch.dict("os.environ", {backend.FOLD_NORM_ENV: "1"}):
       self.assertTrue(backend.fold_norm())
     with mock.patch.dict("os.environ", {backend.FOLD_NORM_ENV: "yes"}):

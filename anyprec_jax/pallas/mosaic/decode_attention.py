@@ -20,10 +20,11 @@ merges them in XLA (for C other than 1, 2, 4, 8 CTAs per head).
 Everything a thread does is inside one `plgpu.inline_mgpu` (see `ptx.py`), as in
 `gemv_tc.py`. Twin: `decode_attention_reference` (the decoder's `attend` for T = 1).
 
-Status: the step-8 kernel (D = 1, T = 1, XLA merge) measured on the H200 1.7x XLA's
-attention at 384 slots, 2.9x at 4096 (7B, batch 1; kernel + merge; kernels_tc.md steps
-8-10); the decoder calls it for one-query steps on Hopper (`ops.one_query_attention`,
-`ANYPREC_DECODE_ATTENTION`).
+Status (kernels_tc.md step 14, H100, GPU time, default launch with the in-kernel
+merge): 7B batch 1, 384 slots 5.9 us against XLA's 13.1; 4096 slots 29.9 against 61.9;
+batch 8, 384 slots ~22 against 29.3. With G = 4 query heads per KV head (8B GQA) XLA's
+attention was as fast or faster on the H200 (step 13), so the decoder keeps XLA's there
+(`ops.one_query_attention`, `ANYPREC_DECODE_ATTENTION`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ INIT_MAX = -3e38  # running max before any slot: exp(INIT_MAX - m) = 0 for any r
 LOG2E = 1.4426950408889634
 
 
-SLOTS_PER_WARP = 32  # the default launch's aim (H200, kernels_tc.md step 10)
+SLOTS_PER_WARP = 24  # the default launch's aim at C = 1 (H100, kernels_tc.md step 14)
 MAX_WARPS = 4096  # the default launch's cap on warps in all
 MAX_CLUSTER = 8  # portable thread-block cluster size
 SMS = 132  # streaming multiprocessors of the H200 (and H100 SXM)
@@ -61,10 +62,9 @@ class DecodeAttentionConfig:
     the CTA's shared memory; C = 2, 4, 8: the C CTAs form a thread-block cluster and
     each merges a 1/C slice of the head dims, reading the other CTAs' partials with
     `ld.shared::cluster`): one launch, output in `out_dtype`. "xla": the kernel writes
-    per-warp partials and `combine_partials` merges them in XLA (any C). None: "xla"
-    for now: the two-phase in-kernel merge lowers and its index split is checked on
-    CPU, but it has not run on a GPU yet (the one-phase version did, step 13:
-    native tests passed for C = 1, 2, 4, 8 and C = 8 was the fastest launch at batch 1).
+    per-warp partials and `combine_partials` merges them in XLA (any C). None:
+    "kernel" where C is 1, 2, 4 or 8, else "xla" (step 14, H100: native tests pass;
+    7B batch 1, 384 slots 5.9 us in-kernel against 9.0 with the XLA merge).
   """
   ctas_per_head: int | None = None
   warpgroups: int | None = None
@@ -128,17 +128,19 @@ class _Layout:
 
 def _auto_shape(batch: int, slots: int, kv_heads: int) -> tuple[int, int]:
   """(C, T) of the default launch: C (1, 2, 4, 8) the fewest CTAs per head that give
-  every SM one (132 on the H200), then T warpgroups (<= 4) for about SLOTS_PER_WARP
-  slots per warp, at most MAX_WARPS warps in all. On the H200 (step 13, GPU time) C = 8
-  was best for 7B at batch 1 (32 heads) at 384 and 4096 slots, C = 1 with T = 4 at
-  batch 8 (256 heads)."""
+  every SM one (132 on the H100 and H200); with C = 1, T warpgroups (<= 4) for about
+  SLOTS_PER_WARP slots per warp (at most MAX_WARPS warps in all), else T = 1. Measured
+  (GPU time, in-kernel merge; kernels_tc.md steps 13-14): 7B batch 1 (32 heads) C = 8,
+  T = 1 was best at 384 and 4096 slots and C = 8 with T = 4 up to 1.9x slower (the
+  cluster merge of 4 T C partials); batch 8 (256 heads) C = 1, T = 4 was best."""
   heads = batch * kv_heads
   c = 1
   while c < MAX_CLUSTER and heads * c < SMS:
     c *= 2
+  if c > 1:
+    return c, 1
   want = max(1, min(-(-slots // SLOTS_PER_WARP), MAX_WARPS // heads))  # warps per head
-  t = max(1, min(4, -(-want // (4 * c))))
-  return c, t
+  return c, max(1, min(4, -(-want // 4)))
 
 
 def make_layout(batch: int, slots: int, kv_heads: int, g: int, dh: int,
@@ -158,7 +160,7 @@ def make_layout(batch: int, slots: int, kv_heads: int, g: int, dh: int,
   if c < 1 or not 1 <= t <= 8:
     raise ValueError(f"ctas_per_head must be >= 1 and warpgroups 1..8, got {c}, {t}")
   mergeable = c in (1, 2, 4, 8)  # a cluster slice of the head dims: even, equal parts
-  merge = cfg.merge or "xla"  # "kernel" once the two-phase merge has run natively
+  merge = cfg.merge or ("kernel" if mergeable else "xla")
   if merge == "kernel" and not mergeable:
     raise ValueError(f"an in-kernel merge needs ctas_per_head in 1, 2, 4, 8, got {c}")
   steps = -(-slots // (4 * t * c * cfg.group))  # steps of the busiest warp
