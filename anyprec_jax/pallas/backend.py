@@ -76,19 +76,23 @@ DECODE_ATTENTION_ENV = "ANYPREC_DECODE_ATTENTION"
 
 
 # "auto" runs the kernel from this many cache slots on. With the in-kernel merge
-# (kernels_tc.md steps 13-14, 7B batch 1, GPU time) the kernel is 2.1-2.2x XLA's
-# attention at 384 slots on the H100 and H200, and a 384-slot 3-bit decode step is
-# ~0.16 ms faster with it. Shorter caches: see step 15.
-AUTO_ATTENTION_SLOTS = 256
-# "auto" leaves caches with this many query heads per KV head or more to XLA: 8B GQA
-# (G = 4), 4096 slots: XLA 16.9 us against the kernel's best 19.1 on the H200 (step 13).
+# (kernels_tc.md steps 13-16, 7B batch 1, GPU time) the kernel is 2.0-2.3x XLA's
+# attention at 128, 256 and 384 slots on the H100 (384: also on the H200), and a
+# 384-slot 3-bit decode step is ~0.16 ms faster with it. Below 128: not measured.
+AUTO_ATTENTION_SLOTS = 128
+# "auto" leaves caches of AUTO_ATTENTION_GQA_SLOTS slots or more with
+# AUTO_ATTENTION_MAX_G query heads per KV head or more to XLA: 8B GQA (G = 4) at 4096
+# slots, XLA 16.9 us against the kernel's best 19.1 on the H200 (step 13), 19.7 against
+# 23.2 on the H100 (step 14); at 384 slots the kernel is 2.0x XLA's (H100, step 16).
 AUTO_ATTENTION_MAX_G = 4
+AUTO_ATTENTION_GQA_SLOTS = 1024
 
 
 def decode_attention() -> str:
   """Which attention a one-query decode step runs on Hopper: "auto" (default: the
   Mosaic kernel `mosaic/decode_attention.py` for caches of AUTO_ATTENTION_SLOTS slots
-  or more and fewer than AUTO_ATTENTION_MAX_G query heads per KV head, XLA's otherwise), "mosaic" (always the kernel) or "xla" (the decoder's jnp
+  or more, except long caches (AUTO_ATTENTION_GQA_SLOTS) with AUTO_ATTENTION_MAX_G
+  query heads per KV head or more; XLA's otherwise), "mosaic" (always the kernel) or "xla" (the decoder's jnp
   attention). Read at trace time."""
   v = os.environ.get(DECODE_ATTENTION_ENV, "auto").strip().lower()
   if v not in ("auto", "xla", "mosaic"):

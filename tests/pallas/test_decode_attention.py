@@ -175,14 +175,14 @@ class DispatchTest(absltest.TestCase):
          mock.patch.object(da, "decode_attention", return_value=sentinel) as kernel, \
          mock.patch.dict("os.environ", {backend.DECODE_ATTENTION_ENV: "auto"}), \
          ops.use_backend(ops.Backend.PALLAS):
-      g_max = backend.AUTO_ATTENTION_MAX_G
+      g_max, long = backend.AUTO_ATTENTION_MAX_G, backend.AUTO_ATTENTION_GQA_SLOTS
       for s, g, runs in ((backend.AUTO_ATTENTION_SLOTS - 1, 2, False),
                          (backend.AUTO_ATTENTION_SLOTS, 2, True),
-                         (backend.AUTO_ATTENTION_SLOTS, g_max - 1, True),
-                         (backend.AUTO_ATTENTION_SLOTS, g_max, False)):
+                         (backend.AUTO_ATTENTION_SLOTS, g_max, True),
+                         (long, g_max - 1, True), (long, g_max, False)):
         q, k, v, valid = _inputs(2, 1, s, 2, g, 64)
         self.assertEqual(ops.one_query_attention(q, k, v, valid) is sentinel, runs, (s, g))
-      self.assertEqual(kernel.call_count, 2)
+      self.assertEqual(kernel.call_count, 3)
 
   def test_no_kernel_off_the_pallas_backend(self):
     q, k, v, valid = _inputs(1, 1, 16, 2, 2, 64)
