@@ -104,6 +104,11 @@ class TcLayoutTest(parameterized.TestCase):
 
 class TcDecodeEmulationTest(parameterized.TestCase):
 
+  def setUp(self):
+    super().setUp()
+    if jax.default_backend() == "gpu":  # native time (issue 15 item 7): 5-9 s a case there
+      self.skipTest("CPU emulation of the decode; on a GPU the native tests run the kernel")
+
   @parameterized.parameters((3, False), (4, False), (4, True))
   def test_a_fragments_equal_dense_weights(self, bits, split4):
     rng = np.random.default_rng(bits)
@@ -153,6 +158,11 @@ class TcDecodeEmulationTest(parameterized.TestCase):
 
 class SharedTableDecodeEmulationTest(parameterized.TestCase):
   """b >= 5: transpose, `prmt` addresses into the shared tables, slot layout, packing."""
+
+  def setUp(self):
+    super().setUp()
+    if jax.default_backend() == "gpu":  # native time (issue 15 item 7): 5-9 s a case there
+      self.skipTest("CPU emulation of the decode; on a GPU the native tests run the kernel")
 
   @parameterized.parameters(5, 6, 8)
   def test_a_fragments_equal_dense_weights(self, bits):
@@ -360,6 +370,8 @@ class TcDispatchTest(parameterized.TestCase):
     if self.BACKEND is ops.Backend.PALLAS:
       if not backend.is_hopper_or_newer():
         self.skipTest("native TC dispatch is checked on Hopper")
+    elif jax.default_backend() == "gpu":  # the interpreter took 25-31 s on the H100
+      self.skipTest("on a GPU TcDispatchNativeTest runs these cases")
 
   @parameterized.parameters((PlaneLayout.TC, 40), (PlaneLayout.TC_TILED, 48))
   def test_matches_format_reference(self, layout, n):
