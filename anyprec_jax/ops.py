@@ -167,9 +167,7 @@ def one_query_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
   The Mosaic GPU kernel (`pallas/mosaic/decode_attention.py`) runs with the PALLAS
   backend on Hopper for bf16 q and caches, head dims 64 or 128 and at most 8 query
-  heads per KV head, on caches of `backend.AUTO_ATTENTION_SLOTS` slots or more, except
-  caches of `backend.AUTO_ATTENTION_GQA_SLOTS` or more with
-  `backend.AUTO_ATTENTION_MAX_G` query heads per KV head or more
+  heads per KV head, where `backend.auto_runs_attention_kernel` says so
   (`ANYPREC_DECODE_ATTENTION=mosaic`: any length and G; `=xla`: never).
   Otherwise the caller computes the attention with jnp.
 
@@ -185,10 +183,8 @@ def one_query_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   from anyprec_jax.pallas import backend  # Local import: Pallas only when used.
   mode = backend.decode_attention()
   if (mode == "xla" or not backend.is_hopper_or_newer()
-      or (mode == "auto" and (k.shape[1] < backend.AUTO_ATTENTION_SLOTS
-                              or (k.shape[1] >= backend.AUTO_ATTENTION_GQA_SLOTS
-                                  and q.shape[1] // k.shape[2]
-                                  >= backend.AUTO_ATTENTION_MAX_G)))):
+      or (mode == "auto"
+          and not backend.auto_runs_attention_kernel(k.shape[1], q.shape[1] // k.shape[2]))):
     return None
   h, d, kvh = q.shape[1], q.shape[2], k.shape[2]
   if (q.dtype != jnp.bfloat16 or k.dtype != jnp.bfloat16 or v.dtype != jnp.bfloat16

@@ -6,12 +6,7 @@
 # to XLA in step 16).
 source "$(dirname "$0")/device_common.sh"
 step tests/pallas
-start=$(date +%s)
-timeout -s INT 270 python3 -m pytest -q -p no:cacheprovider --durations=30 tests/pallas \
-  > "$OUT/tests_pallas.log" 2>&1
-echo "tests/pallas rc=$? in $(( $(date +%s) - start )) s"
-grep -E "passed|failed|Interrupt" "$OUT/tests_pallas.log" | tail -3; grep -E "^FAILED" "$OUT/tests_pallas.log" | head
-grep -A32 "slowest" "$OUT/tests_pallas.log" | cut -c1-150
+pallas_tests 270 30
 sleep 3
 step e2e batch 1, 8B GQA
 timeout 120 python3 scripts/bench_e2e.py --shape=llama-3-8b --precisions=3,4,5,6,7,8 --repeats=2 \

@@ -9,12 +9,7 @@
 #   3. bench_e2e on the 8B-GQA shape, every width (step 17 was cut before 8 bits).
 source "$(dirname "$0")/device_common.sh"
 step tests/pallas
-start=$(date +%s)
-timeout -s INT 300 python3 -m pytest -q -p no:cacheprovider --durations=25 tests/pallas \
-  > "$OUT/tests_pallas.log" 2>&1
-echo "tests/pallas rc=$? in $(( $(date +%s) - start )) s"
-grep -E "passed|failed|Interrupt" "$OUT/tests_pallas.log" | tail -2; grep -E "^FAILED" "$OUT/tests_pallas.log" | head
-grep -A12 "slowest" "$OUT/tests_pallas.log" | cut -c1-140
+pallas_tests 300 25
 step ncu
 NCU="ncu --clock-control none -k regex:mosaic --launch-skip 1 --section SpeedOfLight \
   --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats"

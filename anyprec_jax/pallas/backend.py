@@ -88,6 +88,13 @@ AUTO_ATTENTION_MAX_G = 4
 AUTO_ATTENTION_GQA_SLOTS = 1024
 
 
+def auto_runs_attention_kernel(slots: int, g: int) -> bool:
+  """Whether "auto" runs the decode-attention kernel on a cache of `slots` slots with
+  `g` query heads per KV head (the rule of the constants above)."""
+  return slots >= AUTO_ATTENTION_SLOTS and not (
+      slots >= AUTO_ATTENTION_GQA_SLOTS and g >= AUTO_ATTENTION_MAX_G)
+
+
 def decode_attention() -> str:
   """Which attention a one-query decode step runs on Hopper: "auto" (default: the
   Mosaic kernel `mosaic/decode_attention.py` for caches of AUTO_ATTENTION_SLOTS slots
