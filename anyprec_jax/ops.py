@@ -94,6 +94,7 @@ class RmsNormed:
   x: jax.Array  # [..., D]
   weight: jax.Array  # [D]
   eps: float
+  xw: jax.Array | None = None  # [..., D] x * weight in x's dtype, where a kernel formed it
 
   @property
   def shape(self):
@@ -126,9 +127,57 @@ def _folded_linear(x: RmsNormed, w: AnyPrecWeight) -> jax.Array | None:
   if not kernels.folds_rms(w, m):
     return None
   x2 = x.x.reshape(m, x.shape[-1])  # [M, K]
-  xg = (x2.astype(jnp.float32) * x.weight.astype(jnp.float32)).astype(x.dtype)
+  if x.xw is not None:  # formed by the residual epilogue of the linear before
+    xg = x.xw.reshape(m, x.shape[-1])
+  else:
+    xg = (x2.astype(jnp.float32) * x.weight.astype(jnp.float32)).astype(x.dtype)
   y = kernels.anyprec_matmul(xg, w, rms=(x2, x.eps))  # [M, N] f32
   return y.astype(x.dtype).reshape(*lead, w.out_features)
+
+
+def fuses_residual() -> bool:
+  """Whether the decoder should hand its residual adds to the linears before them
+  (`linear_residual`): folded norms (`folds_norms`) with `ANYPREC_FUSE_RESIDUAL` on."""
+  if not folds_norms():
+    return False
+  from anyprec_jax.pallas import backend  # Local import: Pallas only when used.
+  return backend.fuse_residual()
+
+
+def linear_residual(x, w, residual: jax.Array, norm: tuple[jax.Array, float] | None = None,
+                    bias: jax.Array | None = None):
+  """h = residual + linear(x, w, bias), and the RMSNorm (weight, eps) = `norm` of h.
+
+  On the tensor-core GEMV (a quantized w, M <= 8, bf16, no bias) the add runs in the
+  kernel's epilogue, which also forms h * weight for the folded norm of the next
+  linear (`RmsNormed.xw`): the XLA kernel of each residual add goes. Anywhere else
+  both are formed as the decoder forms them (`x + a`, then the norm).
+
+  Args:
+    x: [..., K] activations; w: dense [N, K] or `AnyPrecWeight`; bias: optional [N].
+    residual: [..., N], the residual stream.
+    norm: (weight [N], eps) of the RMSNorm that follows, or None.
+
+  Returns:
+    (h [..., N] in residual's dtype, `RmsNormed` of h or None).
+  """
+  if (isinstance(w, AnyPrecWeight) and bias is None and not isinstance(x, RmsNormed)
+      and get_backend() is Backend.PALLAS and residual.dtype == jnp.bfloat16
+      and x.dtype == jnp.bfloat16):
+    from anyprec_jax.pallas import kernels  # Local import: Pallas only when used.
+    lead = x.shape[:-1]
+    m = math.prod(lead)
+    if kernels.runs_epilogue(w, m):
+      out = kernels.anyprec_matmul(
+          x.reshape(m, x.shape[-1]), w, residual=residual.reshape(m, w.out_features),
+          epi_weight=None if norm is None else norm[0])
+      h, xw = (out, None) if norm is None else out
+      h = h.reshape(residual.shape)
+      if norm is None:
+        return h, None
+      return h, RmsNormed(h, norm[0], norm[1], xw=xw.reshape(residual.shape))
+  h = residual + linear(x, w, bias)
+  return h, (None if norm is None else RmsNormed(h, norm[0], norm[1]))
 
 
 def linear(x, w, bias: jax.Array | None = None) -> jax.Array:

@@ -119,11 +119,15 @@ class Linear(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):  # [..., in] -> [..., out]
+  def __call__(self, x, residual=None, norm=None):  # [..., in] -> [..., out]
+    """With `residual` [..., out]: (residual + y, the RMSNorm `norm` = (weight, eps) of
+    that sum or None), as `ops.linear_residual` (a kernel epilogue where one runs)."""
     w = _get_or_init(self, "weight", (self.out_features, self.in_features),
                      self.param_dtype)
     b = (_get_or_init(self, "bias", (self.out_features,), self.param_dtype,
                       nn.initializers.zeros) if self.use_bias else None)
+    if residual is not None:
+      return ops.linear_residual(x, w, residual, norm, b)
     return ops.linear(x, w, b)
 
 
@@ -218,8 +222,12 @@ class Attention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, rope, mask, kv=None, cache_index=None):
-    """x [B, T, D]; mask [B, T, S]; kv: (k, v) [B, S, KVH, Dh] or None (S = T)."""
+  def __call__(self, x, rope, mask, kv=None, cache_index=None, residual=None,
+               out_norm=None):
+    """x [B, T, D]; mask [B, T, S]; kv: (k, v) [B, S, KVH, Dh] or None (S = T).
+
+    Returns (out [B, T, D], kv); with `residual`, ((residual + out, the RMSNorm
+    `out_norm` of it or None), kv) (`Linear`'s residual form for o_proj)."""
     c = self.cfg
     b, t, _ = x.shape
     lin = functools.partial(Linear, use_bias=c.attention_bias, param_dtype=self.param_dtype)
@@ -238,7 +246,8 @@ class Attention(nn.Module):
     if kv is not None:
       k, v = write_cache(kv[0], k, cache_index), write_cache(kv[1], v, cache_index)
     out = attend(q, k, v, mask)  # [B, T, H * Dh]
-    out = lin(c.num_heads * c.head_dim, c.hidden_size, name="o_proj")(out)
+    o_proj = lin(c.num_heads * c.head_dim, c.hidden_size, name="o_proj")
+    out = o_proj(out) if residual is None else o_proj(out, residual, out_norm)
     return out, (None if kv is None else (k, v))
 
 
@@ -248,7 +257,9 @@ class Mlp(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):  # [B, T, D]
+  def __call__(self, x, residual=None, out_norm=None):  # [B, T, D]
+    """down(...) [B, T, D]; with `residual`, (residual + down(...), the RMSNorm
+    `out_norm` of it or None) (`Linear`'s residual form)."""
     c = self.cfg
     lin = functools.partial(Linear, use_bias=c.mlp_bias, param_dtype=self.param_dtype)
     act = {Activation.SILU: jax.nn.silu, Activation.RELU: jax.nn.relu,
@@ -262,7 +273,8 @@ class Mlp(nn.Module):
       h = h * lin(c.hidden_size, f, name="up_proj")(x)
     else:
       h = act(lin(c.hidden_size, c.intermediate_size, name="up_proj")(x))  # [B, T, F]
-    return lin(c.intermediate_size, c.hidden_size, name="down_proj")(h)
+    down = lin(c.intermediate_size, c.hidden_size, name="down_proj")
+    return down(h) if residual is None else down(h, residual, out_norm)
 
 
 class DecoderLayer(nn.Module):
@@ -271,19 +283,34 @@ class DecoderLayer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, rope, mask, kv=None, cache_index=None):  # [B, T, D]
+  def __call__(self, x, rope, mask, kv=None, cache_index=None, normed=None,
+               next_norm=None):  # [B, T, D]
+    """Returns (x, normed_next, kv).
+
+    With residual fusion (`fuses_residual(cfg)`) the adds run in the epilogues of
+    o_proj and down_proj (`ops.linear_residual`): `normed` is this layer's attn_norm
+    of x formed by the previous layer (or None), `next_norm` (weight, eps) the next
+    layer's attn_norm, and normed_next its `ops.RmsNormed` (None without fusion).
+    """
     c = self.cfg
     attn = Attention(c, self.param_dtype, name="attn")
     mlp = Mlp(c, self.param_dtype, name="mlp")
     norm1 = Norm(c, c.hidden_size, fold=c.pre_norm, name="attn_norm")
     norm2 = Norm(c, c.hidden_size, fold=c.pre_norm, name="mlp_norm")
+    if fuses_residual(c):
+      n1 = normed if normed is not None else norm1(x)
+      spec2 = norm2(x)  # an unformed RMSNorm (folds_norms): only its weight and eps
+      (x, n2), kv = attn(n1, rope, mask, kv, cache_index, residual=x,
+                         out_norm=(spec2.weight, spec2.eps))
+      x, n_next = mlp(n2, residual=x, out_norm=next_norm)
+      return x, n_next, kv
     if c.pre_norm:
       a, kv = attn(norm1(x), rope, mask, kv, cache_index)
       x = x + a
-      return x + mlp(norm2(x)), kv
+      return x + mlp(norm2(x)), None, kv
     a, kv = attn(x, rope, mask, kv, cache_index)
     x = norm1(x + a)
-    return norm2(x + mlp(x)), kv
+    return norm2(x + mlp(x)), None, kv
 
 
 class Decoder(nn.Module):
@@ -322,10 +349,12 @@ class Decoder(nn.Module):
     else:
       rope = rope_cos_sin(c, positions)
     ks, vs = [], []
+    normed = None
     for i in range(c.num_layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, kv = DecoderLayer(c, self.param_dtype, name=f"layers_{i}")(
-          x, rope, mask, kv, cache_index)
+      x, normed, kv = DecoderLayer(c, self.param_dtype, name=f"layers_{i}")(
+          x, rope, mask, kv, cache_index, normed=normed,
+          next_norm=self._attn_norm(i + 1) if fuses_residual(c) else None)
       if kv is not None:
         ks.append(kv[0])
         vs.append(kv[1])
@@ -343,6 +372,21 @@ class Decoder(nn.Module):
                       name="lm_head")(x)
     new_cache = None if cache is None else KVCache(k=tuple(ks), v=tuple(vs))
     return logits.astype(jnp.float32), new_cache
+
+
+  def _attn_norm(self, i: int):
+    """(weight, eps) of layer i's stored attn_norm, or None (no such layer, or init)."""
+    if i >= self.cfg.num_layers:
+      return None
+    w = (self.variables.get("params", {}).get(f"layers_{i}", {}).get("attn_norm", {})
+         .get("weight"))
+    return None if w is None else (w, self.cfg.norm_eps)
+
+
+def fuses_residual(cfg: ModelConfig) -> bool:
+  """Whether the decoder's residual adds run in the linears' epilogues
+  (`ops.fuses_residual`): pre-norm RMSNorm models only."""
+  return cfg.pre_norm and cfg.norm is NormKind.RMS and ops.fuses_residual()
 
 
 def forward(cfg: ModelConfig, params, input_ids: jax.Array,

@@ -122,6 +122,22 @@ def fold_norm() -> bool:
   return v in ("1", "on")
 
 
+FUSE_RESIDUAL_ENV = "ANYPREC_FUSE_RESIDUAL"
+
+
+def fuse_residual() -> bool:
+  """Whether a pre-norm decoder layer's two residual adds, and the product of each sum
+  with the next RMSNorm's weight, run in the epilogue of the quantized linear before
+  them (o_proj, down_proj) on the tensor-core GEMV instead of an XLA kernel each
+  (`ops.linear_residual`). Needs the folded norms (`fold_norm`).
+  `ANYPREC_FUSE_RESIDUAL=1|0`; default off until measured (notes_kernels.md step 20).
+  Read at trace time."""
+  v = os.environ.get(FUSE_RESIDUAL_ENV, "0").strip().lower()
+  if v not in ("0", "1", "off", "on"):
+    raise ValueError(f"{FUSE_RESIDUAL_ENV}={v!r}: expected 1 or 0")
+  return v in ("1", "on")
+
+
 def is_hopper_or_newer() -> bool:
   """Whether the first device is a GPU of compute capability >= 9.0."""
   cc = compute_capability()

@@ -98,8 +98,16 @@ def folds_rms(w: AnyPrecWeight, m: int) -> bool:
           and w.in_features % 8 == 0)
 
 
+def runs_epilogue(w: AnyPrecWeight, m: int) -> bool:
+  """Whether `anyprec_matmul(x2, w, residual=...)` of m rows can add the residual in
+  the GEMV's epilogue: on the tensor-core GEMV (Hopper)."""
+  return backend.mosaic_available() and _runs_tc_gemv(w, m)
+
+
 def anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, interpret: bool = False,
-                   rms: tuple[jax.Array, float] | None = None) -> jax.Array:
+                   rms: tuple[jax.Array, float] | None = None,
+                   residual: jax.Array | None = None,
+                   epi_weight: jax.Array | None = None):
   """y = x2 @ W_b^T with b = w.bits, through the Pallas kernels.
 
   Args:
@@ -109,9 +117,11 @@ def anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, interpret: bool = False,
     rms: (norm_x [M, K], eps): an RMSNorm folded into the tensor-core GEMV (x2 is
       norm_x times the norm's weight; row m of y is scaled by 1 / rms(norm_x[m])).
       Only where `folds_rms(w, M)`.
+    residual, epi_weight: [M, N] bf16 and [N] (or None): the residual epilogue of the
+      tensor-core GEMV (`gemv_tc.gemv_tc`); only where `runs_epilogue(w, M)`.
 
   Returns:
-    [M, N] float32.
+    [M, N] float32; with residual, h = residual + y [M, N] bf16, or (h, h * epi_weight).
   """
   bits = w.bits
   planes, lut = w.planes, w.luts[bits]
@@ -126,13 +136,17 @@ def anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, interpret: bool = False,
   if rms is not None and (interpret or not folds_rms(w, m)):
     raise ValueError(f"an RMSNorm folds only into the tensor-core GEMV (M={m}, "
                      f"{bits} bits, layout {w.layout.value}, K={k})")
+  if residual is not None and (interpret or not runs_epilogue(w, m)):
+    raise ValueError(f"a residual adds in the epilogue of the tensor-core GEMV only "
+                     f"(M={m}, {bits} bits, layout {w.layout.value})")
   if not interpret and backend.mosaic_available():
     if _runs_tc_gemv(w, m):
       from anyprec_jax.pallas.mosaic import gemv_tc  # Hopper only.
       return gemv_tc.gemv_tc(x2, planes, lut, bits=bits, tiled=tiled,
                              cfg=gemv_tc.config_for(bits, m, n, k, tiled=tiled),
                              norm_x=None if rms is None else rms[0],
-                             rms_eps=None if rms is None else rms[1])
+                             rms_eps=None if rms is None else rms[1],
+                             residual=residual, epi_weight=epi_weight)
     if (tiled and m > gemv.MAX_ROWS and 3 <= bits <= 8
         and backend.tiled_prefill() == "mosaic"):
       from anyprec_jax.pallas.mosaic import gemv_tc  # Hopper only.

@@ -244,6 +244,27 @@ class TcLoweringTest(parameterized.TestCase):
     self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
     self.assertTrue(gt.make_layout(bits, m, n, k, cfg, jnp.bfloat16, True).x_smem == x_smem)
 
+  @parameterized.parameters((3, 1, True, True), (5, 8, False, False), (4, 2, True, False))
+  def test_residual_epilogue_lowers_for_cuda(self, bits, m, tiled, with_weight):
+    n, k = 1008, 4000
+    fn = jax.jit(lambda x, p, l, r, w: gt.gemv_tc(x, p, l, bits=bits, tiled=tiled,
+                                                  residual=r, epi_weight=w))
+    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+            jax.ShapeDtypeStruct((bits, n, tc_layout.num_words(k)), jnp.uint32),
+            jax.ShapeDtypeStruct((n, 1 << bits), jnp.float16),
+            jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
+            jax.ShapeDtypeStruct((n,), jnp.float32) if with_weight else None)
+    self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
+    x1 = jnp.ones((1, 16), jnp.bfloat16)
+    p1, l1 = jnp.ones((3, 16, 4), jnp.uint32), jnp.ones((16, 8), jnp.float16)
+    with self.assertRaisesRegex(ValueError, "residual"):
+      gt.gemv_tc(x1, p1, l1, bits=3, residual=jnp.ones((1, 8), jnp.bfloat16))
+    with self.assertRaisesRegex(ValueError, "epi_weight"):
+      gt.gemv_tc(x1, p1, l1, bits=3, epi_weight=jnp.ones((16,), jnp.float32))
+    with self.assertRaisesRegex(ValueError, "ksplit 1"):
+      gt.make_layout(3, 1, 16, 128, gt.TcGemvConfig(ksplit=2), jnp.bfloat16,
+                     epilogue=gt.EPI_RESIDUAL)
+
   @parameterized.parameters((3, 1, True), (5, 8, False))
   def test_folded_rms_norm_lowers_for_cuda(self, bits, m, tiled):
     n, k = 1008, 4000
@@ -460,6 +481,48 @@ class TcGemvTest(parameterized.TestCase):
     self.assertTrue(np.isfinite(got).all())
     err = np.abs(got - want).max() / (np.abs(want).max() + 1e-30)
     self.assertLess(err, 1e-4, f"b{bits} M={m}: {err:.3g}")
+
+  @parameterized.parameters((3, 1, True, (4096, 4096), True), (8, 8, True, (1008, 4000), True),
+                            (5, 3, False, (1000, 4000), False))
+  def test_residual_epilogue_matches_reference(self, bits, m, tiled, shape, with_weight):
+    n, k = shape
+    kx, kp, kl, kr, kw = jax.random.split(jax.random.PRNGKey(7 * bits + m), 5)
+    x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
+    planes = tc_layout.to_tc(jax.random.bits(kp, (bits, n, -(-k // 32)), jnp.uint32), k)
+    lut = jax.random.normal(kl, (n, 1 << bits), jnp.float16)
+    res = (30 * jax.random.normal(kr, (m, n), jnp.float32)).astype(jnp.bfloat16)
+    ew = jax.random.uniform(kw, (n,), minval=0.5, maxval=1.5) if with_weight else None
+    got = gt.gemv_tc(x, tc_layout.tile(planes) if tiled else planes, lut, bits=bits,
+                     tiled=tiled, cfg=gt.config_for(bits, m, n, k, tiled=tiled),
+                     residual=res, epi_weight=ew)
+    y = gt.gemv_tc(x, tc_layout.tile(planes) if tiled else planes, lut, bits=bits,
+                   tiled=tiled, cfg=gt.config_for(bits, m, n, k, tiled=tiled))
+    want = gt.residual_reference(y, res, ew)  # the same sums: the epilogue's roundings
+    got, want = (got, want) if with_weight else ((got,), (want,))
+    for g, w_ in zip(got, want):
+      self.assertEqual(g.dtype, jnp.bfloat16)
+      np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w_, np.float32))
+    ref = gt.gemv_tc_reference(x, planes, lut.astype(jnp.bfloat16), bits=bits, in_features=k)
+    h_ref = np.asarray(gt.residual_reference(ref, res), np.float64)
+    err = np.abs(np.asarray(got[0], np.float64) - h_ref).max() / np.abs(h_ref).max()
+    self.assertLess(err, 1e-2, f"b{bits} M={m}: {err:.3g}")  # a bf16 ulp of h at most
+
+  def test_linear_residual_through_the_epilogue(self):
+    # ops.linear_residual on TC_TILED planes against x + linear, then x * w (bf16).
+    rng = np.random.default_rng(9)
+    w = _tc_weight(rng, 1024, 512, 3).with_layout(PlaneLayout.TC_TILED)
+    x = jnp.asarray(rng.standard_normal((1, 1, 512)), jnp.bfloat16)
+    res = jnp.asarray(30 * rng.standard_normal((1, 1, 1024)), jnp.bfloat16)
+    g = jnp.asarray(rng.uniform(0.5, 1.5, 1024), jnp.float32)
+    with ops.use_backend(ops.Backend.PALLAS):
+      h, normed = ops.linear_residual(x, w, res, (g, 1e-6))
+      want = np.asarray(res + ops.linear(x, w), np.float64)
+    self.assertEqual((h.shape, h.dtype, normed.xw.dtype), (res.shape, jnp.bfloat16, jnp.bfloat16))
+    ulp = 2.0 ** -7 * np.abs(want).max()  # one bf16 rounding of the sum, at most
+    self.assertLess(np.abs(np.asarray(h, np.float64) - want).max(), ulp)
+    xw = np.asarray(h, np.float64) * np.asarray(g, np.float64)
+    self.assertLess(np.abs(np.asarray(normed.xw, np.float64) - xw).max(),
+                    2.0 ** -7 * np.abs(xw).max())
 
   def test_folded_rms_norm_through_linear(self):
     # ops.linear(RmsNormed) on TC_TILED planes against the norm formed first (bf16).

@@ -54,6 +54,43 @@ class RmsNormedTest(absltest.TestCase):
         backend.fold_norm()
 
 
+class LinearResidualTest(absltest.TestCase):
+  """`ops.linear_residual` off the tensor-core GEMV: the decoder's `x + a`, then the norm."""
+
+  def test_formed_as_the_decoder_forms_it(self):
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((2, 1, 64)), jnp.bfloat16)
+    res = jnp.asarray(rng.standard_normal((2, 1, 24)), jnp.bfloat16)
+    g = jnp.asarray(rng.uniform(0.5, 1.5, 24), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(24), jnp.float32)
+    w = _weight(rng, 24, 64).with_bits(3)
+    for backend in (ops.Backend.REFERENCE, ops.Backend.INTERPRET):
+      with ops.use_backend(backend):
+        self.assertFalse(ops.fuses_residual())
+        for b in (None, bias):
+          want = res + ops.linear(x, w, b)
+          h, normed = ops.linear_residual(x, w, res, None, b)
+          self.assertIsNone(normed)
+          np.testing.assert_array_equal(np.asarray(h, np.float32),
+                                        np.asarray(want, np.float32))
+          h, normed = ops.linear_residual(x, w, res, (g, 1e-5), b)
+          self.assertIs(normed.x, h)
+          self.assertIsNone(normed.xw)
+          self.assertEqual((normed.eps, normed.weight.shape), (1e-5, (24,)))
+
+  def test_switch_is_checked(self):
+    from unittest import mock
+    from anyprec_jax.pallas import backend
+    with mock.patch.dict("os.environ", {}) as env:
+      env.pop(backend.FUSE_RESIDUAL_ENV, None)
+      self.assertFalse(backend.fuse_residual())  # off until measured
+    with mock.patch.dict("os.environ", {backend.FUSE_RESIDUAL_ENV: "1"}):
+      self.assertTrue(backend.fuse_residual())
+    with mock.patch.dict("os.environ", {backend.FUSE_RESIDUAL_ENV: "2"}):
+      with self.assertRaisesRegex(ValueError, backend.FUSE_RESIDUAL_ENV):
+        backend.fuse_residual()
+
+
 class OpsDispatchTest(parameterized.TestCase):
 
   @parameterized.named_parameters(

@@ -136,6 +136,10 @@ class TcGemvConfig:
   bulk: int = 0
 
 
+# Epilogues (`gemv_tc(residual=, epi_weight=)`): y stored as f32; h = residual + y in bf16;
+# h and h * weight (the next RMSNorm's x * w, for the folded norm of the GEMV after).
+EPI_NONE, EPI_RESIDUAL, EPI_RESIDUAL_NORM = 0, 1, 2
+
 SMEM_BUDGET = 200 * 1024  # shared bytes a CTA may ask for (227 KB on Hopper)
 X_BLOCK_BYTES = 256  # one block of one activation row in shared memory (64 words)
 
@@ -162,6 +166,7 @@ class _Layout:
   split4: bool = False
   bulk: int = 0
   rms_eps: float | None = None  # fold an RMSNorm's 1 / rms(norm_x) into the output
+  epilogue: int = 0  # EPI_*: what the output elements become (`gemv_tc`'s residual)
 
   @property
   def warps(self) -> int:
@@ -248,7 +253,8 @@ def _tiled_config(m: int, n: int, k: int) -> TcGemvConfig:
 
 
 def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
-                x_dtype, tiled: bool = False, rms_eps: float | None = None) -> _Layout:
+                x_dtype, tiled: bool = False, rms_eps: float | None = None,
+                epilogue: int = EPI_NONE) -> _Layout:
   if not 3 <= bits <= MAX_BITS:
     raise ValueError(f"the tensor-core GEMV handles 3..{MAX_BITS} bits, got {bits}")
   if bits >= SMEM_TABLE_BITS and cfg.row_tiles % 2 and cfg.row_tiles != 1:
@@ -281,12 +287,16 @@ def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
   if rms_eps is not None and (k % 8 or cfg.ksplit > 1):
     raise ValueError(f"a folded RMSNorm needs K % 8 == 0 and ksplit 1, got K={k}, "
                      f"ksplit={cfg.ksplit}")
+  if epilogue not in (EPI_NONE, EPI_RESIDUAL, EPI_RESIDUAL_NORM):
+    raise ValueError(f"unknown epilogue {epilogue}")
+  if epilogue and cfg.ksplit > 1:
+    raise ValueError(f"a residual epilogue needs ksplit 1, got {cfg.ksplit}")
   lay = _Layout(bits=bits, m=m, n=n, k=k, blocks=blocks, row_tiles=cfg.row_tiles,
                 warpgroups=t, ctas=ctas, prefetch=cfg.prefetch, mma_dtype=mma,
                 stages=cfg.stages, tiled=tiled, x_smem=cfg.x_smem,
                 early_loads=cfg.early_loads, ksplit=cfg.ksplit, probe=cfg.probe,
                 depth=cfg.depth, split4=cfg.split4 and bits == 4, bulk=cfg.bulk,
-                rms_eps=None if rms_eps is None else float(rms_eps))
+                rms_eps=None if rms_eps is None else float(rms_eps), epilogue=epilogue)
   if lay.x_smem and lay.smem_bytes > SMEM_BUDGET:
     lay = dataclasses.replace(lay, x_smem=False)
   if lay.bulk and lay.smem_bytes > SMEM_BUDGET:
@@ -325,11 +335,14 @@ def _select_words(ptx, w0):
 
 
 def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
-          dequant: bool = False, nx_ref=None):
+          dequant: bool = False, nx_ref=None, res_ref=None, ew_ref=None, out2_ref=None):
   """The GEMV body; with `dequant`, x_ref is unused and the decoded A fragments are
   stored to out_ref = W [N, 128 KB] (the MMA operand dtype) instead of multiplied.
   With `lay.rms_eps`, nx_ref [M, K] bf16 is the RMSNorm's input: row m of y is scaled
-  by 1 / sqrt(mean(nx[m]^2) + eps) (x being nx times the norm's weight)."""
+  by 1 / sqrt(mean(nx[m]^2) + eps) (x being nx times the norm's weight).
+  Epilogues (`lay.epilogue`): out_ref [M, N] bf16 = bf16(res + bf16(y)) with res_ref
+  [M, N] bf16; EPI_RESIDUAL_NORM adds out2_ref [M, N] bf16 = bf16(out * ew) with ew_ref
+  [N] f32 (each rounding as the decoder's XLA ops round)."""
   from jaxlib.mlir import ir
   from jaxlib.mlir.dialects import arith, scf
   from anyprec_jax.pallas.mosaic import ptx
@@ -561,11 +574,27 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
       if lay.rms_eps is not None:
         tot = arith.mulf(tot, _rms_scale(ptx, lay, norm, ptx.umin(mm, m - 1)))
       with ptx.If(ok):
-        addr = ptx.gaddr(og, ptx.add(ptx.mul(mm, ptx.const(n)), row), 4)
-        if lay.ksplit > 1:
-          ptx.red_add_global_f32(addr, tot)
+        idx = ptx.add(ptx.mul(mm, ptx.const(n)), row)
+        if lay.epilogue:
+          _store_epilogue(ptx, lay, idx, row, tot, og, res_ref, ew_ref, out2_ref)
+        elif lay.ksplit > 1:
+          ptx.red_add_global_f32(ptx.gaddr(og, idx, 4), tot)
         else:
-          ptx.st_global_f32(addr, tot)
+          ptx.st_global_f32(ptx.gaddr(og, idx, 4), tot)
+
+
+def _store_epilogue(ptx, lay: _Layout, idx, row, tot, og, res_ref, ew_ref, out2_ref):
+  """One output element of a residual epilogue (`_emit`): h = bf16(res + bf16(y)) at
+  og[idx]; with EPI_RESIDUAL_NORM also bf16(h * ew[row]) at out2[idx]."""
+  from jaxlib.mlir.dialects import arith
+  y16 = ptx.bf16_bits_to_f32(ptx.f32_to_bf16_bits(tot))
+  r = ptx.bf16_bits_to_f32(ptx.ld_global_u16(ptx.gaddr(ptx.gmem_address(res_ref), idx, 2)))
+  h = ptx.f32_to_bf16_bits(ptx.fadd(r, y16))
+  ptx.st_global_b16(ptx.gaddr(og, idx, 2), h)
+  if lay.epilogue == EPI_RESIDUAL_NORM:
+    wv = ptx.ld_global_f32(ptx.gaddr(ptx.gmem_address(ew_ref), row, 4))
+    xg = ptx.f32_to_bf16_bits(arith.mulf(ptx.bf16_bits_to_f32(h), wv))
+    ptx.st_global_b16(ptx.gaddr(ptx.gmem_address(out2_ref), idx, 2), xg)
 
 
 
@@ -913,10 +942,21 @@ def gemv_tc_rms_reference(x, planes_tc, lut, norm_x, rms_eps: float, *, bits: in
   return gemv_tc_reference(x, planes_tc, lut, bits=bits, in_features=in_features) * scale
 
 
+def residual_reference(y, residual, epi_weight=None):
+  """Pure-jnp twin of the residual epilogue: y [M, N] f32 -> h = bf16(residual +
+  bf16(y)), and (h, bf16(h * epi_weight)) where epi_weight [N] is given."""
+  h = (residual.astype(jnp.float32)
+       + y.astype(jnp.bfloat16).astype(jnp.float32)).astype(jnp.bfloat16)
+  if epi_weight is None:
+    return h
+  return h, (h.astype(jnp.float32) * epi_weight.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
 @functools.partial(jax.jit, static_argnames=("bits", "cfg", "tiled", "rms_eps"))
 def gemv_tc(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, *, bits: int,
             cfg: TcGemvConfig = TcGemvConfig(), tiled: bool = False,
-            norm_x: jax.Array | None = None, rms_eps: float | None = None) -> jax.Array:
+            norm_x: jax.Array | None = None, rms_eps: float | None = None,
+            residual: jax.Array | None = None, epi_weight: jax.Array | None = None):
   """y = x @ W_b^T on the tensor cores, b in 3..8.
 
   Args:
@@ -931,9 +971,13 @@ def gemv_tc(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, *, bits: int,
       (the norm's weight) and row m of y is scaled by 1 / sqrt(mean(norm_x[m]^2) +
       rms_eps), which each CTA computes from norm_x [M, K] (K % 8 == 0). rms_eps is
       static.
+    residual: [M, N] (bf16): the epilogue adds it (`residual_reference`): the output
+      is h = bf16(residual + bf16(y)) instead of y (ksplit 1).
+    epi_weight: [N] (f32; with residual): also return bf16(h * epi_weight), the x * w
+      of the RMSNorm of h that the next GEMV folds.
 
   Returns:
-    [M, N] float32.
+    [M, N] float32; with residual, h [M, N] bf16, or (h, h * epi_weight).
   """
   from jax.experimental.pallas import mosaic_gpu as plgpu
   from anyprec_jax.pallas.mosaic import ptx
@@ -951,29 +995,48 @@ def gemv_tc(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, *, bits: int,
     raise ValueError("norm_x and rms_eps come together")
   if norm_x is not None and norm_x.shape != x.shape:
     raise ValueError(f"norm_x {norm_x.shape} must have x's shape {x.shape}")
+  if residual is not None and residual.shape != (m, n):
+    raise ValueError(f"residual {residual.shape} must be the output's shape {(m, n)}")
+  if epi_weight is not None and (residual is None or epi_weight.shape != (n,)):
+    raise ValueError(f"epi_weight {epi_weight.shape} needs a residual and shape {(n,)}")
   if lut.dtype != jnp.float16:
     lut = lut.astype(jnp.float16)
   if x.dtype not in (jnp.bfloat16, jnp.float16):
     x = x.astype(jnp.bfloat16)
-  lay = make_layout(bits, m, n, k, cfg, x.dtype, tiled=tiled, rms_eps=rms_eps)
+  epilogue = (EPI_NONE if residual is None else EPI_RESIDUAL if epi_weight is None
+              else EPI_RESIDUAL_NORM)
+  lay = make_layout(bits, m, n, k, cfg, x.dtype, tiled=tiled, rms_eps=rms_eps,
+                    epilogue=epilogue)
 
   scratch = plgpu.SMEM((lay.smem_bytes // 4,), jnp.int32)
   grid = lay.ctas * lay.ksplit
-  if norm_x is not None:
-    body = ptx.thread_body(lambda xr, pr, lr, nr, orf, sr: _emit(
-        xr, pr, lr, orf, sr, lay=lay, nx_ref=nr))
-    kernel = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((m, n), jnp.float32),
-        scratch_types=[scratch], grid=(grid,), grid_names=("cta",),
-        num_threads=lay.warpgroups, thread_name="wg")
-    return kernel(x, planes_tc, lut, norm_x.astype(jnp.bfloat16))
-  body = ptx.thread_body(functools.partial(_emit, lay=lay))
   if lay.ksplit == 1:
+    extra = [a for a in (None if norm_x is None else norm_x.astype(jnp.bfloat16),
+                         None if residual is None else residual.astype(jnp.bfloat16),
+                         None if epi_weight is None else epi_weight.astype(jnp.float32))
+             if a is not None]
+    outs = 2 if epi_weight is not None else 1
+
+    def emit_refs(*refs):  # x, planes, lut, [norm_x], [residual], [weight], outs, smem
+      it = iter(refs[3:])
+      nr = next(it) if norm_x is not None else None
+      rr = next(it) if residual is not None else None
+      wr = next(it) if epi_weight is not None else None
+      orf = next(it)
+      o2 = next(it) if outs == 2 else None
+      _emit(refs[0], refs[1], refs[2], orf, next(it), lay=lay, nx_ref=nr, res_ref=rr,
+            ew_ref=wr, out2_ref=o2)
+
+    out_type = jax.ShapeDtypeStruct(
+        (m, n), jnp.float32 if residual is None else jnp.bfloat16)
     kernel = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((m, n), jnp.float32),
+        ptx.thread_body(emit_refs), out_type=out_type if outs == 1 else (out_type,) * 2,
         scratch_types=[scratch], grid=(grid,), grid_names=("cta",),
         num_threads=lay.warpgroups, thread_name="wg")
-    return kernel(x, planes_tc, lut)
+    return kernel(x, planes_tc, lut, *extra)
+  if norm_x is not None:
+    raise ValueError("a folded RMSNorm needs ksplit 1")
+  body = ptx.thread_body(functools.partial(_emit, lay=lay))
   # Split K over CTAs: they add into a zeroed output, passed in as a mutable ref (the
   # kernel aliases it in and out).
   from jax.experimental import pallas as pl

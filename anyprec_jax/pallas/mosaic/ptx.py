@@ -211,6 +211,12 @@ def st_global_b32(addr64, v, imm: int = 0):
   asm(None, [addr64, v], f"st.global.b32 [$0+{imm}], $1;", "l,r", True)
 
 
+def st_global_b16(addr64, v32):
+  """Stores the low 16 bits of an i32."""
+  asm(None, [addr64, v32], "{ .reg .b16 l, h; mov.b32 {l, h}, $1; st.global.b16 [$0], l; }",
+      "l,r", True)
+
+
 def ld_shared_f16_as_f32(addr32, imm: int = 0):
   return asm(f32(), [addr32],
              f"{{ .reg .b16 h; ld.shared.b16 h, [$1+{imm}]; cvt.f32.f16 $0, h; }}",
@@ -256,6 +262,12 @@ def f16_high_to_f32(h32):
 def bf16_bits_to_f32(h32):
   """Low 16 bits of an i32 as bf16 -> f32 (a shift)."""
   return bits_f32(shl(h32, 16))
+
+
+def f32_to_bf16_bits(v):
+  """f32 -> bf16 (round to nearest even) in the low 16 bits of an i32."""
+  return asm(i32(), [v], "{ .reg .b16 h; cvt.rn.bf16.f32 h, $1; cvt.u32.u16 $0, h; }",
+             "=r,f")
 
 
 # --- synchronisation and shuffles -------------------------------------------------------
