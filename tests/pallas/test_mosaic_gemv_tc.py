@@ -244,8 +244,9 @@ class TcLoweringTest(parameterized.TestCase):
     self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
     self.assertTrue(gt.make_layout(bits, m, n, k, cfg, jnp.bfloat16, True).x_smem == x_smem)
 
-  @parameterized.parameters((3, 1, True, True), (5, 8, False, False), (4, 2, True, False))
-  def test_residual_epilogue_lowers_for_cuda(self, bits, m, tiled, with_weight):
+  @parameterized.parameters((3, 1, True, "float32"), (5, 8, False, None),
+                            (4, 2, True, "bfloat16"))
+  def test_residual_epilogue_lowers_for_cuda(self, bits, m, tiled, weight_dtype):
     n, k = 1008, 4000
     fn = jax.jit(lambda x, p, l, r, w: gt.gemv_tc(x, p, l, bits=bits, tiled=tiled,
                                                   residual=r, epi_weight=w))
@@ -253,7 +254,7 @@ class TcLoweringTest(parameterized.TestCase):
             jax.ShapeDtypeStruct((bits, n, tc_layout.num_words(k)), jnp.uint32),
             jax.ShapeDtypeStruct((n, 1 << bits), jnp.float16),
             jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
-            jax.ShapeDtypeStruct((n,), jnp.float32) if with_weight else None)
+            jax.ShapeDtypeStruct((n,), jnp.dtype(weight_dtype)) if weight_dtype else None)
     self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
     x1 = jnp.ones((1, 16), jnp.bfloat16)
     p1, l1 = jnp.ones((3, 16, 4), jnp.uint32), jnp.ones((16, 8), jnp.float16)
@@ -482,16 +483,19 @@ class TcGemvTest(parameterized.TestCase):
     err = np.abs(got - want).max() / (np.abs(want).max() + 1e-30)
     self.assertLess(err, 1e-4, f"b{bits} M={m}: {err:.3g}")
 
-  @parameterized.parameters((3, 1, True, (4096, 4096), True), (8, 8, True, (1008, 4000), True),
-                            (5, 3, False, (1000, 4000), False))
-  def test_residual_epilogue_matches_reference(self, bits, m, tiled, shape, with_weight):
+  @parameterized.parameters((3, 1, True, (4096, 4096), "float32"),
+                            (8, 8, True, (1008, 4000), "bfloat16"),
+                            (5, 3, False, (1000, 4000), None))
+  def test_residual_epilogue_matches_reference(self, bits, m, tiled, shape, weight_dtype):
+    with_weight = weight_dtype is not None
     n, k = shape
     kx, kp, kl, kr, kw = jax.random.split(jax.random.PRNGKey(7 * bits + m), 5)
     x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
     planes = tc_layout.to_tc(jax.random.bits(kp, (bits, n, -(-k // 32)), jnp.uint32), k)
     lut = jax.random.normal(kl, (n, 1 << bits), jnp.float16)
     res = (30 * jax.random.normal(kr, (m, n), jnp.float32)).astype(jnp.bfloat16)
-    ew = jax.random.uniform(kw, (n,), minval=0.5, maxval=1.5) if with_weight else None
+    ew = (jax.random.uniform(kw, (n,), minval=0.5, maxval=1.5).astype(jnp.dtype(weight_dtype))
+          if with_weight else None)
     got = gt.gemv_tc(x, tc_layout.tile(planes) if tiled else planes, lut, bits=bits,
                      tiled=tiled, cfg=gt.config_for(bits, m, n, k, tiled=tiled),
                      residual=res, epi_weight=ew)

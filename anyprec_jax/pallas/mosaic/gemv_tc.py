@@ -167,6 +167,7 @@ class _Layout:
   bulk: int = 0
   rms_eps: float | None = None  # fold an RMSNorm's 1 / rms(norm_x) into the output
   epilogue: int = 0  # EPI_*: what the output elements become (`gemv_tc`'s residual)
+  epi_w_bf16: bool = False  # the epilogue's norm weight is bf16 (else f32)
 
   @property
   def warps(self) -> int:
@@ -254,7 +255,7 @@ def _tiled_config(m: int, n: int, k: int) -> TcGemvConfig:
 
 def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
                 x_dtype, tiled: bool = False, rms_eps: float | None = None,
-                epilogue: int = EPI_NONE) -> _Layout:
+                epilogue: int = EPI_NONE, epi_w_bf16: bool = False) -> _Layout:
   if not 3 <= bits <= MAX_BITS:
     raise ValueError(f"the tensor-core GEMV handles 3..{MAX_BITS} bits, got {bits}")
   if bits >= SMEM_TABLE_BITS and cfg.row_tiles % 2 and cfg.row_tiles != 1:
@@ -296,7 +297,8 @@ def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
                 stages=cfg.stages, tiled=tiled, x_smem=cfg.x_smem,
                 early_loads=cfg.early_loads, ksplit=cfg.ksplit, probe=cfg.probe,
                 depth=cfg.depth, split4=cfg.split4 and bits == 4, bulk=cfg.bulk,
-                rms_eps=None if rms_eps is None else float(rms_eps), epilogue=epilogue)
+                rms_eps=None if rms_eps is None else float(rms_eps), epilogue=epilogue,
+                epi_w_bf16=epi_w_bf16)
   if lay.x_smem and lay.smem_bytes > SMEM_BUDGET:
     lay = dataclasses.replace(lay, x_smem=False)
   if lay.bulk and lay.smem_bytes > SMEM_BUDGET:
@@ -342,7 +344,8 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
   by 1 / sqrt(mean(nx[m]^2) + eps) (x being nx times the norm's weight).
   Epilogues (`lay.epilogue`): out_ref [M, N] bf16 = bf16(res + bf16(y)) with res_ref
   [M, N] bf16; EPI_RESIDUAL_NORM adds out2_ref [M, N] bf16 = bf16(out * ew) with ew_ref
-  [N] f32 (each rounding as the decoder's XLA ops round)."""
+  [N] f32 or bf16 (each rounding as the decoder's XLA ops round). The epilogue's
+  residual and weight values load at the start, so their latency hides under the loop."""
   from jaxlib.mlir import ir
   from jaxlib.mlir.dialects import arith, scf
   from anyprec_jax.pallas.mosaic import ptx
@@ -370,6 +373,13 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
   for rt in range(rt_n):
     ra = ptx.add(row0, ptx.add(g, ptx.const(16 * rt)))
     rows.append((ptx.umin(ra, n - 1), ptx.umin(ptx.add(ra, ptx.const(8)), n - 1)))
+  # Residual epilogue: this thread's output elements' residual (and weight) values,
+  # loaded now so their latency hides under the main loop.
+  epi_vals = ([_epilogue_loads(ptx, lay, _output_element(ptx, lay, tid, row0, base),
+                               res_ref, ew_ref)
+               for base in range(0, lay.row_tiles * 128, WARPGROUP * lay.warpgroups)]
+              if lay.epilogue else [])
+
   def make_tables():
     if b < SMEM_TABLE_BITS:
       return _register_tables(ptx, lay, lg, rows)
@@ -557,42 +567,62 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
   ptx.cta_sync()
   nthreads = WARPGROUP * lay.warpgroups
   elems = rt_n * 32 * 4
-  for base in range(0, elems, nthreads):
-    e = ptx.add(tid, ptx.const(base))
-    with ptx.If(ptx.lt(e, elems)):
+  for i, base in enumerate(range(0, elems, nthreads)):
+    e, row, mm, inside = _output_element(ptx, lay, tid, row0, base)
+    with ptx.If(inside):
       tot = None
       for w in range(nw):
         v = ptx.ld_shared_f32(ptx.add(red, ptx.shl(e, 2)), imm=w * elems * 4)
         tot = v if tot is None else ptx.fadd(tot, v)
-      rt = ptx.shr(e, 7)
-      ln = ptx.band(ptx.shr(e, 2), 31)
-      c = ptx.band(e, 3)
-      row = ptx.add(ptx.add(row0, ptx.shl(rt, 4)),
-                    ptx.add(ptx.shr(ln, 2), ptx.shl(ptx.shr(c, 1), 3)))
-      mm = ptx.add(ptx.shl(ptx.band(ln, 3), 1), ptx.band(c, 1))
       ok = ptx.land(ptx.lt(row, n), ptx.lt(mm, m))
       if lay.rms_eps is not None:
         tot = arith.mulf(tot, _rms_scale(ptx, lay, norm, ptx.umin(mm, m - 1)))
       with ptx.If(ok):
         idx = ptx.add(ptx.mul(mm, ptx.const(n)), row)
         if lay.epilogue:
-          _store_epilogue(ptx, lay, idx, row, tot, og, res_ref, ew_ref, out2_ref)
+          _store_epilogue(ptx, lay, idx, tot, og, out2_ref, *epi_vals[i])
         elif lay.ksplit > 1:
           ptx.red_add_global_f32(ptx.gaddr(og, idx, 4), tot)
         else:
           ptx.st_global_f32(ptx.gaddr(og, idx, 4), tot)
 
 
-def _store_epilogue(ptx, lay: _Layout, idx, row, tot, og, res_ref, ew_ref, out2_ref):
-  """One output element of a residual epilogue (`_emit`): h = bf16(res + bf16(y)) at
-  og[idx]; with EPI_RESIDUAL_NORM also bf16(h * ew[row]) at out2[idx]."""
+def _output_element(ptx, lay: _Layout, tid, row0, base: int):
+  """(e, row, activation row mm, e in range) of the output element e = tid + base that
+  the thread finishes: e = (tile rt, lane (g, q), accumulator c) of the reduction slots."""
+  e = ptx.add(tid, ptx.const(base))
+  rt = ptx.shr(e, 7)
+  ln = ptx.band(ptx.shr(e, 2), 31)
+  c = ptx.band(e, 3)
+  row = ptx.add(ptx.add(row0, ptx.shl(rt, 4)),
+                ptx.add(ptx.shr(ln, 2), ptx.shl(ptx.shr(c, 1), 3)))
+  mm = ptx.add(ptx.shl(ptx.band(ln, 3), 1), ptx.band(c, 1))
+  return e, row, mm, ptx.lt(e, lay.row_tiles * 128)
+
+
+def _epilogue_loads(ptx, lay: _Layout, element, res_ref, ew_ref):
+  """(residual, weight or None) of one output element as f32, loaded at clamped
+  (always valid) addresses."""
+  _, row, mm, _ = element
+  rc, mc = ptx.umin(row, lay.n - 1), ptx.umin(mm, lay.m - 1)
+  idx = ptx.add(ptx.mul(mc, ptx.const(lay.n)), rc)
+  r = ptx.bf16_bits_to_f32(ptx.ld_global_u16(ptx.gaddr(ptx.gmem_address(res_ref), idx, 2)))
+  if lay.epilogue != EPI_RESIDUAL_NORM:
+    return r, None
+  wg = ptx.gmem_address(ew_ref)
+  if lay.epi_w_bf16:
+    return r, ptx.bf16_bits_to_f32(ptx.ld_global_u16(ptx.gaddr(wg, rc, 2)))
+  return r, ptx.ld_global_f32(ptx.gaddr(wg, rc, 4))
+
+
+def _store_epilogue(ptx, lay: _Layout, idx, tot, og, out2_ref, r, wv):
+  """One output element of a residual epilogue (`_emit`): h = bf16(r + bf16(y)) at
+  og[idx]; with EPI_RESIDUAL_NORM also bf16(h * wv) at out2[idx]."""
   from jaxlib.mlir.dialects import arith
   y16 = ptx.bf16_bits_to_f32(ptx.f32_to_bf16_bits(tot))
-  r = ptx.bf16_bits_to_f32(ptx.ld_global_u16(ptx.gaddr(ptx.gmem_address(res_ref), idx, 2)))
   h = ptx.f32_to_bf16_bits(ptx.fadd(r, y16))
   ptx.st_global_b16(ptx.gaddr(og, idx, 2), h)
   if lay.epilogue == EPI_RESIDUAL_NORM:
-    wv = ptx.ld_global_f32(ptx.gaddr(ptx.gmem_address(ew_ref), row, 4))
     xg = ptx.f32_to_bf16_bits(arith.mulf(ptx.bf16_bits_to_f32(h), wv))
     ptx.st_global_b16(ptx.gaddr(ptx.gmem_address(out2_ref), idx, 2), xg)
 
@@ -973,8 +1003,8 @@ def gemv_tc(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, *, bits: int,
       static.
     residual: [M, N] (bf16): the epilogue adds it (`residual_reference`): the output
       is h = bf16(residual + bf16(y)) instead of y (ksplit 1).
-    epi_weight: [N] (f32; with residual): also return bf16(h * epi_weight), the x * w
-      of the RMSNorm of h that the next GEMV folds.
+    epi_weight: [N] (f32 or bf16, read as stored; with residual): also return
+      bf16(h * epi_weight), the x * w of the RMSNorm of h that the next GEMV folds.
 
   Returns:
     [M, N] float32; with residual, h [M, N] bf16, or (h, h * epi_weight).
@@ -1005,15 +1035,18 @@ def gemv_tc(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, *, bits: int,
     x = x.astype(jnp.bfloat16)
   epilogue = (EPI_NONE if residual is None else EPI_RESIDUAL if epi_weight is None
               else EPI_RESIDUAL_NORM)
+  if epi_weight is not None and epi_weight.dtype != jnp.bfloat16:
+    epi_weight = epi_weight.astype(jnp.float32)  # read as stored: no convert kernel
   lay = make_layout(bits, m, n, k, cfg, x.dtype, tiled=tiled, rms_eps=rms_eps,
-                    epilogue=epilogue)
+                    epilogue=epilogue,
+                    epi_w_bf16=epi_weight is not None and epi_weight.dtype == jnp.bfloat16)
 
   scratch = plgpu.SMEM((lay.smem_bytes // 4,), jnp.int32)
   grid = lay.ctas * lay.ksplit
   if lay.ksplit == 1:
     extra = [a for a in (None if norm_x is None else norm_x.astype(jnp.bfloat16),
                          None if residual is None else residual.astype(jnp.bfloat16),
-                         None if epi_weight is None else epi_weight.astype(jnp.float32))
+                         epi_weight)
              if a is not None]
     outs = 2 if epi_weight is not None else 1
 
