@@ -117,6 +117,15 @@ def folds_norms() -> bool:
   return backend.fold_norm() and backend.mosaic_available()
 
 
+def _norm_operands(x: RmsNormed, m: int):
+  """(x * weight, x) as [M, K] for a GEMV that folds the norm (x * weight as the
+  residual epilogue of the linear before formed it, where it did)."""
+  x2 = x.x.reshape(m, x.shape[-1])  # [M, K]
+  if x.xw is not None:
+    return x.xw.reshape(m, x.shape[-1]), x2
+  return (x2.astype(jnp.float32) * x.weight.astype(jnp.float32)).astype(x.dtype), x2
+
+
 def _folded_linear(x: RmsNormed, w: AnyPrecWeight) -> jax.Array | None:
   """y = rms_norm(x) @ W^T with the norm folded into the GEMV, or None where it can't."""
   if get_backend() is not Backend.PALLAS:
@@ -126,11 +135,7 @@ def _folded_linear(x: RmsNormed, w: AnyPrecWeight) -> jax.Array | None:
   m = math.prod(lead)
   if not kernels.folds_rms(w, m):
     return None
-  x2 = x.x.reshape(m, x.shape[-1])  # [M, K]
-  if x.xw is not None:  # formed by the residual epilogue of the linear before
-    xg = x.xw.reshape(m, x.shape[-1])
-  else:
-    xg = (x2.astype(jnp.float32) * x.weight.astype(jnp.float32)).astype(x.dtype)
+  xg, x2 = _norm_operands(x, m)
   y = kernels.anyprec_matmul(xg, w, rms=(x2, x.eps))  # [M, N] f32
   return y.astype(x.dtype).reshape(*lead, w.out_features)
 
@@ -178,6 +183,48 @@ def linear_residual(x, w, residual: jax.Array, norm: tuple[jax.Array, float] | N
       return h, RmsNormed(h, norm[0], norm[1], xw=xw.reshape(residual.shape))
   h = residual + linear(x, w, bias)
   return h, (None if norm is None else RmsNormed(h, norm[0], norm[1]))
+
+
+def fuses_glu() -> bool:
+  """Whether the decoder should hand a fused gate/up linear its activation
+  (`linear_glu`): the PALLAS backend on Hopper with `ANYPREC_FUSE_GLU` on."""
+  if get_backend() is not Backend.PALLAS:
+    return False
+  from anyprec_jax.pallas import backend  # Local import: Pallas only when used.
+  return backend.fuse_glu() and backend.mosaic_available()
+
+
+def linear_glu(x, w, act, bias: jax.Array | None = None) -> jax.Array:
+  """act(gate) * up, where linear(x, w, bias) = [gate | up] (a fused gate/up weight).
+
+  With act = jax.nn.silu on the tensor-core GEMV (a quantized w, M <= 8, bf16, no
+  bias; x may be an `RmsNormed`, folded as in `linear`) the product forms in the
+  kernel's epilogue: one launch instead of the GEMV and an XLA kernel. Anywhere else
+  as the decoder forms it.
+
+  Args:
+    x: [..., K] activations or an `RmsNormed`; w: [2F, K] dense or `AnyPrecWeight`.
+    act: the activation (jax.nn.silu for the kernel path); bias: optional [2F].
+
+  Returns:
+    [..., F] in x's dtype.
+  """
+  if (act is jax.nn.silu and isinstance(w, AnyPrecWeight) and bias is None
+      and get_backend() is Backend.PALLAS and x.dtype == jnp.bfloat16):
+    from anyprec_jax.pallas import kernels  # Local import: Pallas only when used.
+    lead = x.shape[:-1]
+    m = math.prod(lead)
+    normed = isinstance(x, RmsNormed)
+    if kernels.runs_glu(w, m) and (not normed or kernels.folds_rms(w, m)):
+      if normed:
+        xg, x2 = _norm_operands(x, m)
+        h = kernels.anyprec_matmul(xg, w, rms=(x2, x.eps), glu=True)
+      else:
+        h = kernels.anyprec_matmul(x.reshape(m, x.shape[-1]), w, glu=True)
+      return h.reshape(*lead, w.out_features // 2)
+  y = linear(x, w, bias)
+  f = y.shape[-1] // 2
+  return act(y[..., :f]) * y[..., f:]
 
 
 def linear(x, w, bias: jax.Array | None = None) -> jax.Array:

@@ -119,15 +119,19 @@ class Linear(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, residual=None, norm=None):  # [..., in] -> [..., out]
+  def __call__(self, x, residual=None, norm=None, glu=None):  # [..., in] -> [..., out]
     """With `residual` [..., out]: (residual + y, the RMSNorm `norm` = (weight, eps) of
-    that sum or None), as `ops.linear_residual` (a kernel epilogue where one runs)."""
+    that sum or None), as `ops.linear_residual` (a kernel epilogue where one runs).
+    With `glu` (an activation; y = [gate | up]): glu(gate) * up [..., out / 2], as
+    `ops.linear_glu`."""
     w = _get_or_init(self, "weight", (self.out_features, self.in_features),
                      self.param_dtype)
     b = (_get_or_init(self, "bias", (self.out_features,), self.param_dtype,
                       nn.initializers.zeros) if self.use_bias else None)
     if residual is not None:
       return ops.linear_residual(x, w, residual, norm, b)
+    if glu is not None:
+      return ops.linear_glu(x, w, glu, b)
     return ops.linear(x, w, b)
 
 
@@ -265,7 +269,9 @@ class Mlp(nn.Module):
     act = {Activation.SILU: jax.nn.silu, Activation.RELU: jax.nn.relu,
            Activation.GELU: functools.partial(jax.nn.gelu, approximate=False)}[c.activation]
     f = c.intermediate_size
-    if c.gated_mlp and _fused(self, FUSED_MLP):  # one [B, T, 2F] product
+    if c.gated_mlp and _fused(self, FUSED_MLP) and ops.fuses_glu():  # in the kernel
+      h = lin(c.hidden_size, 2 * f, name=FUSED_MLP[0])(x, glu=act)  # [B, T, F]
+    elif c.gated_mlp and _fused(self, FUSED_MLP):  # one [B, T, 2F] product
       gate, up = _split(lin(c.hidden_size, 2 * f, name=FUSED_MLP[0])(x), (f, f))
       h = act(gate) * up
     elif c.gated_mlp:

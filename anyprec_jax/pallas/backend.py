@@ -138,6 +138,19 @@ def fuse_residual() -> bool:
   return v in ("1", "on")
 
 
+FUSE_GLU_ENV = "ANYPREC_FUSE_GLU"
+
+
+def fuse_glu() -> bool:
+  """Whether a fused gate/up GEMV forms silu(gate) * up in its epilogue (one XLA
+  kernel per layer fewer; `ops.linear_glu`). `ANYPREC_FUSE_GLU=1|0`; default off until
+  measured (notes_kernels.md step 21). Read at trace time."""
+  v = os.environ.get(FUSE_GLU_ENV, "0").strip().lower()
+  if v not in ("0", "1", "off", "on"):
+    raise ValueError(f"{FUSE_GLU_ENV}={v!r}: expected 1 or 0")
+  return v in ("1", "on")
+
+
 def is_hopper_or_newer() -> bool:
   """Whether the first device is a GPU of compute capability >= 9.0."""
   cc = compute_capability()

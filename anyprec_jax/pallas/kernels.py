@@ -18,6 +18,8 @@ Tilings per bit width live in `gemv_config` / `dequant_config`, tuned on an H100
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -104,10 +106,16 @@ def runs_epilogue(w: AnyPrecWeight, m: int) -> bool:
   return backend.mosaic_available() and _runs_tc_gemv(w, m)
 
 
+def runs_glu(w: AnyPrecWeight, m: int) -> bool:
+  """Whether `anyprec_matmul(x2, w, glu=True)` of m rows can form silu(gate) * up in
+  the GEMV's epilogue (w = gate rows over up rows, 2F rows with F % 16 == 0)."""
+  return runs_epilogue(w, m) and w.out_features % 32 == 0
+
+
 def anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, interpret: bool = False,
                    rms: tuple[jax.Array, float] | None = None,
                    residual: jax.Array | None = None,
-                   epi_weight: jax.Array | None = None):
+                   epi_weight: jax.Array | None = None, glu: bool = False):
   """y = x2 @ W_b^T with b = w.bits, through the Pallas kernels.
 
   Args:
@@ -119,6 +127,8 @@ def anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, interpret: bool = False,
       Only where `folds_rms(w, M)`.
     residual, epi_weight: [M, N] bf16 and [N] (or None): the residual epilogue of the
       tensor-core GEMV (`gemv_tc.gemv_tc`); only where `runs_epilogue(w, M)`.
+    glu: w is gate rows over up rows: return bf16(silu(gate) * up) [M, N / 2] from
+      the GEMV's epilogue; only where `runs_glu(w, M)`.
 
   Returns:
     [M, N] float32; with residual, h = residual + y [M, N] bf16, or (h, h * epi_weight).
@@ -136,14 +146,19 @@ def anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, interpret: bool = False,
   if rms is not None and (interpret or not folds_rms(w, m)):
     raise ValueError(f"an RMSNorm folds only into the tensor-core GEMV (M={m}, "
                      f"{bits} bits, layout {w.layout.value}, K={k})")
+  if glu and (interpret or not runs_glu(w, m)):
+    raise ValueError(f"silu(gate) * up forms in the epilogue of the tensor-core GEMV "
+                     f"only (M={m}, {bits} bits, N={n}, layout {w.layout.value})")
   if residual is not None and (interpret or not runs_epilogue(w, m)):
     raise ValueError(f"a residual adds in the epilogue of the tensor-core GEMV only "
                      f"(M={m}, {bits} bits, layout {w.layout.value})")
   if not interpret and backend.mosaic_available():
     if _runs_tc_gemv(w, m):
       from anyprec_jax.pallas.mosaic import gemv_tc  # Hopper only.
-      return gemv_tc.gemv_tc(x2, planes, lut, bits=bits, tiled=tiled,
-                             cfg=gemv_tc.config_for(bits, m, n, k, tiled=tiled),
+      cfg = gemv_tc.config_for(bits, m, n, k, tiled=tiled)
+      if glu:  # a CTA takes gate tile c and up tile c
+        cfg = dataclasses.replace(cfg, row_tiles=2, stages=0, bulk=0)
+      return gemv_tc.gemv_tc(x2, planes, lut, bits=bits, tiled=tiled, cfg=cfg, glu=glu,
                              norm_x=None if rms is None else rms[0],
                              rms_eps=None if rms is None else rms[1],
                              residual=residual, epi_weight=epi_weight)

@@ -63,5 +63,27 @@ class ResidualFusionTest(parameterized.TestCase):
       np.testing.assert_array_equal(g, w)
 
 
+  def test_gated_mlp_handed_to_the_fused_linear_keeps_the_logits(self):
+    cfg, params = _load("llama_gqa")
+    from models import params as params_lib
+    fused = params_lib.fuse_projections(params, lambda ws: jnp.concatenate(ws, 0), mlp=True)
+    ids, mask = fx.left_padded([fx.random_ids(6, 5), fx.random_ids(7, 4)])
+    more = fx.random_ids(8, (2, 2))
+    want = self._run(cfg, fused, ids, mask, more)
+    calls = []
+    real = ops.linear_glu
+
+    def spy(x, w, act, bias=None):
+      calls.append(w.shape)
+      return real(x, w, act, bias)
+
+    with mock.patch.object(ops, "fuses_glu", return_value=True), \
+        mock.patch.object(ops, "linear_glu", side_effect=spy):
+      got = self._run(cfg, fused, ids, mask, more)
+    self.assertEqual(calls[:cfg.num_layers],
+                     [(2 * cfg.intermediate_size, cfg.hidden_size)] * cfg.num_layers)
+    for g, w in zip(got, want):
+      np.testing.assert_array_equal(g, w)
+
 if __name__ == "__main__":
   absltest.main()

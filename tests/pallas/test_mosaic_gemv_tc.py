@@ -244,6 +244,27 @@ class TcLoweringTest(parameterized.TestCase):
     self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
     self.assertTrue(gt.make_layout(bits, m, n, k, cfg, jnp.bfloat16, True).x_smem == x_smem)
 
+  @parameterized.parameters((3, 1, True, False), (5, 8, False, True), (4, 2, True, True))
+  def test_glu_epilogue_lowers_for_cuda(self, bits, m, tiled, rms):
+    n, k = 2 * 1008, 4000
+    cfg = gt.TcGemvConfig(warpgroups=1)
+    fn = jax.jit(lambda x, p, l, nx: gt.gemv_tc(
+        x, p, l, bits=bits, tiled=tiled, cfg=cfg, glu=True, norm_x=nx,
+        rms_eps=1e-5 if rms else None))
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    args = (x, jax.ShapeDtypeStruct((bits, n, tc_layout.num_words(k)), jnp.uint32),
+            jax.ShapeDtypeStruct((n, 1 << bits), jnp.float16), x if rms else None)
+    self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
+    with self.assertRaisesRegex(ValueError, "N % 32"):
+      gt.make_layout(3, 1, 48, 128, gt.TcGemvConfig(), jnp.bfloat16, epilogue=gt.EPI_GLU)
+    with self.assertRaisesRegex(ValueError, "2 row tiles"):
+      gt.make_layout(3, 1, 64, 128, gt.TcGemvConfig(row_tiles=1), jnp.bfloat16,
+                     epilogue=gt.EPI_GLU)
+    with self.assertRaisesRegex(ValueError, "exclude"):
+      gt.gemv_tc(jnp.ones((1, 16), jnp.bfloat16), jnp.ones((3, 64, 4), jnp.uint32),
+                 jnp.ones((64, 8), jnp.float16), bits=3, glu=True,
+                 residual=jnp.ones((1, 64), jnp.bfloat16))
+
   @parameterized.parameters((3, 1, True, "float32"), (5, 8, False, None),
                             (4, 2, True, "bfloat16"))
   def test_residual_epilogue_lowers_for_cuda(self, bits, m, tiled, weight_dtype):
@@ -510,6 +531,43 @@ class TcGemvTest(parameterized.TestCase):
     h_ref = np.asarray(gt.residual_reference(ref, res), np.float64)
     err = np.abs(np.asarray(got[0], np.float64) - h_ref).max() / np.abs(h_ref).max()
     self.assertLess(err, 1e-2, f"b{bits} M={m}: {err:.3g}")  # a bf16 ulp of h at most
+
+  @parameterized.parameters((3, 1, True, 22016, False), (8, 8, True, 2 * 1008, True),
+                            (5, 3, False, 2 * 1008, False), (4, 1, True, 2 * 4096, True))
+  def test_glu_epilogue_matches_reference(self, bits, m, tiled, n, rms):
+    k = 4096 if n > 4096 else 4000
+    kx, kp, kl, kg = jax.random.split(jax.random.PRNGKey(3 * bits + m), 4)
+    nx = (3 * jax.random.normal(kx, (m, k), jnp.float32)).astype(jnp.bfloat16)
+    x = (nx.astype(jnp.float32) * jax.random.uniform(kg, (k,), minval=0.5, maxval=1.5)
+         ).astype(jnp.bfloat16)
+    planes = tc_layout.to_tc(jax.random.bits(kp, (bits, n, -(-k // 32)), jnp.uint32), k)
+    planes = tc_layout.tile(planes) if tiled else planes
+    lut = jax.random.normal(kl, (n, 1 << bits), jnp.float16)
+    cfg = gt.config_for(bits, m, n, k, tiled=tiled)
+    extra = dict(norm_x=nx, rms_eps=1e-5) if rms else {}
+    got = gt.gemv_tc(x, planes, lut, bits=bits, tiled=tiled, glu=True,
+                     cfg=gt.TcGemvConfig(row_tiles=2, warpgroups=cfg.warpgroups), **extra)
+    y = gt.gemv_tc(x, planes, lut, bits=bits, tiled=tiled, cfg=cfg, **extra)
+    want = np.asarray(gt.glu_reference(y), np.float64)  # the same sums
+    self.assertEqual((got.shape, got.dtype), ((m, n // 2), jnp.bfloat16))
+    got = np.asarray(got, np.float64)
+    self.assertTrue(np.isfinite(got).all())
+    # ex2.approx and a bf16 rounding of silu(g): within 2 bf16 ulps of each value
+    np.testing.assert_array_less(np.abs(got - want), 2.0 ** -6 * np.abs(want) + 1e-30)
+
+  def test_linear_glu_through_the_epilogue(self):
+    rng = np.random.default_rng(11)
+    w = _tc_weight(rng, 2048, 512, 3).with_layout(PlaneLayout.TC_TILED)
+    x = jnp.asarray(rng.standard_normal((1, 1, 512)), jnp.bfloat16)
+    normed = ops.RmsNormed(x, jnp.asarray(rng.uniform(0.5, 1.5, 512), jnp.float32), 1e-6)
+    with ops.use_backend(ops.Backend.PALLAS):
+      for inp in (x, normed):
+        got = np.asarray(ops.linear_glu(inp, w, jax.nn.silu), np.float64)
+        y = ops.linear(inp, w)
+        want = np.asarray(jax.nn.silu(y[..., :1024]) * y[..., 1024:], np.float64)
+        self.assertEqual(got.shape, (1, 1, 1024))
+        err = np.abs(got - want).max() / np.abs(want).max()
+        self.assertLess(err, 2e-2)  # bf16 roundings in a different order
 
   def test_linear_residual_through_the_epilogue(self):
     # ops.linear_residual on TC_TILED planes against x + linear, then x * w (bf16).

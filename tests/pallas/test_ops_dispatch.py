@@ -91,6 +91,35 @@ class LinearResidualTest(absltest.TestCase):
         backend.fuse_residual()
 
 
+class LinearGluTest(absltest.TestCase):
+  """`ops.linear_glu` off the tensor-core GEMV: act(gate) * up of the fused linear."""
+
+  def test_formed_as_the_decoder_forms_it(self):
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((2, 1, 64)), jnp.bfloat16)
+    w = _weight(rng, 48, 64).with_bits(3)
+    for backend in (ops.Backend.REFERENCE, ops.Backend.INTERPRET):
+      with ops.use_backend(backend):
+        self.assertFalse(ops.fuses_glu())
+        for act in (jax.nn.silu, jax.nn.relu):
+          y = ops.linear(x, w)
+          np.testing.assert_array_equal(
+              np.asarray(ops.linear_glu(x, w, act), np.float32),
+              np.asarray(act(y[..., :24]) * y[..., 24:], np.float32))
+
+  def test_switch_is_checked(self):
+    from unittest import mock
+    from anyprec_jax.pallas import backend
+    with mock.patch.dict("os.environ", {}) as env:
+      env.pop(backend.FUSE_GLU_ENV, None)
+      self.assertFalse(backend.fuse_glu())
+    with mock.patch.dict("os.environ", {backend.FUSE_GLU_ENV: "on"}):
+      self.assertTrue(backend.fuse_glu())
+    with mock.patch.dict("os.environ", {backend.FUSE_GLU_ENV: "x"}):
+      with self.assertRaisesRegex(ValueError, backend.FUSE_GLU_ENV):
+        backend.fuse_glu()
+
+
 class OpsDispatchTest(parameterized.TestCase):
 
   @parameterized.named_parameters(

@@ -138,7 +138,8 @@ class TcGemvConfig:
 
 # Epilogues (`gemv_tc(residual=, epi_weight=)`): y stored as f32; h = residual + y in bf16;
 # h and h * weight (the next RMSNorm's x * w, for the folded norm of the GEMV after).
-EPI_NONE, EPI_RESIDUAL, EPI_RESIDUAL_NORM = 0, 1, 2
+# EPI_GLU: W is gate rows [0, F) over up rows [F, 2F); out = bf16(silu(g) * u) [M, F].
+EPI_NONE, EPI_RESIDUAL, EPI_RESIDUAL_NORM, EPI_GLU = 0, 1, 2, 3
 
 SMEM_BUDGET = 200 * 1024  # shared bytes a CTA may ask for (227 KB on Hopper)
 X_BLOCK_BYTES = 256  # one block of one activation row in shared memory (64 words)
@@ -168,6 +169,11 @@ class _Layout:
   rms_eps: float | None = None  # fold an RMSNorm's 1 / rms(norm_x) into the output
   epilogue: int = 0  # EPI_*: what the output elements become (`gemv_tc`'s residual)
   epi_w_bf16: bool = False  # the epilogue's norm weight is bf16 (else f32)
+  glu: bool = False  # EPI_GLU: a CTA's two tiles are gate tile c and up tile c
+
+  @property
+  def tile_step(self) -> int:  # tiles between a CTA's consecutive tiles
+    return self.n // 32 if self.glu else 1
 
   @property
   def warps(self) -> int:
@@ -288,17 +294,20 @@ def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
   if rms_eps is not None and (k % 8 or cfg.ksplit > 1):
     raise ValueError(f"a folded RMSNorm needs K % 8 == 0 and ksplit 1, got K={k}, "
                      f"ksplit={cfg.ksplit}")
-  if epilogue not in (EPI_NONE, EPI_RESIDUAL, EPI_RESIDUAL_NORM):
+  if epilogue not in (EPI_NONE, EPI_RESIDUAL, EPI_RESIDUAL_NORM, EPI_GLU):
     raise ValueError(f"unknown epilogue {epilogue}")
   if epilogue and cfg.ksplit > 1:
-    raise ValueError(f"a residual epilogue needs ksplit 1, got {cfg.ksplit}")
+    raise ValueError(f"an epilogue needs ksplit 1, got {cfg.ksplit}")
+  if epilogue == EPI_GLU and (n % 32 or cfg.row_tiles != 2 or cfg.stages or cfg.bulk):
+    raise ValueError(f"the gated epilogue needs N % 32 == 0 (gate over up), 2 row tiles "
+                     f"and no plane ring or bulk copies, got N={n}, {cfg}")
   lay = _Layout(bits=bits, m=m, n=n, k=k, blocks=blocks, row_tiles=cfg.row_tiles,
                 warpgroups=t, ctas=ctas, prefetch=cfg.prefetch, mma_dtype=mma,
                 stages=cfg.stages, tiled=tiled, x_smem=cfg.x_smem,
                 early_loads=cfg.early_loads, ksplit=cfg.ksplit, probe=cfg.probe,
                 depth=cfg.depth, split4=cfg.split4 and bits == 4, bulk=cfg.bulk,
                 rms_eps=None if rms_eps is None else float(rms_eps), epilogue=epilogue,
-                epi_w_bf16=epi_w_bf16)
+                epi_w_bf16=epi_w_bf16, glu=epilogue == EPI_GLU)
   if lay.x_smem and lay.smem_bytes > SMEM_BUDGET:
     lay = dataclasses.replace(lay, x_smem=False)
   if lay.bulk and lay.smem_bytes > SMEM_BUDGET:
@@ -368,22 +377,24 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
   xg, pg, lg, og = (ptx.gmem_address(r) for r in (x_ref, planes_ref, lut_ref, out_ref))
   smem = ptx.smem_address(smem_ref)  # 1024-aligned (Pallas scratch)
   red = ptx.add(smem, ptx.const(lay.table_bytes))
-  row0 = ptx.mul(cta, ptx.const(16 * rt_n))
+  # The CTA's tiles: cta * RT + rt, or (gated epilogue) gate tile cta and up tile cta.
+  tile0 = cta if lay.glu else ptx.mul(cta, ptx.const(rt_n))
+  row0 = ptx.shl(tile0, 4)
   rows = []  # per tile: (row g, row g + 8), clamped
   for rt in range(rt_n):
-    ra = ptx.add(row0, ptx.add(g, ptx.const(16 * rt)))
+    ra = ptx.add(row0, ptx.add(g, ptx.const(16 * rt * lay.tile_step)))
     rows.append((ptx.umin(ra, n - 1), ptx.umin(ptx.add(ra, ptx.const(8)), n - 1)))
   # Residual epilogue: this thread's output elements' residual (and weight) values,
   # loaded now so their latency hides under the main loop.
   epi_vals = ([_epilogue_loads(ptx, lay, _output_element(ptx, lay, tid, row0, base),
                                res_ref, ew_ref)
                for base in range(0, lay.row_tiles * 128, WARPGROUP * lay.warpgroups)]
-              if lay.epilogue else [])
+              if lay.epilogue in (EPI_RESIDUAL, EPI_RESIDUAL_NORM) else [])
 
   def make_tables():
     if b < SMEM_TABLE_BITS:
       return _register_tables(ptx, lay, lg, rows)
-    return _shared_tables(ptx, lay, lg, smem, row0, tid, lane)
+    return _shared_tables(ptx, lay, lg, smem, row0, tid, lane)  # tiles lay.tile_step apart
 
   parts = lay.kparts
   start = ptx.udiv(ptx.mul(kpart, ptx.const(lay.blocks)), parts)
@@ -400,8 +411,8 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
 
   tiles_n = -(-n // 16)
   # TC_TILED: word offset of this lane's pair in block 0 of each of the CTA's tiles.
-  tile_base = [ptx.add(ptx.mul(ptx.umin(ptx.add(ptx.mul(cta, ptx.const(rt_n)),
-                                                ptx.const(rt)), tiles_n - 1),
+  tile_base = [ptx.add(ptx.mul(ptx.umin(ptx.add(tile0, ptx.const(rt * lay.tile_step)),
+                                         tiles_n - 1),
                                ptx.const(lay.blocks * 64)), ptx.shl(lane, 1))
                for rt in range(rt_n)] if lay.tiled else []
 
@@ -567,6 +578,9 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
   ptx.cta_sync()
   nthreads = WARPGROUP * lay.warpgroups
   elems = rt_n * 32 * 4
+  if lay.glu:
+    _store_glu(ptx, lay, tid, row0, red, og, nw, norm if lay.rms_eps is not None else None)
+    return
   for i, base in enumerate(range(0, elems, nthreads)):
     e, row, mm, inside = _output_element(ptx, lay, tid, row0, base)
     with ptx.If(inside):
@@ -579,12 +593,41 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
         tot = arith.mulf(tot, _rms_scale(ptx, lay, norm, ptx.umin(mm, m - 1)))
       with ptx.If(ok):
         idx = ptx.add(ptx.mul(mm, ptx.const(n)), row)
-        if lay.epilogue:
+        if lay.epilogue:  # a residual one (the gated epilogue returned above)
           _store_epilogue(ptx, lay, idx, tot, og, out2_ref, *epi_vals[i])
         elif lay.ksplit > 1:
           ptx.red_add_global_f32(ptx.gaddr(og, idx, 4), tot)
         else:
           ptx.st_global_f32(ptx.gaddr(og, idx, 4), tot)
+
+
+def _store_glu(ptx, lay: _Layout, tid, row0, red, og, nw: int, norm):
+  """The gated epilogue: element e of tile 0 (gate) and e + 128 of tile 1 (up) are the
+  same output row; out[mm, row] = bf16(bf16(silu(g)) * u), g and u rounded to bf16
+  first (`glu_reference`)."""
+  from jaxlib.mlir.dialects import arith
+  f, m = lay.n // 2, lay.m
+  elems = lay.row_tiles * 32 * 4
+  one = ptx.fconst(1.0)
+  to16 = lambda v: ptx.bf16_bits_to_f32(ptx.f32_to_bf16_bits(v))
+  for base in range(0, 128, WARPGROUP * lay.warpgroups):
+    e, row, mm, _ = _output_element(ptx, lay, tid, row0, base)
+    with ptx.If(ptx.lt(e, 128)):  # tile 0's elements only
+      tots = []
+      for half in range(2):
+        tot = None
+        for w in range(nw):
+          v = ptx.ld_shared_f32(ptx.add(red, ptx.shl(e, 2)), imm=(w * elems + 128 * half) * 4)
+          tot = v if tot is None else ptx.fadd(tot, v)
+        if norm is not None:
+          tot = arith.mulf(tot, _rms_scale(ptx, lay, norm, ptx.umin(mm, m - 1)))
+        tots.append(to16(tot))
+      gate, up = tots
+      sig = arith.divf(one, ptx.fadd(one, ptx.exp2_approx(
+          arith.mulf(gate, ptx.fconst(-1.4426950408889634)))))
+      h = ptx.f32_to_bf16_bits(arith.mulf(to16(arith.mulf(gate, sig)), up))
+      with ptx.If(ptx.land(ptx.lt(row, f), ptx.lt(mm, m))):
+        ptx.st_global_b16(ptx.gaddr(og, ptx.add(ptx.mul(mm, ptx.const(f)), row), 2), h)
 
 
 def _output_element(ptx, lay: _Layout, tid, row0, base: int):
@@ -911,7 +954,7 @@ def _shared_tables(ptx, lay: _Layout, lg, smem, row0, tid, lane):
       tile = ptx.shr(c, b)
       g = ptx.band(ptx.shr(c, b - 3), 7)
       e0 = ptx.shl(ptx.band(c, (1 << (b - 3)) - 1), 3)
-      ra = ptx.add(row0, ptx.add(ptx.shl(tile, 4), g))
+      ra = ptx.add(row0, ptx.add(ptx.mul(tile, ptx.const(16 * lay.tile_step)), g))
       h = []
       for r in (ptx.umin(ra, n - 1), ptx.umin(ptx.add(ra, ptx.const(8)), n - 1)):
         v = ptx.ld_global_v4_u32(ptx.gaddr(lg, ptx.add(ptx.shl(r, b), e0), 2))
@@ -982,11 +1025,23 @@ def residual_reference(y, residual, epi_weight=None):
   return h, (h.astype(jnp.float32) * epi_weight.astype(jnp.float32)).astype(jnp.bfloat16)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "cfg", "tiled", "rms_eps"))
+def glu_reference(y):
+  """Pure-jnp twin of the gated epilogue: y [M, 2F] f32 (gate over up) -> bf16(
+  bf16(silu(g)) * u) [M, F], with g and u rounded to bf16 first (the decoder's
+  `act(gate) * up` on the bf16 outputs of the fused gate/up linear)."""
+  y16 = y.astype(jnp.bfloat16).astype(jnp.float32)
+  f = y.shape[-1] // 2
+  g, u = y16[..., :f], y16[..., f:]
+  s = (g / (1.0 + jnp.exp(-g))).astype(jnp.bfloat16).astype(jnp.float32)
+  return (s * u).astype(jnp.bfloat16)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "cfg", "tiled", "rms_eps", "glu"))
 def gemv_tc(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, *, bits: int,
             cfg: TcGemvConfig = TcGemvConfig(), tiled: bool = False,
             norm_x: jax.Array | None = None, rms_eps: float | None = None,
-            residual: jax.Array | None = None, epi_weight: jax.Array | None = None):
+            residual: jax.Array | None = None, epi_weight: jax.Array | None = None,
+            glu: bool = False):
   """y = x @ W_b^T on the tensor cores, b in 3..8.
 
   Args:
@@ -1006,8 +1061,13 @@ def gemv_tc(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, *, bits: int,
     epi_weight: [N] (f32 or bf16, read as stored; with residual): also return
       bf16(h * epi_weight), the x * w of the RMSNorm of h that the next GEMV folds.
 
+    glu: (static) W is a gated MLP's gate rows over its up rows (N = 2F, F % 16 ==
+      0): return bf16(silu(gate) * up) [M, F] (`glu_reference`) instead of y; each
+      CTA takes gate tile c and up tile c (2 row tiles, no ring or bulk copies).
+
   Returns:
-    [M, N] float32; with residual, h [M, N] bf16, or (h, h * epi_weight).
+    [M, N] float32; with residual, h [M, N] bf16, or (h, h * epi_weight); with glu,
+    [M, N / 2] bf16.
   """
   from jax.experimental.pallas import mosaic_gpu as plgpu
   from anyprec_jax.pallas.mosaic import ptx
@@ -1033,8 +1093,10 @@ def gemv_tc(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, *, bits: int,
     lut = lut.astype(jnp.float16)
   if x.dtype not in (jnp.bfloat16, jnp.float16):
     x = x.astype(jnp.bfloat16)
-  epilogue = (EPI_NONE if residual is None else EPI_RESIDUAL if epi_weight is None
-              else EPI_RESIDUAL_NORM)
+  if glu and residual is not None:
+    raise ValueError("the gated and residual epilogues exclude each other")
+  epilogue = (EPI_GLU if glu else EPI_NONE if residual is None
+              else EPI_RESIDUAL if epi_weight is None else EPI_RESIDUAL_NORM)
   if epi_weight is not None and epi_weight.dtype != jnp.bfloat16:
     epi_weight = epi_weight.astype(jnp.float32)  # read as stored: no convert kernel
   lay = make_layout(bits, m, n, k, cfg, x.dtype, tiled=tiled, rms_eps=rms_eps,
@@ -1061,7 +1123,8 @@ def gemv_tc(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, *, bits: int,
             ew_ref=wr, out2_ref=o2)
 
     out_type = jax.ShapeDtypeStruct(
-        (m, n), jnp.float32 if residual is None else jnp.bfloat16)
+        (m, n // 2) if glu else (m, n),
+        jnp.float32 if residual is None and not glu else jnp.bfloat16)
     kernel = plgpu.kernel(
         ptx.thread_body(emit_refs), out_type=out_type if outs == 1 else (out_type,) * 2,
         scratch_types=[scratch], grid=(grid,), grid_names=("cta",),
