@@ -83,7 +83,7 @@ class LinearResidualTest(absltest.TestCase):
     from anyprec_jax.pallas import backend
     with mock.patch.dict("os.environ", {}) as env:
       env.pop(backend.FUSE_RESIDUAL_ENV, None)
-      self.assertFalse(backend.fuse_residual())  # off until measured
+      self.assertTrue(backend.fuse_residual())  # on by default
     with mock.patch.dict("os.environ", {backend.FUSE_RESIDUAL_ENV: "1"}):
       self.assertTrue(backend.fuse_residual())
     with mock.patch.dict("os.environ", {backend.FUSE_RESIDUAL_ENV: "2"}):
@@ -112,7 +112,7 @@ class LinearGluTest(absltest.TestCase):
     from anyprec_jax.pallas import backend
     with mock.patch.dict("os.environ", {}) as env:
       env.pop(backend.FUSE_GLU_ENV, None)
-      self.assertFalse(backend.fuse_glu())
+      self.assertTrue(backend.fuse_glu())  # on by default
     with mock.patch.dict("os.environ", {backend.FUSE_GLU_ENV: "on"}):
       self.assertTrue(backend.fuse_glu())
     with mock.patch.dict("os.environ", {backend.FUSE_GLU_ENV: "x"}):
