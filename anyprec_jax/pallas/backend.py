@@ -107,6 +107,15 @@ def decode_attention() -> str:
   return v
 
 
+def _on_off(env: str, default: bool) -> bool:
+  """An on/off switch from the environment: 1/on, 0/off (a bad value names the
+  variable)."""
+  v = os.environ.get(env, "1" if default else "0").strip().lower()
+  if v not in ("0", "1", "off", "on"):
+    raise ValueError(f"{env}={v!r}: expected 1 or 0")
+  return v in ("1", "on")
+
+
 FOLD_NORM_ENV = "ANYPREC_FOLD_NORM"
 
 
@@ -116,10 +125,7 @@ def fold_norm() -> bool:
   two norm kernels per norm go). `ANYPREC_FOLD_NORM=1|0`; default on: a 384-slot 3-bit
   7B decode step 2.836 -> 2.475 ms on the H100 (notes_kernels.md step 14). Read at
   trace time."""
-  v = os.environ.get(FOLD_NORM_ENV, "1").strip().lower()
-  if v not in ("0", "1", "off", "on"):
-    raise ValueError(f"{FOLD_NORM_ENV}={v!r}: expected 1 or 0")
-  return v in ("1", "on")
+  return _on_off(FOLD_NORM_ENV, default=True)
 
 
 FUSE_RESIDUAL_ENV = "ANYPREC_FUSE_RESIDUAL"
@@ -133,10 +139,7 @@ def fuse_residual() -> bool:
   `ANYPREC_FUSE_RESIDUAL=1|0`; default on: a 384-slot 7B step 2.418 -> 2.213 ms at 3
   bits, 4.627 -> 4.457 at 8 (H100, notes_kernels.md step 21).
   Read at trace time."""
-  v = os.environ.get(FUSE_RESIDUAL_ENV, "1").strip().lower()
-  if v not in ("0", "1", "off", "on"):
-    raise ValueError(f"{FUSE_RESIDUAL_ENV}={v!r}: expected 1 or 0")
-  return v in ("1", "on")
+  return _on_off(FUSE_RESIDUAL_ENV, default=True)
 
 
 FUSE_GLU_ENV = "ANYPREC_FUSE_GLU"
@@ -147,10 +150,7 @@ def fuse_glu() -> bool:
   kernel per layer fewer; `ops.linear_glu`). `ANYPREC_FUSE_GLU=1|0`; default on: GPU
   time of a 384-slot 7B step -41 us at 3 bits, -54 at 8 (H100, notes_kernels.md
   step 21). Read at trace time."""
-  v = os.environ.get(FUSE_GLU_ENV, "1").strip().lower()
-  if v not in ("0", "1", "off", "on"):
-    raise ValueError(f"{FUSE_GLU_ENV}={v!r}: expected 1 or 0")
-  return v in ("1", "on")
+  return _on_off(FUSE_GLU_ENV, default=True)
 
 
 def is_hopper_or_newer() -> bool:
