@@ -39,20 +39,6 @@ class RmsNormedTest(absltest.TestCase):
               np.asarray(ops.linear(normed, weight), np.float32),
               np.asarray(ops.linear(normed.value(), weight), np.float32))
 
-  def test_switch_is_checked(self):
-    from unittest import mock
-    from anyprec_jax.pallas import backend
-    with mock.patch.dict("os.environ", {}) as env:
-      env.pop(backend.FOLD_NORM_ENV, None)
-      self.assertTrue(backend.fold_norm())  # on by default
-    with mock.patch.dict("os.environ", {backend.FOLD_NORM_ENV: "0"}):
-      self.assertFalse(backend.fold_norm())
-    with mock.patch.dict("os.environ", {backend.FOLD_NORM_ENV: "1"}):
-      self.assertTrue(backend.fold_norm())
-    with mock.patch.dict("os.environ", {backend.FOLD_NORM_ENV: "yes"}):
-      with self.assertRaisesRegex(ValueError, backend.FOLD_NORM_ENV):
-        backend.fold_norm()
-
 
 class LinearResidualTest(absltest.TestCase):
   """`ops.linear_residual` off the tensor-core GEMV: the decoder's `x + a`, then the norm."""
@@ -78,18 +64,6 @@ class LinearResidualTest(absltest.TestCase):
           self.assertIsNone(normed.xw)
           self.assertEqual((normed.eps, normed.weight.shape), (1e-5, (24,)))
 
-  def test_switch_is_checked(self):
-    from unittest import mock
-    from anyprec_jax.pallas import backend
-    with mock.patch.dict("os.environ", {}) as env:
-      env.pop(backend.FUSE_RESIDUAL_ENV, None)
-      self.assertTrue(backend.fuse_residual())  # on by default
-    with mock.patch.dict("os.environ", {backend.FUSE_RESIDUAL_ENV: "1"}):
-      self.assertTrue(backend.fuse_residual())
-    with mock.patch.dict("os.environ", {backend.FUSE_RESIDUAL_ENV: "2"}):
-      with self.assertRaisesRegex(ValueError, backend.FUSE_RESIDUAL_ENV):
-        backend.fuse_residual()
-
 
 class LinearGluTest(absltest.TestCase):
   """`ops.linear_glu` off the tensor-core GEMV: act(gate) * up of the fused linear."""
@@ -107,17 +81,27 @@ class LinearGluTest(absltest.TestCase):
               np.asarray(ops.linear_glu(x, w, act), np.float32),
               np.asarray(act(y[..., :24]) * y[..., 24:], np.float32))
 
-  def test_switch_is_checked(self):
+
+class SwitchTest(parameterized.TestCase):
+  """The on/off switches of the fused decoder kernels: default on, 1/0/on/off, a bad
+  value names its variable."""
+
+  @parameterized.parameters(("FOLD_NORM_ENV", "fold_norm"),
+                            ("FUSE_RESIDUAL_ENV", "fuse_residual"),
+                            ("FUSE_GLU_ENV", "fuse_glu"))
+  def test_switch_is_checked(self, env_attr, fn_name):
     from unittest import mock
     from anyprec_jax.pallas import backend
+    name, switch = getattr(backend, env_attr), getattr(backend, fn_name)
     with mock.patch.dict("os.environ", {}) as env:
-      env.pop(backend.FUSE_GLU_ENV, None)
-      self.assertTrue(backend.fuse_glu())  # on by default
-    with mock.patch.dict("os.environ", {backend.FUSE_GLU_ENV: "on"}):
-      self.assertTrue(backend.fuse_glu())
-    with mock.patch.dict("os.environ", {backend.FUSE_GLU_ENV: "x"}):
-      with self.assertRaisesRegex(ValueError, backend.FUSE_GLU_ENV):
-        backend.fuse_glu()
+      env.pop(name, None)
+      self.assertTrue(switch())  # on by default
+    for value, want in (("0", False), ("1", True), ("off", False), ("on", True)):
+      with mock.patch.dict("os.environ", {name: value}):
+        self.assertEqual(switch(), want)
+    with mock.patch.dict("os.environ", {name: "yes"}):
+      with self.assertRaisesRegex(ValueError, name):
+        switch()
 
 
 class OpsDispatchTest(parameterized.TestCase):
