@@ -197,10 +197,10 @@ def fuses_glu() -> bool:
 def linear_glu(x, w, act, bias: jax.Array | None = None) -> jax.Array:
   """act(gate) * up, where linear(x, w, bias) = [gate | up] (a fused gate/up weight).
 
-  With act = jax.nn.silu on the tensor-core GEMV (a quantized w, M <= 8, bf16, no
-  bias; x may be an `RmsNormed`, folded as in `linear`) the product forms in the
-  kernel's epilogue: one launch instead of the GEMV and an XLA kernel. Anywhere else
-  as the decoder forms it.
+  With act = jax.nn.silu on the tensor-core GEMV (`fuses_glu`; a quantized w, M <= 8,
+  bf16, no bias; x may be an `RmsNormed`, folded as in `linear`) the product forms in
+  the kernel's epilogue: one launch instead of the GEMV and an XLA kernel. Anywhere
+  else from the linear's two halves.
 
   Args:
     x: [..., K] activations or an `RmsNormed`; w: [2F, K] dense or `AnyPrecWeight`.
@@ -210,7 +210,7 @@ def linear_glu(x, w, act, bias: jax.Array | None = None) -> jax.Array:
     [..., F] in x's dtype.
   """
   if (act is jax.nn.silu and isinstance(w, AnyPrecWeight) and bias is None
-      and get_backend() is Backend.PALLAS and x.dtype == jnp.bfloat16):
+      and x.dtype == jnp.bfloat16 and fuses_glu()):
     from anyprec_jax.pallas import kernels  # Local import: Pallas only when used.
     lead = x.shape[:-1]
     m = math.prod(lead)

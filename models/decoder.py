@@ -251,7 +251,7 @@ class Attention(nn.Module):
       k, v = write_cache(kv[0], k, cache_index), write_cache(kv[1], v, cache_index)
     out = attend(q, k, v, mask)  # [B, T, H * Dh]
     o_proj = lin(c.num_heads * c.head_dim, c.hidden_size, name="o_proj")
-    out = o_proj(out) if residual is None else o_proj(out, residual, out_norm)
+    out = o_proj(out, residual, out_norm)
     return out, (None if kv is None else (k, v))
 
 
@@ -269,18 +269,15 @@ class Mlp(nn.Module):
     act = {Activation.SILU: jax.nn.silu, Activation.RELU: jax.nn.relu,
            Activation.GELU: functools.partial(jax.nn.gelu, approximate=False)}[c.activation]
     f = c.intermediate_size
-    if c.gated_mlp and _fused(self, FUSED_MLP) and ops.fuses_glu():  # in the kernel
+    if c.gated_mlp and _fused(self, FUSED_MLP):  # one [B, T, 2F] product
       h = lin(c.hidden_size, 2 * f, name=FUSED_MLP[0])(x, glu=act)  # [B, T, F]
-    elif c.gated_mlp and _fused(self, FUSED_MLP):  # one [B, T, 2F] product
-      gate, up = _split(lin(c.hidden_size, 2 * f, name=FUSED_MLP[0])(x), (f, f))
-      h = act(gate) * up
     elif c.gated_mlp:
       h = act(lin(c.hidden_size, f, name="gate_proj")(x))  # [B, T, F]
       h = h * lin(c.hidden_size, f, name="up_proj")(x)
     else:
       h = act(lin(c.hidden_size, c.intermediate_size, name="up_proj")(x))  # [B, T, F]
     down = lin(c.intermediate_size, c.hidden_size, name="down_proj")
-    return down(h) if residual is None else down(h, residual, out_norm)
+    return down(h, residual, out_norm)
 
 
 class DecoderLayer(nn.Module):
