@@ -557,11 +557,16 @@ def trace_kernel_table(trace_json: dict, steps: int = 1) -> str:
   # Idle time before each kernel (after the latest end so far), by the kernel's family:
   # launch latency shows as small gaps before every kernel of a family, a per-step host
   # sync as a few long gaps.
+  # A kernel that starts before the one before it has ended runs as a programmatic
+  # dependent (PDL): its overlap is counted per family.
   gaps: dict[str, list[float]] = {}
+  early: dict[str, list[float]] = {}
   end = float(kern[0]["ts"]) + float(kern[0].get("dur", 0.0))
   for e in kern[1:]:
     t0 = float(e["ts"])
     gaps.setdefault(kernel_family(e["name"]), []).append(max(0.0, t0 - end))
+    if t0 < end:
+      early.setdefault(kernel_family(e["name"]), []).append(end - t0)
     end = max(end, t0 + float(e.get("dur", 0.0)))
   flat = [g for v in gaps.values() for g in v]
   long_gaps = [g for g in flat if g > 20.0]
@@ -569,6 +574,9 @@ def trace_kernel_table(trace_json: dict, steps: int = 1) -> str:
              f"{sum(long_gaps) / steps:.1f} in {len(long_gaps) / steps:g} gaps > 20 us "
              f"per step; mean gap before: " + ", ".join(
                  f"{f} {sum(v) / len(v):.2f} us" for f, v in sorted(gaps.items())))
+  out.append("kernels started before the previous one ended: " + (", ".join(
+      f"{f} {len(v) / steps:g} per step, {sum(v) / len(v):.2f} us early"
+      for f, v in sorted(early.items())) or "none"))
   out.append("")
   return "\n".join(out + _family_table(fam, byname, per=steps, unit="GPU us/step"))
 

@@ -287,4 +287,5 @@ def one_query_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       or d not in (64, 128) or h % kvh or h // kvh > 8):
     return None
   from anyprec_jax.pallas.mosaic import decode_attention as da
-  return da.decode_attention(q, k, v, valid, out_dtype=q.dtype)
+  cfg = da.DecodeAttentionConfig(launch_dependents=backend.pdl())
+  return da.decode_attention(q, k, v, valid, cfg=cfg, out_dtype=q.dtype)

@@ -123,8 +123,14 @@ class KernelTableTest(absltest.TestCase):
     self.assertIn("idle before kernels: 7.5 us/step, of which 0.0 in 0 gaps > 20 us", table)
     self.assertIn("mosaic (any-precision GEMV) 5.00 us, other XLA (fusions, copies) 5.00 us",
                   table)
+    self.assertIn("kernels started before the previous one ended: none", table)
     with self.assertRaisesRegex(ValueError, "no GPU kernel events"):
       latency.trace_kernel_table({"traceEvents": trace["traceEvents"][:1]})
+    # A kernel launched as a programmatic dependent starts in its predecessor's tail.
+    trace["traceEvents"].append(kernel(43.0, 10.0, "mosaic_gpu_kernel_a"))
+    self.assertIn("kernels started before the previous one ended: mosaic (any-precision "
+                  "GEMV) 0.5 per step, 2.00 us early",
+                  latency.trace_kernel_table(trace, steps=2))
 
 
 if __name__ == "__main__":

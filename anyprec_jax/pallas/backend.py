@@ -153,6 +153,18 @@ def fuse_glu() -> bool:
   return _on_off(FUSE_GLU_ENV, default=True)
 
 
+PDL_ENV = "ANYPREC_PDL"
+
+
+def pdl() -> bool:
+  """Whether the tensor-core GEMVs of the model path are launched as programmatic
+  dependents of the kernel before them (`TcGemvConfig.pdl`): each starts in its
+  predecessor's tail with its LUT and first plane loads in flight, and waits for it
+  before reading activations. `ANYPREC_PDL=1|0`; default off until measured. Read at
+  trace time."""
+  return _on_off(PDL_ENV, default=False)
+
+
 def is_hopper_or_newer() -> bool:
   """Whether the first device is a GPU of compute capability >= 9.0."""
   cc = compute_capability()

@@ -80,6 +80,17 @@ class DecodeAttentionCpuTest(parameterized.TestCase):
             jax.ShapeDtypeStruct((b, s), jnp.bool_))
     self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
 
+  @parameterized.parameters(True, False)
+  def test_launch_dependents_lowers_for_cuda(self, trigger):
+    cfg = da.DecodeAttentionConfig(launch_dependents=trigger)
+    fn = jax.jit(functools.partial(da.decode_attention, cfg=cfg, out_dtype=jnp.bfloat16))
+    args = (jax.ShapeDtypeStruct((1, 32, 128), jnp.bfloat16),
+            jax.ShapeDtypeStruct((1, 384, 32, 128), jnp.bfloat16),
+            jax.ShapeDtypeStruct((1, 384, 32, 128), jnp.bfloat16),
+            jax.ShapeDtypeStruct((1, 384), jnp.bool_))
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    self.assertEqual("griddepcontrol.launch_dependents" in text, trigger)
+
   @parameterized.parameters(*SHAPES)
   def test_replayed_partials_combine_to_the_reference(self, b, s, kvh, g, d):
     q, k, v, valid = _inputs(b + s, b, s, kvh, g, d)

@@ -7,6 +7,8 @@ selectors and the register order are verified on CPU. `TcLoweringTest` builds th
 kernel for CUDA on any machine; `TcGemvTest` runs it natively on Hopper.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -287,6 +289,27 @@ class TcLoweringTest(parameterized.TestCase):
       gt.make_layout(3, 1, 16, 128, gt.TcGemvConfig(ksplit=2), jnp.bfloat16,
                      epilogue=gt.EPI_RESIDUAL)
 
+  @parameterized.parameters(True, False)
+  def test_pdl_lowers_for_cuda(self, pdl):
+    # The launch trigger and the wait are emitted only with pdl (the lowered module
+    # holds the inline PTX text); ksplit > 1 ignores pdl.
+    n, k, m, bits = 1008, 4000, 2, 3
+    cfg = gt.TcGemvConfig(warpgroups=1, pdl=pdl)
+    fn = jax.jit(lambda x, p, l, nx, r, w: gt.gemv_tc(
+        x, p, l, bits=bits, tiled=True, cfg=cfg, norm_x=nx, rms_eps=1e-5, residual=r,
+        epi_weight=w))
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    args = (x, jax.ShapeDtypeStruct((bits, n, tc_layout.num_words(k)), jnp.uint32),
+            jax.ShapeDtypeStruct((n, 1 << bits), jnp.float16), x,
+            jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
+            jax.ShapeDtypeStruct((n,), jnp.bfloat16))
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    self.assertEqual("griddepcontrol.launch_dependents" in text, pdl)
+    self.assertEqual("griddepcontrol.wait" in text, pdl)
+    self.assertTrue(gt.make_layout(bits, m, n, k, cfg, jnp.bfloat16, True).pdl == pdl)
+    self.assertFalse(gt.make_layout(bits, m, n, k, dataclasses.replace(cfg, ksplit=2),
+                                    jnp.bfloat16, True).pdl)
+
   @parameterized.parameters((3, 1, True), (5, 8, False))
   def test_folded_rms_norm_lowers_for_cuda(self, bits, m, tiled):
     n, k = 1008, 4000
@@ -554,6 +577,41 @@ class TcGemvTest(parameterized.TestCase):
     self.assertTrue(np.isfinite(got).all())
     # ex2.approx and a bf16 rounding of silu(g): within 2 bf16 ulps of each value
     np.testing.assert_array_less(np.abs(got - want), 2.0 ** -6 * np.abs(want) + 1e-30)
+
+  def test_pdl_chain_equals_serial_chain(self):
+    # The decoder's pattern, GEMV after GEMV with nothing between: each GEMV's
+    # epilogue writes h and h * w, the next one reads them as its activations, folded
+    # norm input and residual. Launched as programmatic dependents (each waits before
+    # reading what the one before wrote), the chain must give the bits of the serial
+    # chain, repeated so a missed wait would show.
+    n = k = 4096
+    bits, m, links = 3, 1, 6
+    keys = jax.random.split(jax.random.PRNGKey(5), 4)
+    planes = tc_layout.tile(tc_layout.to_tc(
+        jax.random.bits(keys[0], (bits, n, k // 32), jnp.uint32), k))
+    lut = (0.05 * jax.random.normal(keys[1], (n, 1 << bits))).astype(jnp.float16)
+    w = jax.random.uniform(keys[2], (n,), minval=0.5, maxval=1.5).astype(jnp.bfloat16)
+    h0 = jax.random.normal(keys[3], (m, k), jnp.float32).astype(jnp.bfloat16)
+
+    def chain(pdl):
+      cfg = dataclasses.replace(gt.config_for(bits, m, n, k, tiled=True), pdl=pdl)
+
+      @jax.jit
+      def run(h):
+        hw = h * w
+        outs = []
+        for _ in range(links):
+          h, hw = gt.gemv_tc(hw, planes, lut, bits=bits, tiled=True, cfg=cfg, norm_x=h,
+                             rms_eps=1e-5, residual=h, epi_weight=w)
+          outs.append(h)
+        return jnp.stack(outs)
+      return run
+
+    want = np.asarray(chain(False)(h0), np.float32)
+    self.assertTrue(np.isfinite(want).all())
+    run = chain(True)
+    for _ in range(3):
+      np.testing.assert_array_equal(np.asarray(run(h0), np.float32), want)
 
   def test_linear_glu_through_the_epilogue(self):
     rng = np.random.default_rng(11)

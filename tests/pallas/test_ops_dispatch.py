@@ -83,19 +83,20 @@ class LinearGluTest(absltest.TestCase):
 
 
 class SwitchTest(parameterized.TestCase):
-  """The on/off switches of the fused decoder kernels: default on, 1/0/on/off, a bad
-  value names its variable."""
+  """The on/off switches of the fused decoder kernels: their default, 1/0/on/off, a
+  bad value names its variable."""
 
-  @parameterized.parameters(("FOLD_NORM_ENV", "fold_norm"),
-                            ("FUSE_RESIDUAL_ENV", "fuse_residual"),
-                            ("FUSE_GLU_ENV", "fuse_glu"))
-  def test_switch_is_checked(self, env_attr, fn_name):
+  @parameterized.parameters(("FOLD_NORM_ENV", "fold_norm", True),
+                            ("FUSE_RESIDUAL_ENV", "fuse_residual", True),
+                            ("FUSE_GLU_ENV", "fuse_glu", True),
+                            ("PDL_ENV", "pdl", False))
+  def test_switch_is_checked(self, env_attr, fn_name, default):
     from unittest import mock
     from anyprec_jax.pallas import backend
     name, switch = getattr(backend, env_attr), getattr(backend, fn_name)
     with mock.patch.dict("os.environ", {}) as env:
       env.pop(name, None)
-      self.assertTrue(switch())  # on by default
+      self.assertEqual(switch(), default)
     for value, want in (("0", False), ("1", True), ("off", False), ("on", True)):
       with mock.patch.dict("os.environ", {name: value}):
         self.assertEqual(switch(), want)

@@ -65,12 +65,16 @@ class DecodeAttentionConfig:
     per-warp partials and `combine_partials` merges them in XLA (any C). None:
     "kernel" where C is 1, 2, 4 or 8, else "xla" (step 14, H100: native tests pass;
     7B batch 1, 384 slots 5.9 us in-kernel against 9.0 with the XLA merge).
+  launch_dependents: every CTA starts with `griddepcontrol.launch_dependents`, so a
+    kernel after this one that is launched as a programmatic dependent (the o_proj
+    GEMV with `TcGemvConfig.pdl`) starts while this one runs and loads its weights.
   """
   ctas_per_head: int | None = None
   warpgroups: int | None = None
   group: int = 4
   depth: int | None = None
   merge: str | None = None
+  launch_dependents: bool = False
 
 
 def config_from_spec(spec: str) -> DecodeAttentionConfig:
@@ -100,6 +104,7 @@ class _Layout:
   group: int  # U
   depth: int  # D
   in_kernel: bool  # merge inside the kernel (a cluster of the head's C CTAs if C > 1)
+  launch_dependents: bool = False  # DecodeAttentionConfig.launch_dependents
 
   @property
   def e(self) -> int:  # dims per lane
@@ -169,7 +174,7 @@ def make_layout(batch: int, slots: int, kv_heads: int, g: int, dh: int,
     raise ValueError(f"depth must be >= 1, got {d}")
   return _Layout(batch=batch, slots=slots, kv_heads=kv_heads, g=g, dh=dh,
                  ctas_per_head=c, warpgroups=t, group=cfg.group, depth=d,
-                 in_kernel=merge == "kernel")
+                 in_kernel=merge == "kernel", launch_dependents=cfg.launch_dependents)
 
 
 def _emit(q_ref, k_ref, v_ref, valid_ref, out_ref, *scratch, lay: _Layout):
@@ -185,6 +190,8 @@ def _emit(q_ref, k_ref, v_ref, valid_ref, out_ref, *scratch, lay: _Layout):
   h_n = kvh_n * g_n
   w_n = lay.warps
   words = e // 2  # 32-bit words per lane and row (bf16 pairs)
+  if lay.launch_dependents:
+    ptx.griddep_launch_dependents()
   tid = ptx.thread_id()
   lane = ptx.band(tid, 31)
   warp = ptx.shr(tid, 5)  # warp of the CTA, 0..4T-1

@@ -122,6 +122,13 @@ class TcGemvConfig:
   split4: 4 bits only: the low three planes give the look-up selectors as at 3 bits,
     plane 0 alone the half-select selectors (fewer ALU ops per code). On: 5-7 % faster
     GPU time on the 7B shapes at M = 1 (kernels_tc.md step 7).
+  pdl: programmatic dependent launch (Hopper; `ptx.thread_body`): every CTA first lets
+    the next kernel in the stream start (`griddepcontrol.launch_dependents`), loads
+    its LUTs and its first block of plane words, and only then waits for the kernels
+    before it (`griddepcontrol.wait`) and reads the activations, the folded norm's
+    input and the epilogue's residual. So a GEMV after a GEMV (o_proj -> gate/up ->
+    down -> the next layer's q/k/v) starts in its predecessor's tail with its weight
+    loads in flight. ksplit 1 only (ignored otherwise).
   """
   row_tiles: int = 2
   warpgroups: int | None = None
@@ -134,6 +141,7 @@ class TcGemvConfig:
   depth: int = 1
   split4: bool = True
   bulk: int = 0
+  pdl: bool = False
 
 
 # Epilogues (`gemv_tc(residual=, epi_weight=)`): y stored as f32; h = residual + y in bf16;
@@ -170,6 +178,7 @@ class _Layout:
   epilogue: int = 0  # EPI_*: what the output elements become (`gemv_tc`'s residual)
   epi_w_bf16: bool = False  # the epilogue's norm weight is bf16 (else f32)
   glu: bool = False  # EPI_GLU: a CTA's two tiles are gate tile c and up tile c
+  pdl: bool = False  # programmatic dependent launch (TcGemvConfig.pdl)
 
   @property
   def tile_step(self) -> int:  # tiles between a CTA's consecutive tiles
@@ -307,7 +316,8 @@ def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
                 early_loads=cfg.early_loads, ksplit=cfg.ksplit, probe=cfg.probe,
                 depth=cfg.depth, split4=cfg.split4 and bits == 4, bulk=cfg.bulk,
                 rms_eps=None if rms_eps is None else float(rms_eps), epilogue=epilogue,
-                epi_w_bf16=epi_w_bf16, glu=epilogue == EPI_GLU)
+                epi_w_bf16=epi_w_bf16, glu=epilogue == EPI_GLU,
+                pdl=cfg.pdl and cfg.ksplit == 1)
   if lay.x_smem and lay.smem_bytes > SMEM_BUDGET:
     lay = dataclasses.replace(lay, x_smem=False)
   if lay.bulk and lay.smem_bytes > SMEM_BUDGET:
@@ -384,12 +394,20 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
   for rt in range(rt_n):
     ra = ptx.add(row0, ptx.add(g, ptx.const(16 * rt * lay.tile_step)))
     rows.append((ptx.umin(ra, n - 1), ptx.umin(ptx.add(ra, ptx.const(8)), n - 1)))
-  # Residual epilogue: this thread's output elements' residual (and weight) values,
-  # loaded now so their latency hides under the main loop.
-  epi_vals = ([_epilogue_loads(ptx, lay, _output_element(ptx, lay, tid, row0, base),
-                               res_ref, ew_ref)
-               for base in range(0, lay.row_tiles * 128, WARPGROUP * lay.warpgroups)]
-              if lay.epilogue in (EPI_RESIDUAL, EPI_RESIDUAL_NORM) else [])
+  if lay.pdl:  # the next kernel may take the SM room this grid leaves
+    ptx.griddep_launch_dependents()
+
+  def epilogue_loads():
+    """Residual epilogue: this thread's output elements' residual (and weight) values,
+    loaded before the main loop so their latency hides under it."""
+    if lay.epilogue not in (EPI_RESIDUAL, EPI_RESIDUAL_NORM):
+      return []
+    return [_epilogue_loads(ptx, lay, _output_element(ptx, lay, tid, row0, base),
+                            res_ref, ew_ref)
+            for base in range(0, lay.row_tiles * 128, WARPGROUP * lay.warpgroups)]
+
+  if not lay.pdl:
+    epi_vals = epilogue_loads()
 
   def make_tables():
     if b < SMEM_TABLE_BITS:
@@ -406,8 +424,14 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
 
   if not lay.early_loads:
     tile_a_regs = make_tables()
-  if lay.rms_eps is not None:  # this thread's share of sum(nx[m]^2), kept until the end
-    sumsq = _rms_partials(ptx, lay, ptx.gmem_address(nx_ref), tid)
+
+  def norm_partials():  # this thread's share of sum(nx[m]^2), kept until the end
+    if lay.rms_eps is None:
+      return None
+    return _rms_partials(ptx, lay, ptx.gmem_address(nx_ref), tid)
+
+  if not lay.pdl:
+    sumsq = norm_partials()
 
   tiles_n = -(-n // 16)
   # TC_TILED: word offset of this lane's pair in block 0 of each of the CTA's tiles.
@@ -474,20 +498,30 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
   flat = lambda ws: [v for tile in ws for pair in tile for v in pair]
   flat_b = lambda bf: [v for st in bf for v in st]
   first = ptx.umin(start, lay.blocks - 1)
+  ring = lay.stages >= 2
+  pre_words = lay.prefetch and not ring and not lay.bulk
+  depth = lay.depth if pre_words else 0
+  last_c = ptx.umin(last, lay.blocks - 1)  # a warp with no blocks may have last = KB
+
+  def pre_planes():  # plane words of blocks first .. first + depth - 1, clamped
+    return [v for d in range(depth)
+            for v in flat(words_for(ptx.umin(ptx.add(first, ptx.const(d)), last_c)))]
+
+  if lay.pdl:  # weights only so far: their loads overlap the kernels before this one
+    pre0 = pre_planes()
+    ptx.griddep_wait()  # from here on, reads of what earlier kernels wrote
+    epi_vals = epilogue_loads()
+    sumsq = norm_partials()
   if lay.x_smem:
     _stage_x(ptx, lay, xg, xs, lane, start, end)
     ptx.warp_sync()  # a warp reads only the blocks it staged
-  ring = lay.stages >= 2
   if ring:
     ring_issue, ring_read = _plane_ring(ptx, lay, pg, red, row0, warp, lane, g, q,
                                         start, end, last)
     for i in range(lay.stages - 1):
       ring_issue(ptx.add(start, ptx.const(i)), i)
-  pre_words = lay.prefetch and not ring and not lay.bulk
-  depth = lay.depth if pre_words else 0
-  last_c = ptx.umin(last, lay.blocks - 1)  # a warp with no blocks may have last = KB
-  pre0 = [v for d in range(depth)  # blocks first .. first + depth - 1, clamped
-          for v in flat(words_for(ptx.umin(ptx.add(first, ptx.const(d)), last_c)))]
+  if not lay.pdl:
+    pre0 = pre_planes()
   pre_x = lay.prefetch and not lay.x_smem and not dequant
   kp = 128 * lay.blocks
   if dequant:  # per tile and half: row (unclamped) validity and its output row base
@@ -1126,7 +1160,7 @@ def gemv_tc(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, *, bits: int,
         (m, n // 2) if glu else (m, n),
         jnp.float32 if residual is None and not glu else jnp.bfloat16)
     kernel = plgpu.kernel(
-        ptx.thread_body(emit_refs), out_type=out_type if outs == 1 else (out_type,) * 2,
+        ptx.thread_body(emit_refs, pdl=lay.pdl), out_type=out_type if outs == 1 else (out_type,) * 2,
         scratch_types=[scratch], grid=(grid,), grid_names=("cta",),
         num_threads=lay.warpgroups, thread_name="wg")
     return kernel(x, planes_tc, lut, *extra)

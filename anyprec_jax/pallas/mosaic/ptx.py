@@ -54,10 +54,18 @@ def asm(ret, args, text: str, constraints: str, side_effects: bool = False):
                          constraints, has_side_effects=side_effects)
 
 
-def thread_body(emit):
+def thread_body(emit, pdl: bool = False):
   """A Pallas Mosaic GPU kernel body that runs `emit(*refs)` per thread: the refs
   (inputs, outputs, scratch, in the kernel's order) enter one `plgpu.inline_mgpu`
-  as raw memrefs, and `emit` writes the thread's code with this module."""
+  as raw memrefs, and `emit` writes the thread's code with this module.
+
+  pdl: the kernel is launched as a programmatic dependent of the kernel before it in
+  the stream (Hopper's PDL: it may start while that kernel's CTAs still run). `emit`
+  must then call `griddep_wait()` in every thread before its first read of anything
+  an earlier kernel writes and before its first global store. Pallas launches with
+  the attribute when the kernel's jaxpr carries its PDL effect, which only
+  `plgpu.griddepcontrol_wait` binds: it is bound once more after the body (a no-op
+  there: the wait inside has returned). `pdl_launches()` says whether this jax does."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   def body(*refs):
@@ -66,7 +74,29 @@ def thread_body(emit):
       del ctx
       emit(*raw)
     run(*refs)
+    if pdl and hasattr(plgpu, "griddepcontrol_wait"):
+      plgpu.griddepcontrol_wait()
   return body
+
+
+def pdl_launches() -> bool:
+  """Whether this jax's Pallas Mosaic GPU launches a kernel that waits on its grid
+  dependencies with programmatic stream serialization (jax >= 0.11; 0.10 has the
+  wait instruction but launches normally, so `pdl` kernels are then ordinary ones)."""
+  from jax._src.pallas.mosaic_gpu import core as gpu_core
+  return hasattr(gpu_core, "_pdl_effect")
+
+
+def griddep_wait():
+  """PDL: wait until the grids this one depends on have completed and their writes
+  are visible (returns at once in a kernel not launched as a dependent)."""
+  asm(None, [], "griddepcontrol.wait;", "", True)
+
+
+def griddep_launch_dependents():
+  """PDL: the kernel after this one in the stream may start once every CTA of this
+  grid has run this (or exited); its CTAs take the SM room this grid leaves."""
+  asm(None, [], "griddepcontrol.launch_dependents;", "", True)
 
 
 # --- integer helpers (i32) -------------------------------------------------------
