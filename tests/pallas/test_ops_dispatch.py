@@ -89,7 +89,7 @@ class SwitchTest(parameterized.TestCase):
   @parameterized.parameters(("FOLD_NORM_ENV", "fold_norm", True),
                             ("FUSE_RESIDUAL_ENV", "fuse_residual", True),
                             ("FUSE_GLU_ENV", "fuse_glu", True),
-                            ("PDL_ENV", "pdl", False))
+                            ("PDL_ENV", "pdl", True))
   def test_switch_is_checked(self, env_attr, fn_name, default):
     from unittest import mock
     from anyprec_jax.pallas import backend
