@@ -161,7 +161,7 @@ def pdl() -> bool:
   dependents of the kernel before them (`TcGemvConfig.pdl`): each starts in its
   predecessor's tail with its LUT and first plane loads in flight, and waits for it
   before reading activations. `ANYPREC_PDL=1|0`, default 1 (H100, 2026-12-05: a 7B
-  step at 8 bits -3.5 % of GPU time, never slower; inside XLA's command buffers the
+  step at 8 bits -2.8 % of GPU time and -3.5 % wall, 3 bits unchanged; inside XLA's command buffers the
   launches do not overlap, the gain is the reordered prologue: notes_kernels.md steps
   23-26). Ignored where jax cannot launch with PDL (jax < 0.11). Read at trace time."""
   return _on_off(PDL_ENV, default=True)
