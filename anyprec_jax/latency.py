@@ -12,6 +12,7 @@ decode ms/token = decode_s / (N - 1).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -29,6 +30,7 @@ from anyprec_jax import format as fmt
 from anyprec_jax import plane_layout
 from anyprec_jax.plane_layout import PlaneLayout
 from anyprec_jax import allocation
+from anyprec_jax.pallas import backend as pallas_backend
 from anyprec_jax import weight as weight_lib
 from anyprec_jax.weight import AnyPrecWeight, concat_rows, set_precision
 
@@ -304,7 +306,8 @@ def plot_latency_and_ppl(latency_rows: Sequence[dict], eval_record: dict | None,
 def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len: int,
               new_tokens: int, dtype=jnp.bfloat16, repeats: int = 3, batch: int = 1,
               layout: PlaneLayout = PlaneLayout.FORMAT, fuse: bool = True,
-              fuse_mlp: bool = True, log: Callable[[str], None] = print) -> list[dict]:
+              fuse_mlp: bool = True, graph_modes: Sequence[str | None] = (None,),
+              log: Callable[[str], None] = print) -> list[dict]:
   """End-to-end batch-1 generation speed: dense baseline, then each precision.
 
   Args:
@@ -318,12 +321,14 @@ def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len:
     layout: bit order of the random planes (kernels are chosen by it).
     fuse: any-precision q/k/v stored fused, as `from_quantized` does (the dense
       baseline keeps separate weights, as the Hugging Face model has them).
+    graph_modes: decode command-buffer modes (`pallas.backend.DecodeGraphs` values;
+      None = the environment's) to time every model under, in the same run.
     log: progress printer.
 
   Returns:
-    [{"model", "bits", "prefill_ms", "decode_ms_per_token", "tokens_per_s", "speedup"}],
-    the dense baseline first (bits = its dtype's width); speedup = decode tokens/s
-    over the baseline's.
+    [{"model", "bits", "prefill_ms", "decode_ms_per_token", "tokens_per_s", "speedup"}
+    (+ "graphs" when a mode is given)], per mode the dense baseline first (bits = its
+    dtype's width); speedup = decode tokens/s over the first mode's baseline.
   """
   precisions = sorted(weight_lib.as_precision(p) for p in precisions)
   dense = random_dense_params(cfg, dtype)
@@ -339,14 +344,20 @@ def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len:
   name = jnp.dtype(dtype).name
   rows = []
   runs = [(name, jnp.dtype(dtype).itemsize * 8)] + [("anyprec", b) for b in precisions]
-  for label, bits in runs:
-    params = dense if label == name else at_precision(quant, bits)
-    lat = time_generation(functools.partial(run, params), repeats)
-    rows.append({"model": label, "bits": bits, "prefill_ms": lat.prefill_ms,
-                 "decode_ms_per_token": lat.decode_ms_per_token,
-                 "tokens_per_s": lat.tokens_per_s, "new_tokens": lat.new_tokens})
-    log(f"{label} {bits}b: prefill {lat.prefill_ms:.1f} ms, decode "
-        f"{lat.decode_ms_per_token:.3f} ms/token ({lat.tokens_per_s:.1f} tokens/s)")
+  for mode in graph_modes:
+    for label, bits in runs:
+      params = dense if label == name else at_precision(quant, bits)
+      with (contextlib.nullcontext() if mode is None
+            else pallas_backend.use_decode_graphs(mode)):
+        lat = time_generation(functools.partial(run, params), repeats)
+      rows.append({"model": label, "bits": bits, "prefill_ms": lat.prefill_ms,
+                   "decode_ms_per_token": lat.decode_ms_per_token,
+                   "tokens_per_s": lat.tokens_per_s, "new_tokens": lat.new_tokens})
+      if mode is not None:
+        rows[-1]["graphs"] = mode
+      log(f"{label} {bits}b{'' if mode is None else ' graphs ' + mode}: prefill "
+          f"{lat.prefill_ms:.1f} ms, decode {lat.decode_ms_per_token:.3f} ms/token "
+          f"({lat.tokens_per_s:.1f} tokens/s)")
   base = rows[0]["tokens_per_s"]
   for r in rows:
     r["speedup"] = r["tokens_per_s"] / base
@@ -355,11 +366,14 @@ def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len:
 
 def latency_table(rows: Sequence[dict]) -> str:
   """Markdown table of `bench_e2e` / demo rows."""
-  lines = ["| model | bits | prefill ms | decode ms/token | tokens/s | speed-up |",
-           "|---|---:|---:|---:|---:|---:|"]
+  graphs = any("graphs" in r for r in rows)
+  lines = ["| model | bits |" + (" graphs |" if graphs else "")
+           + " prefill ms | decode ms/token | tokens/s | speed-up |",
+           "|---|---:|" + ("---|" if graphs else "") + "---:|---:|---:|---:|"]
   for r in rows:
     speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
-    lines.append(f"| {r['model']} | {r['bits']} | {r['prefill_ms']:.1f} | "
+    mode = f" {r.get('graphs', '-')} |" if graphs else ""
+    lines.append(f"| {r['model']} | {r['bits']} |{mode} {r['prefill_ms']:.1f} | "
                  f"{r['decode_ms_per_token']:.3f} | {r['tokens_per_s']:.1f} | {speed} |")
   return "\n".join(lines)
 

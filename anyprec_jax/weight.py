@@ -213,6 +213,13 @@ def set_precision(tree, bits: int):
       tree, is_leaf=lambda x: isinstance(x, AnyPrecWeight))
 
 
+def min_bits(tree) -> int | None:
+  """The lowest active precision of the `AnyPrecWeight`s in `tree` (None: none)."""
+  bits = [x.bits for x in jax.tree_util.tree_leaves(
+      tree, is_leaf=lambda x: isinstance(x, AnyPrecWeight)) if isinstance(x, AnyPrecWeight)]
+  return min(bits) if bits else None
+
+
 def tree_path(key_path) -> str:
   """"layers_0/attn/qkv_proj/weight" of a `jax.tree_util` key path of a dict tree."""
   return "/".join(str(getattr(k, "key", k)) for k in key_path)

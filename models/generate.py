@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from anyprec_jax import weight as weight_lib
+from anyprec_jax.pallas import backend as pallas_backend
 from models.config import ModelConfig, PositionKind
 from models.decoder import (Decoder, KVCache, init_cache, make_mask,
                             positions_from_mask)
@@ -185,14 +187,10 @@ class _Carry(NamedTuple):
   cache: KVCache
 
 
-@functools.partial(
-    jax.jit, donate_argnames=("cache",),
-    static_argnames=("cfg", "num_slots", "greedy", "top_k", "use_top_p", "eos_ids",
-                     "pad_id"))
-def decode(cfg: ModelConfig, params, state: DecodeState, cache: KVCache, rng,
-           max_new_tokens, temperature, top_p, *, num_slots: int, greedy: bool,
-           top_k: int, use_top_p: bool, eos_ids: tuple[int, ...], pad_id: int):
-  """The on-device decode loop (one jitted `lax.while_loop`; cache donated).
+def _decode_loop(cfg: ModelConfig, params, state: DecodeState, cache: KVCache, rng,
+                 max_new_tokens, temperature, top_p, *, num_slots: int, greedy: bool,
+                 top_k: int, use_top_p: bool, eos_ids: tuple[int, ...], pad_id: int):
+  """The on-device decode loop (one `lax.while_loop`; jitted by `decode`, cache donated).
 
   Args:
     cfg: model config (static).
@@ -236,6 +234,31 @@ def decode(cfg: ModelConfig, params, state: DecodeState, cache: KVCache, rng,
 
   out = jax.lax.while_loop(cond, body, init)
   return GenerationResult(tokens=out.tokens, lengths=out.lengths), out.state, out.cache
+
+
+@functools.cache
+def _decode_jit(options: tuple[tuple[str, str], ...]):
+  """`_decode_loop` jitted with XLA compiler `options` (sorted (name, value) pairs)."""
+  return jax.jit(_decode_loop, donate_argnames=("cache",),
+                 static_argnames=("cfg", "num_slots", "greedy", "top_k", "use_top_p",
+                                  "eos_ids", "pad_id"),
+                 compiler_options=dict(options) or None)
+
+
+def decode(cfg: ModelConfig, params, state: DecodeState, cache: KVCache, rng,
+           max_new_tokens, temperature, top_p, *, num_slots: int, greedy: bool,
+           top_k: int, use_top_p: bool, eos_ids: tuple[int, ...], pad_id: int):
+  """The on-device decode loop (one jitted `lax.while_loop`; cache donated).
+
+  Args and returns: as `_decode_loop`. Compiled with the command-buffer options
+  `pallas.backend.decode_compiler_options` gives for the params' lowest precision
+  (one program per option set; XLA's defaults off the GPU).
+  """
+  options = pallas_backend.decode_compiler_options(weight_lib.min_bits(params))
+  return _decode_jit(tuple(sorted(options.items())))(
+      cfg, params, state, cache, rng, max_new_tokens, temperature, top_p,
+      num_slots=num_slots, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
+      eos_ids=eos_ids, pad_id=pad_id)
 
 
 class Timing(NamedTuple):

@@ -3,6 +3,7 @@
   PYTHONPATH=. python3 scripts/bench_e2e.py                      # Llama-2-7B shape, GPU
   PYTHONPATH=. python3 scripts/bench_e2e.py --shape=llama-3-8b --batch=8
   PYTHONPATH=. python scripts/bench_e2e.py --shape=tiny --new_tokens=16   # CPU smoke test
+  PYTHONPATH=. python3 scripts/bench_e2e.py --decode_graphs=all,auto   # same-run A/B
   PYTHONPATH=. python3 scripts/bench_e2e.py --precisions=3,3.25,3.5,3.75,4 \
       --output_md=benchmarks/results/e2e_fractional.md   # fractional precisions
 
@@ -57,6 +58,9 @@ _BACKEND = flags.DEFINE_enum("backend", "auto", [b.value for b in ops.Backend],
 _FUSE = flags.DEFINE_bool("fuse", True, "Any-precision q/k/v stored fused (one GEMV "
                           "launch), as from_quantized loads them.")
 _FUSE_MLP = flags.DEFINE_bool("fuse_mlp", True, "Also fuse gate/up, as loading does.")
+_GRAPHS = flags.DEFINE_list(
+    "decode_graphs", [], "Decode command-buffer modes (all, no_custom_calls, auto) to "
+    "time every model under, in this run (default: ANYPREC_DECODE_GRAPHS's one).")
 _OUTPUT = flags.DEFINE_string("output_md", "benchmarks/results/e2e.md",
                               "Markdown output ('' to skip).")
 
@@ -71,7 +75,8 @@ def main(argv):
                              prompt_len=_PROMPT.value, new_tokens=_NEW.value,
                              dtype=_DTYPES[_DTYPE.value], repeats=_REPEATS.value,
                              batch=_BATCH.value, layout=layout, fuse=_FUSE.value,
-                             fuse_mlp=_FUSE_MLP.value)
+                             fuse_mlp=_FUSE_MLP.value,
+                             graph_modes=_GRAPHS.value or (None,))
   table = latency.latency_table(rows)
   device = jax.devices()[0]
   with ops.use_backend(_BACKEND.value):
@@ -80,7 +85,8 @@ def main(argv):
             f"({device.platform}); date: {datetime.date.today().isoformat()}; "
             f"jax {jax.__version__}; kernel backend: {backend} (Mosaic GPU kernels: "
             f"{pallas_backend.mosaic_available()}; planes: {layout.value} order; fused "
-            f"q/k/v: {_FUSE.value}; fused gate/up: {_FUSE_MLP.value})\n"
+            f"q/k/v: {_FUSE.value}; fused gate/up: {_FUSE_MLP.value}; decode graphs: "
+            f"{','.join(_GRAPHS.value) or pallas_backend.decode_graphs().value})\n"
             f"shape: {_SHAPE.value}, layers {cfg.num_layers}; batch {_BATCH.value}, prompt "
             f"{_PROMPT.value} tokens, {_NEW.value} new tokens; median of {_REPEATS.value} "
             "runs after a warm-up; decode ms/token excludes prefill; speed-up = decode "

@@ -39,17 +39,20 @@ def _parse_variant(name: str):
   """rt<R>_t<T>[_s<S>][_xs][_k<K>][_d<D>][_b<C>]: row tiles, warpgroups, ring stages,
   shared activations, K split over CTAs, prefetch depth, bulk-copy chunks (tables loaded
   first, as the model path does); "model[_k<K>][_d<D>][_b<C>][_early][_nosplit4]
-  [_p<probe>]": `config_for` with those changes, early loads, without the split 4-bit
-  decode (on by default since step 7) and/or a probe (`TcGemvConfig.probe`: loads,
-  decode)."""
+  [_p<probe>][_smem][_t<T>]": `config_for` with those changes, early loads, without the
+  split 4-bit decode (on by default since step 7), a probe (`TcGemvConfig.probe`:
+  loads, decode), shared-memory tables at any width and/or T warpgroups."""
   import re
   from anyprec_jax.pallas.mosaic.gemv_tc import TcGemvConfig
   m = re.fullmatch(r"model(?:_k(\d+))?(?:_d(\d+))?(?:_b(\d+))?(_early)?(_nosplit4)?"
-                   r"(?:_p(loads|decode))?", name)
+                   r"(?:_p(loads|decode))?(_smem)?(?:_t(\d))?", name)
   if m:
+    extra = dict(smem_tables=True) if m.group(7) else {}
+    if m.group(8):
+      extra["warpgroups"] = int(m.group(8))
     return ("model", dict(ksplit=int(m.group(1) or 1), depth=int(m.group(2) or 1),
                           bulk=int(m.group(3) or 0), early_loads=bool(m.group(4)),
-                          split4=not m.group(5), probe=m.group(6) or ""))
+                          split4=not m.group(5), probe=m.group(6) or "", **extra))
   m = re.fullmatch(r"rt(\d+)_t(\d+)(?:_s(\d+))?(_xs)?(?:_k(\d+))?(?:_d(\d+))?"
                    r"(?:_b(\d+))?", name)
   if not m:

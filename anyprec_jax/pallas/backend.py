@@ -9,6 +9,7 @@ lowering plumbing live in its own folder (`triton/`, `mosaic/`).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 
@@ -165,6 +166,85 @@ def pdl() -> bool:
   launches do not overlap, the gain is the reordered prologue: notes_kernels.md steps
   23-26). Ignored where jax cannot launch with PDL (jax < 0.11). Read at trace time."""
   return _on_off(PDL_ENV, default=True)
+
+
+SMEM_TABLE_BITS_ENV = "ANYPREC_SMEM_TABLE_BITS"
+
+
+def smem_table_bits() -> int:
+  """The lowest width whose tensor-core GEMV keeps its LUTs in shared memory (below:
+  register `prmt` tables). `ANYPREC_SMEM_TABLE_BITS=3..9` (9: never), default 5
+  (`mosaic.gemv_tc.SMEM_TABLE_BITS`); a benchmark switch. Read at trace time."""
+  v = os.environ.get(SMEM_TABLE_BITS_ENV, "5").strip()
+  if not v.isdigit() or not 3 <= int(v) <= 9:
+    raise ValueError(f"{SMEM_TABLE_BITS_ENV}={v!r}: expected a width 3..9")
+  return int(v)
+
+
+DECODE_GRAPHS_ENV = "ANYPREC_DECODE_GRAPHS"
+# XLA's command-buffer command types without CUSTOM_CALL: the Pallas kernels launch
+# outside the CUDA graphs (as kernels with the PDL attribute) and XLA's fusions and
+# cuBLAS calls stay in them.
+GRAPHS_WITHOUT_CUSTOM_CALLS = "FUSION,CUBLAS,CUBLASLT"
+# `auto`: custom calls out of the graphs from this width on (every quantized weight).
+AUTO_NO_CUSTOM_CALL_BITS = 5
+
+
+class DecodeGraphs(enum.Enum):
+  ALL = "all"  # XLA's default command buffers (custom calls captured as child graphs)
+  NO_CUSTOM_CALLS = "no_custom_calls"  # GRAPHS_WITHOUT_CUSTOM_CALLS
+  AUTO = "auto"  # NO_CUSTOM_CALLS where every quantized weight has >= 5 bits
+
+
+_decode_graphs_override: DecodeGraphs | None = None
+
+
+def decode_graphs() -> DecodeGraphs:
+  """How the jitted decode loops use XLA's command buffers (CUDA graphs).
+
+  Inside a graph a Pallas call is a captured child graph, so programmatic dependent
+  launch (`pdl`) cannot overlap it with the kernel before; outside, each GEMV starts in
+  its predecessor's tail, at the price of one host launch per kernel (H100, steps
+  24-26 of benchmarks/notes_kernels.md: 5-8 bits +2-5 %, 3 bits -5 %).
+  `ANYPREC_DECODE_GRAPHS=all|no_custom_calls|auto` (default `all`), or
+  `use_decode_graphs` (benchmarks' same-run A/B). Read when a decode is called."""
+  if _decode_graphs_override is not None:
+    return _decode_graphs_override
+  v = os.environ.get(DECODE_GRAPHS_ENV, DecodeGraphs.ALL.value).strip().lower()
+  try:
+    return DecodeGraphs(v)
+  except ValueError:
+    raise ValueError(f"{DECODE_GRAPHS_ENV}={v!r}: expected one of "
+                     f"{[m.value for m in DecodeGraphs]}") from None
+
+
+@contextlib.contextmanager
+def use_decode_graphs(mode: DecodeGraphs | str):
+  """Within the block, `decode_graphs()` is `mode` (whatever the environment says)."""
+  global _decode_graphs_override
+  saved, _decode_graphs_override = _decode_graphs_override, DecodeGraphs(mode)
+  try:
+    yield
+  finally:
+    _decode_graphs_override = saved
+
+
+def decode_compiler_options(min_bits: int | None) -> dict[str, str]:
+  """XLA compiler options of a jitted decode loop whose quantized weights have at
+  least `min_bits` bits (None: no quantized weight), per `decode_graphs()`.
+
+  Empty (XLA's defaults) off the GPU, for `all`, and for `auto` below
+  `AUTO_NO_CUSTOM_CALL_BITS`, without quantized weights or without PDL launches."""
+  mode = decode_graphs()
+  if mode is DecodeGraphs.ALL or not on_gpu():
+    return {}
+  if mode is DecodeGraphs.AUTO:
+    if min_bits is None or min_bits < AUTO_NO_CUSTOM_CALL_BITS or not pdl():
+      return {}
+    from anyprec_jax.pallas.mosaic import ptx  # noqa: PLC0415 (Mosaic GPU imports)
+    if not ptx.pdl_launches():
+      return {}
+  return {"xla_gpu_enable_command_buffer": GRAPHS_WITHOUT_CUSTOM_CALLS}
 
 
 def is_hopper_or_newer() -> bool:

@@ -156,7 +156,8 @@ def anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, interpret: bool = False,
     if _runs_tc_gemv(w, m):
       from anyprec_jax.pallas.mosaic import gemv_tc  # Hopper only.
       cfg = dataclasses.replace(gemv_tc.config_for(bits, m, n, k, tiled=tiled),
-                                pdl=backend.pdl())
+                                pdl=backend.pdl(),
+                                smem_tables=bits >= backend.smem_table_bits())
       if glu:  # a CTA takes gate tile c and up tile c
         cfg = dataclasses.replace(cfg, row_tiles=2, stages=0, bulk=0)
       return gemv_tc.gemv_tc(x2, planes, lut, bits=bits, tiled=tiled, cfg=cfg, glu=glu,

@@ -89,6 +89,26 @@ class BatchTest(absltest.TestCase):
     np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
+class DecodeOptionsTest(absltest.TestCase):
+
+  def test_compiler_options_pick_the_program_not_the_tokens(self):
+    """`decode` compiles one program per option set `decode_compiler_options` asks for
+    (the GPU's command-buffer option parses on any backend); the tokens are equal."""
+    from unittest import mock
+    from anyprec_jax.pallas import backend
+    import importlib
+    gen = importlib.import_module("models.generate")  # (`models.generate`: the function)
+    _, cfg, params = _load("llama_gqa")
+    ids = fx.random_ids(15, 6)[None]
+    a = models.generate(cfg, params, ids, max_new_tokens=4, eos_token_id=())
+    before = gen._decode_jit.cache_info().currsize
+    without = {"xla_gpu_enable_command_buffer": backend.GRAPHS_WITHOUT_CUSTOM_CALLS}
+    with mock.patch.object(backend, "decode_compiler_options", return_value=without):
+      b = models.generate(cfg, params, ids, max_new_tokens=4, eos_token_id=())
+    self.assertEqual(gen._decode_jit.cache_info().currsize, before + 1)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
 class EosTest(absltest.TestCase):
 
   def test_eos_stops_each_sequence_and_the_loop(self):

@@ -159,14 +159,15 @@ class TcDecodeEmulationTest(parameterized.TestCase):
 
 
 class SharedTableDecodeEmulationTest(parameterized.TestCase):
-  """b >= 5: transpose, `prmt` addresses into the shared tables, slot layout, packing."""
+  """b >= 5 (3-4 with `smem_tables`): transpose, `prmt` addresses into the shared
+  tables, slot layout, packing."""
 
   def setUp(self):
     super().setUp()
     if jax.default_backend() == "gpu":  # native time (issue 15 item 7): 5-9 s a case there
       self.skipTest("CPU emulation of the decode; on a GPU the native tests run the kernel")
 
-  @parameterized.parameters(5, 6, 8)
+  @parameterized.parameters(3, 4, 5, 6, 8)
   def test_a_fragments_equal_dense_weights(self, bits):
     rng = np.random.default_rng(bits)
     rt_n, k = 2, 256
@@ -379,6 +380,22 @@ class TcLoweringTest(parameterized.TestCase):
             jax.ShapeDtypeStruct((n, 16), jnp.float16))
     self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
 
+  @parameterized.parameters((3, False), (4, True))
+  def test_shared_tables_at_3_4_bits_lower_for_cuda(self, bits, tiled):
+    n, k = 1008, 4000
+    cfg = gt.TcGemvConfig(warpgroups=2, smem_tables=True)
+    fn = jax.jit(lambda x, p, l: gt.gemv_tc(x, p, l, bits=bits, cfg=cfg, tiled=tiled))
+    args = (jax.ShapeDtypeStruct((1, k), jnp.bfloat16),
+            jax.ShapeDtypeStruct((bits, n, tc_layout.num_words(k)), jnp.uint32),
+            jax.ShapeDtypeStruct((n, 1 << bits), jnp.float16))
+    self.assertIn("mosaic_gpu", fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
+    lay = gt.make_layout(bits, 1, n, k, cfg, jnp.bfloat16, tiled)
+    self.assertTrue(lay.smem_tables)
+    self.assertFalse(lay.split4)
+    self.assertEqual(lay.table_bytes, gt.table_bytes(bits, 2))
+    self.assertFalse(gt.make_layout(bits, 1, n, k, gt.TcGemvConfig(), jnp.bfloat16,
+                                    tiled).smem_tables)
+
   @parameterized.product(bits=(3, 8), probe=("loads", "decode"))
   def test_probes_lower_for_cuda(self, bits, probe):
     n, k = 1008, 4000
@@ -506,6 +523,20 @@ class TcGemvTest(parameterized.TestCase):
       self.assertTrue(np.isfinite(got).all())
       err = np.abs(got - want).max() / (np.abs(want).max() + 1e-30)
       self.assertLess(err, 1e-4, f"b{bits} M={m} {dtype} {shape}: {err:.3g}")
+
+  @parameterized.parameters((4, 1, True), (3, 8, False))
+  def test_shared_tables_at_3_4_bits_match_reference(self, bits, m, tiled):
+    n, k = 1008, 4000
+    kx, kp, kl = jax.random.split(jax.random.PRNGKey(7 * bits + m), 3)
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    planes = tc_layout.to_tc(jax.random.bits(kp, (bits, n, -(-k // 32)), jnp.uint32), k)
+    planes = tc_layout.tile(planes) if tiled else planes
+    lut = jax.random.normal(kl, (n, 1 << bits), jnp.float16)
+    cfg = gt.TcGemvConfig(warpgroups=2, smem_tables=True)
+    got = np.asarray(gt.gemv_tc(x, planes, lut, bits=bits, cfg=cfg, tiled=tiled),
+                     np.float64)
+    want = np.asarray(gt.gemv_tc(x, planes, lut, bits=bits, tiled=tiled), np.float64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
   @parameterized.parameters((3, 1, True, (4096, 4096)), (4, 8, True, (1008, 4000)),
                             (8, 3, False, (1000, 4000)))

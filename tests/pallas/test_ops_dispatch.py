@@ -105,6 +105,60 @@ class SwitchTest(parameterized.TestCase):
         switch()
 
 
+class DecodeGraphsTest(absltest.TestCase):
+  """`backend.decode_compiler_options`: the environment's mode, the override, and what
+  each mode asks of XLA per lowest precision (GPU answers patched in on the CPU)."""
+
+  def test_modes(self):
+    from unittest import mock
+    from anyprec_jax.pallas import backend
+    from anyprec_jax.pallas.mosaic import ptx
+    name = backend.DECODE_GRAPHS_ENV
+    without = {"xla_gpu_enable_command_buffer": backend.GRAPHS_WITHOUT_CUSTOM_CALLS}
+    with mock.patch.dict("os.environ", {}) as env:
+      env.pop(name, None)
+      self.assertIs(backend.decode_graphs(), backend.DecodeGraphs.ALL)
+      self.assertEqual(backend.decode_compiler_options(8), {})  # CPU: XLA's defaults
+      with mock.patch.object(backend, "on_gpu", return_value=True), \
+           mock.patch.object(ptx, "pdl_launches", return_value=True):
+        self.assertEqual(backend.decode_compiler_options(8), {})  # default: all
+        with backend.use_decode_graphs("no_custom_calls"):
+          self.assertEqual(backend.decode_compiler_options(None), without)
+        with backend.use_decode_graphs("auto"):
+          self.assertEqual(backend.decode_compiler_options(None), {})
+          self.assertEqual(backend.decode_compiler_options(4), {})
+          self.assertEqual(backend.decode_compiler_options(5), without)
+          with mock.patch.dict("os.environ", {backend.PDL_ENV: "0"}):
+            self.assertEqual(backend.decode_compiler_options(8), {})
+        self.assertIs(backend.decode_graphs(), backend.DecodeGraphs.ALL)
+    with mock.patch.dict("os.environ", {name: "auto"}):
+      self.assertIs(backend.decode_graphs(), backend.DecodeGraphs.AUTO)
+    with mock.patch.dict("os.environ", {name: "graphs"}):
+      with self.assertRaisesRegex(ValueError, name):
+        backend.decode_graphs()
+
+  def test_smem_table_bits(self):
+    from unittest import mock
+    from anyprec_jax.pallas import backend
+    from anyprec_jax.pallas.mosaic import gemv_tc
+    name = backend.SMEM_TABLE_BITS_ENV
+    with mock.patch.dict("os.environ", {}) as env:
+      env.pop(name, None)
+      self.assertEqual(backend.smem_table_bits(), gemv_tc.SMEM_TABLE_BITS)
+    with mock.patch.dict("os.environ", {name: "4"}):
+      self.assertEqual(backend.smem_table_bits(), 4)
+    for bad in ("2", "x", "10"):
+      with mock.patch.dict("os.environ", {name: bad}):
+        with self.assertRaisesRegex(ValueError, name):
+          backend.smem_table_bits()
+
+  def test_min_bits(self):
+    w = _weight(np.random.default_rng(0), 8, 40)
+    tree = {"a": w.with_bits(4), "b": [w.with_bits(8), jnp.ones(3)]}
+    self.assertEqual(wt.min_bits(tree), 4)
+    self.assertIsNone(wt.min_bits({"a": jnp.ones(3)}))
+
+
 class OpsDispatchTest(parameterized.TestCase):
 
   @parameterized.named_parameters(

@@ -129,6 +129,9 @@ class TcGemvConfig:
     input and the epilogue's residual. So a GEMV after a GEMV (o_proj -> gate/up ->
     down -> the next layer's q/k/v) starts in its predecessor's tail with its weight
     loads in flight. ksplit 1 only (ignored otherwise).
+  smem_tables: the LUTs in shared memory, one `ld.shared` per code (as from
+    `SMEM_TABLE_BITS`) instead of register `prmt` tables; None: from
+    `SMEM_TABLE_BITS` on. True at 3-4 bits is a benchmark variant (split4 is then off).
   """
   row_tiles: int = 2
   warpgroups: int | None = None
@@ -142,6 +145,7 @@ class TcGemvConfig:
   split4: bool = True
   bulk: int = 0
   pdl: bool = False
+  smem_tables: bool | None = None
 
 
 # Epilogues (`gemv_tc(residual=, epi_weight=)`): y stored as f32; h = residual + y in bf16;
@@ -179,6 +183,7 @@ class _Layout:
   epi_w_bf16: bool = False  # the epilogue's norm weight is bf16 (else f32)
   glu: bool = False  # EPI_GLU: a CTA's two tiles are gate tile c and up tile c
   pdl: bool = False  # programmatic dependent launch (TcGemvConfig.pdl)
+  smem_tables: bool = False  # LUTs in shared memory (`_shared_tables`)
 
   @property
   def tile_step(self) -> int:  # tiles between a CTA's consecutive tiles
@@ -202,7 +207,7 @@ class _Layout:
 
   @property
   def table_bytes(self) -> int:
-    return table_bytes(self.bits, self.row_tiles) if self.bits >= SMEM_TABLE_BITS else 0
+    return table_bytes(self.bits, self.row_tiles) if self.smem_tables else 0
 
   @property
   def red_bytes(self) -> int:
@@ -273,9 +278,12 @@ def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
                 epilogue: int = EPI_NONE, epi_w_bf16: bool = False) -> _Layout:
   if not 3 <= bits <= MAX_BITS:
     raise ValueError(f"the tensor-core GEMV handles 3..{MAX_BITS} bits, got {bits}")
-  if bits >= SMEM_TABLE_BITS and cfg.row_tiles % 2 and cfg.row_tiles != 1:
-    raise ValueError(f"row_tiles must be 1 or even from {SMEM_TABLE_BITS} bits on (two "
-                     f"tiles share a table), got {cfg.row_tiles}")
+  smem_tables = (bits >= SMEM_TABLE_BITS if cfg.smem_tables is None
+                 else bool(cfg.smem_tables))
+  if smem_tables and cfg.row_tiles % 2 and cfg.row_tiles != 1:
+    raise ValueError(f"row_tiles must be 1 or even with shared-memory tables (from "
+                     f"{SMEM_TABLE_BITS} bits on; two tiles share a table), got "
+                     f"{cfg.row_tiles}")
   if not 1 <= m <= MAX_M:
     raise ValueError(f"the tensor-core GEMV takes 1..{MAX_M} activation rows, got {m}")
   blocks = -(-k // tc_layout.BLOCK)
@@ -314,7 +322,8 @@ def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
                 warpgroups=t, ctas=ctas, prefetch=cfg.prefetch, mma_dtype=mma,
                 stages=cfg.stages, tiled=tiled, x_smem=cfg.x_smem,
                 early_loads=cfg.early_loads, ksplit=cfg.ksplit, probe=cfg.probe,
-                depth=cfg.depth, split4=cfg.split4 and bits == 4, bulk=cfg.bulk,
+                depth=cfg.depth, split4=cfg.split4 and bits == 4 and not smem_tables,
+                bulk=cfg.bulk, smem_tables=smem_tables,
                 rms_eps=None if rms_eps is None else float(rms_eps), epilogue=epilogue,
                 epi_w_bf16=epi_w_bf16, glu=epilogue == EPI_GLU,
                 pdl=cfg.pdl and cfg.ksplit == 1)
@@ -410,7 +419,7 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
     epi_vals = epilogue_loads()
 
   def make_tables():
-    if b < SMEM_TABLE_BITS:
+    if not lay.smem_tables:
       return _register_tables(ptx, lay, lg, rows)
     return _shared_tables(ptx, lay, lg, smem, row0, tid, lane)  # tiles lay.tile_step apart
 
