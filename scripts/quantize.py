@@ -46,6 +46,8 @@ _NESTING = flags.DEFINE_enum(
 _NESTING_BINS = flags.DEFINE_integer("nesting_bins", 64, "Bins of the optimal nesting's DP.")
 _NESTING_WEIGHTS = flags.DEFINE_list(
     "nesting_weights", [], "lambda_b per width seed..parent (default: all 1).")
+_DAMPING = flags.DEFINE_float(
+    "fisher_damping", 0.0, "Weight errors by F + alpha * (row mean of F); 0: plain F.")
 _LUT_DTYPE = flags.DEFINE_enum("lut_dtype", LutDtype.FLOAT16.value,
                                [d.value for d in LutDtype], "LUT storage dtype.")
 _CACHE = flags.DEFINE_string(
@@ -75,7 +77,8 @@ def main(argv):
                          split=SplitMethod(_SPLIT.value), nesting=Nesting(_NESTING.value),
                          nesting_bins=_NESTING_BINS.value,
                          nesting_weights=tuple(float(v) for v in _NESTING_WEIGHTS.value),
-                         lut_dtype=LutDtype(_LUT_DTYPE.value))
+                         lut_dtype=LutDtype(_LUT_DTYPE.value),
+                         fisher_damping=_DAMPING.value)
     calibration = CalibrationConfig(dataset=_CALIBRATION.value,
                                     num_samples=_NUM_SAMPLES.value,
                                     seq_len=_SEQ_LEN.value, seed=_CALIB_SEED.value)

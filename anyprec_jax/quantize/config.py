@@ -92,6 +92,9 @@ class QuantConfig:
       one per width seed..parent; () = all 1 (the sum of the Fisher-estimated loss
       increases over the widths served).
     lut_dtype: storage dtype of the LUTs.
+    fisher_damping: alpha >= 0; every method weights the squared error of W[n, k] by
+      F[n, k] + alpha * mean_k F[n, :] instead of F (0: the plain diagonal Fisher, as
+      the paper). Damping moves the weights towards a row-wise uniform (MSE) objective.
   """
   seed_bits: int = 3
   parent_bits: int = 8
@@ -105,6 +108,7 @@ class QuantConfig:
   nesting_bins: int = 64
   nesting_weights: tuple[float, ...] = ()
   lut_dtype: LutDtype = LutDtype.FLOAT16
+  fisher_damping: float = 0.0
 
   def __post_init__(self):
     for name in ("seed_bits", "parent_bits", "seed", "max_iter", "n_init", "dp_bins",
@@ -136,6 +140,11 @@ class QuantConfig:
       raise ValueError(f"nesting_weights must be {len(self.bit_widths)} finite values >= 0 "
                        f"(one per width {self.seed_bits}..{self.parent_bits}), not all 0; "
                        f"got {self.nesting_weights!r}")
+    damping = float(self.fisher_damping)
+    if not 0 <= damping < float("inf"):
+      raise ValueError(f"fisher_damping must be a finite value >= 0, got "
+                       f"{self.fisher_damping!r}")
+    object.__setattr__(self, "fisher_damping", damping)
     if not isinstance(self.lut_dtype, LutDtype):
       raise TypeError(f"lut_dtype must be a LutDtype, got {self.lut_dtype!r}")
     if self.method is Method.SQUEEZELLM:

@@ -206,6 +206,8 @@ def _lut_array(lut: np.ndarray, config: QuantConfig, name: str) -> np.ndarray:
 
 def _quantize_group(w, f, config: QuantConfig, key, options: RunOptions, name: str):
   """{b: (codes uint8 [N, K], lut float32 [N, 2^b])}; anyprec: {"parent": result}."""
+  if f is not None and config.fisher_damping:
+    f = damped_fisher(f, config.fisher_damping)
   opts = dict(max_iter=config.max_iter, n_init=config.n_init, dp_bins=config.dp_bins,
               chunk_elements=options.chunk_elements, name=name)
   if config.method is Method.ANYPREC:
@@ -220,6 +222,12 @@ def _quantize_group(w, f, config: QuantConfig, key, options: RunOptions, name: s
                                 chunk_elements=options.chunk_elements, name=name)
   return {b: baselines.rtn(w, b, chunk_elements=options.chunk_elements, name=name)
           for b in config.bit_widths}
+
+
+def damped_fisher(f: np.ndarray, alpha: float) -> np.ndarray:
+  """F [N, K] + alpha * its row means (`QuantConfig.fisher_damping`)."""
+  f = np.asarray(f, np.float32)
+  return f + np.float32(alpha) * f.mean(axis=1, keepdims=True)
 
 
 def pack_planes(codes: np.ndarray, bits: int, block_rows: int = 256) -> np.ndarray:
@@ -302,7 +310,8 @@ def _output_config(hf_config: dict, config: QuantConfig, calibration: Calibratio
                 dataclasses.asdict(calibration))
   extra = {"source_model": str(model_path),
            "quantizer": {"seed": config.seed, "max_iter": config.max_iter,
-                         "n_init": config.n_init, "dp_bins": config.dp_bins}}
+                         "n_init": config.n_init, "dp_bins": config.dp_bins,
+                         "fisher_damping": config.fisher_damping}}
   if config.method is Method.ANYPREC:
     extra["quantizer"]["split"] = config.split.value
     extra["quantizer"]["nesting"] = config.nesting.value

@@ -170,6 +170,27 @@ class PipelineTest(absltest.TestCase):
     np.testing.assert_array_equal(pipeline.pack_planes(codes, 8, block_rows=64),
                                   fmt.pack_bitplanes(codes, 8))
 
+  def test_fisher_damping_weights_the_errors_by_the_damped_fisher(self):
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(6, 40)).astype(np.float32)
+    f = (rng.pareto(1.0, size=(6, 40)) + 1e-3).astype(np.float32)  # spiky
+    damped = pipeline.damped_fisher(f, 0.5)
+    np.testing.assert_allclose(damped, f + 0.5 * f.mean(1, keepdims=True), rtol=1e-6)
+    import jax
+    key = jax.random.key(0)
+    for method in (Method.SQUEEZELLM, Method.ANYPREC):
+      plain = QuantConfig(method=method, seed_bits=3, parent_bits=4)
+      got = pipeline._quantize_group(w, f, QuantConfig(method=method, seed_bits=3,
+                                                       parent_bits=4, fisher_damping=0.5),
+                                     key, OPTS, "t")
+      want = pipeline._quantize_group(w, damped, plain, key, OPTS, "t")
+      flat = lambda r: jax.tree_util.tree_leaves(r)
+      for a, b in zip(flat(got), flat(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for bad in (-1.0, float("inf")):
+      with self.assertRaisesRegex(ValueError, "fisher_damping"):
+        QuantConfig(fisher_damping=bad)
+
   def test_bad_inputs_raise(self):
     for kwargs, pattern in (({"seed_bits": 1}, "seed_bits must be >= 2"),
                             ({"parent_bits": 9}, "parent_bits must be <= 8"),
