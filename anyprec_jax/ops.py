@@ -227,6 +227,58 @@ def linear_glu(x, w, act, bias: jax.Array | None = None) -> jax.Array:
   return act(y[..., :f]) * y[..., f:]
 
 
+def linear_rope_kv(x, w, bias, cos: jax.Array, sin: jax.Array, k_cache: jax.Array,
+                   v_cache: jax.Array, index, *, num_heads: int, num_kv_heads: int,
+                   head_dim: int):
+  """A decode step's fused q/k/v linear with RoPE, q's 1 / sqrt(Dh) scale and the KV
+  cache write in the tensor-core GEMV's epilogue, or None where that does not run
+  (the caller then takes the plain path: `linear`, `apply_rope`, `write_cache`).
+
+  Runs with the PALLAS backend on Hopper and `ANYPREC_FUSE_ROPE_KV` on, for a quantized
+  w without bias, bf16 x (an `RmsNormed` folds as in `linear`) and bf16 caches, one
+  token per sequence.
+
+  Args:
+    x: [B, 1, K] activations or an `RmsNormed`; w: [(H + 2 KVH) Dh, K].
+    bias: must be None for the kernel path.
+    cos, sin: [B, 1, Dh] f32 (`models.decoder.rope_cos_sin`, rotate-half layout).
+    k_cache, v_cache: [B, S, KVH, Dh] bf16; index: scalar or [B] slot to write.
+    num_heads, num_kv_heads, head_dim: the attention's shape.
+
+  Returns:
+    (q [B, 1, H, Dh] bf16 rotated and scaled, k_cache, v_cache), or None.
+  """
+  if (get_backend() is not Backend.PALLAS or not isinstance(w, AnyPrecWeight)
+      or bias is not None or x.dtype != jnp.bfloat16 or len(x.shape) != 3
+      or x.shape[1] != 1
+      or k_cache.dtype != jnp.bfloat16 or v_cache.dtype != jnp.bfloat16):
+    return None
+  from anyprec_jax.pallas import backend  # Local import: Pallas only when used.
+  if not backend.fuse_rope_kv() or not backend.mosaic_available():
+    return None
+  from anyprec_jax.pallas import kernels
+  from anyprec_jax.pallas.mosaic import gemv_tc
+  b = x.shape[0]
+  normed = isinstance(x, RmsNormed)
+  if (not kernels.runs_rope_kv(w, b, head_dim) or (normed and not kernels.folds_rms(w, b))
+      or w.out_features != (num_heads + 2 * num_kv_heads) * head_dim
+      or k_cache.shape[0] != b):
+    return None
+  spec = gemv_tc.RopeSpec(head_dim=head_dim, q_rows=num_heads * head_dim,
+                          kv_rows=num_kv_heads * head_dim, slots=k_cache.shape[1],
+                          q_scale=float(jnp.asarray(head_dim ** -0.5, jnp.bfloat16)))
+  if normed:
+    xg, x2 = _norm_operands(x, b)
+    rms = (x2, x.eps)
+  else:
+    xg, rms = x.reshape(b, x.shape[-1]), None
+  half = head_dim // 2
+  slots = jnp.broadcast_to(jnp.asarray(index, jnp.int32), (b,))
+  q, k2, v2 = kernels.rope_kv(xg, w, rms, cos[:, 0, :half], sin[:, 0, :half], slots,
+                              k_cache, v_cache, spec)
+  return q.reshape(b, 1, num_heads, head_dim), k2, v2
+
+
 def linear(x, w, bias: jax.Array | None = None) -> jax.Array:
   """y = x @ w^T + bias for a dense or any-precision weight.
 

@@ -119,11 +119,12 @@ class Linear(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, residual=None, norm=None, glu=None):  # [..., in] -> [..., out]
-    """With `residual` [..., out]: (residual + y, the RMSNorm `norm` = (weight, eps) of
-    that sum or None), as `ops.linear_residual` (a kernel epilogue where one runs).
-    With `glu` (an activation; y = [gate | up]): glu(gate) * up [..., out / 2], as
-    `ops.linear_glu`."""
+  def __call__(self, x, residual=None, norm=None, glu=None, rope_kv=None):
+    """[..., in] -> [..., out]. With `residual` [..., out]: (residual + y, the RMSNorm
+    `norm` = (weight, eps) of that sum or None), as `ops.linear_residual` (a kernel
+    epilogue where one runs). With `glu` (an activation; y = [gate | up]): glu(gate) *
+    up [..., out / 2], as `ops.linear_glu`. With `rope_kv` (keyword arguments of
+    `ops.linear_rope_kv`): its (q, k_cache, v_cache), or None where it does not run."""
     w = _get_or_init(self, "weight", (self.out_features, self.in_features),
                      self.param_dtype)
     b = (_get_or_init(self, "bias", (self.out_features,), self.param_dtype,
@@ -132,6 +133,8 @@ class Linear(nn.Module):
       return ops.linear_residual(x, w, residual, norm, b)
     if glu is not None:
       return ops.linear_glu(x, w, glu, b)
+    if rope_kv is not None:
+      return ops.linear_rope_kv(x, w, b, **rope_kv)
     return ops.linear(x, w, b)
 
 
@@ -237,8 +240,23 @@ class Attention(nn.Module):
     lin = functools.partial(Linear, use_bias=c.attention_bias, param_dtype=self.param_dtype)
     widths = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
               c.num_kv_heads * c.head_dim)
+    fused_qkv = None
+    if _fused(self, FUSED_ATTN) and kv is not None and rope is not None and t == 1:
+      # A decode step: RoPE, q's scale and the cache write in the GEMV's epilogue where
+      # that runs (ops.linear_rope_kv), else the plain path below.
+      qkv = lin(c.hidden_size, sum(widths), name=FUSED_ATTN[0])
+      fused_qkv = qkv(x, rope_kv=dict(
+          cos=rope[0], sin=rope[1], k_cache=kv[0], v_cache=kv[1], index=cache_index,
+          num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim))
+    if fused_qkv is not None:
+      q, k, v = fused_qkv
+      out = attend(q, k, v, mask)  # [B, 1, H * Dh]
+      o_proj = lin(c.num_heads * c.head_dim, c.hidden_size, name="o_proj")
+      return o_proj(out, residual, out_norm), (k, v)
     if _fused(self, FUSED_ATTN):  # one [B, T, (H + 2 KVH) Dh] product
-      q, k, v = _split(lin(c.hidden_size, sum(widths), name=FUSED_ATTN[0])(x), widths)
+      y = (qkv(x) if kv is not None and rope is not None and t == 1
+           else lin(c.hidden_size, sum(widths), name=FUSED_ATTN[0])(x))
+      q, k, v = _split(y, widths)
     else:
       q, k, v = (lin(c.hidden_size, w, name=n)(x) for w, n in zip(widths, FUSED_ATTN[1]))
     q = q.reshape(b, t, c.num_heads, c.head_dim)  # [B, T, H, Dh]

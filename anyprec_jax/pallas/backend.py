@@ -154,6 +154,17 @@ def fuse_glu() -> bool:
   return _on_off(FUSE_GLU_ENV, default=True)
 
 
+FUSE_ROPE_KV_ENV = "ANYPREC_FUSE_ROPE_KV"
+
+
+def fuse_rope_kv() -> bool:
+  """Whether a decode step's fused q/k/v GEMV applies RoPE to q and k, scales q and
+  writes k and v into the KV caches in its epilogue (`ops.linear_rope_kv`; the q
+  rotary and the two cache-write XLA kernels per layer go). `ANYPREC_FUSE_ROPE_KV=1|0`,
+  default 0 until measured on a GPU. Read at trace time."""
+  return _on_off(FUSE_ROPE_KV_ENV, default=False)
+
+
 PDL_ENV = "ANYPREC_PDL"
 
 

@@ -112,6 +112,33 @@ def runs_glu(w: AnyPrecWeight, m: int) -> bool:
   return runs_epilogue(w, m) and w.out_features % 32 == 0
 
 
+def runs_rope_kv(w: AnyPrecWeight, m: int, head_dim: int) -> bool:
+  """Whether `rope_kv` of m rows runs: the tensor-core GEMV (Hopper) of a fused q/k/v
+  weight with head_dim % 32 == 0."""
+  return (runs_epilogue(w, m) and head_dim % 32 == 0
+          and w.out_features % head_dim == 0)
+
+
+def rope_kv(x2: jax.Array, w: AnyPrecWeight, rms: tuple[jax.Array, float] | None,
+            cos: jax.Array, sin: jax.Array, slots: jax.Array, k_cache: jax.Array,
+            v_cache: jax.Array, spec):
+  """A decode step's fused q/k/v projection with RoPE and the KV-cache write in the
+  tensor-core GEMV's epilogue (`mosaic.gemv_tc.gemv_tc_rope_kv`; only where
+  `runs_rope_kv`). x2 [M, K] (with `rms`: the folded norm's x * w and (x, eps));
+  cos, sin [M, Dh / 2] f32; slots [M] int32; caches [M, S, KVH, Dh] bf16; spec a
+  `gemv_tc.RopeSpec`. Returns (q [M, q_rows] bf16, k_cache, v_cache)."""
+  from anyprec_jax.pallas.mosaic import gemv_tc  # Hopper only.
+  bits, n, k = w.bits, w.out_features, w.in_features
+  tiled = w.layout is PlaneLayout.TC_TILED
+  cfg = dataclasses.replace(gemv_tc.config_for(bits, x2.shape[0], n, k, tiled=tiled),
+                            pdl=backend.pdl(), row_tiles=2, stages=0, bulk=0,
+                            smem_tables=bits >= backend.smem_table_bits())
+  return gemv_tc.gemv_tc_rope_kv(  # all planes: the kernel reads 0..b-1 (no slice copy)
+      x2, w.planes, w.luts[bits], cos, sin, slots, k_cache, v_cache, bits=bits, spec=spec,
+      cfg=cfg, tiled=tiled, norm_x=None if rms is None else rms[0],
+      rms_eps=None if rms is None else rms[1])
+
+
 def anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, interpret: bool = False,
                    rms: tuple[jax.Array, float] | None = None,
                    residual: jax.Array | None = None,

@@ -8,6 +8,7 @@ kernel for CUDA on any machine; `TcGemvTest` runs it natively on Hopper.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -224,6 +225,43 @@ class SharedTableDecodeEmulationTest(parameterized.TestCase):
           self.assertEqual(banks, list(range(32)))
 
 
+class RopeKvReferenceTest(absltest.TestCase):
+  """`rope_kv_reference` is the decoder's own q/k/v step: bf16 linear output, RoPE
+  (`models.decoder.apply_rope`), q times the bf16 scale, per-sequence cache writes."""
+
+  def test_equals_the_decoder_ops(self):
+    import models
+    from models import decoder
+    cfg = models.config_from_hf({"model_type": "llama", "vocab_size": 10, "hidden_size": 256,
+                          "intermediate_size": 64, "num_hidden_layers": 1,
+                          "num_attention_heads": 4, "num_key_value_heads": 2,
+                          "max_position_embeddings": 64})
+    hd, m, slots = cfg.head_dim, 3, 12
+    spec = gt.RopeSpec(head_dim=hd, q_rows=4 * hd, kv_rows=2 * hd, slots=slots,
+                       q_scale=float(jnp.asarray(hd ** -0.5, jnp.bfloat16)))
+    rng = np.random.default_rng(0)
+    y = jnp.asarray(rng.normal(size=(m, 8 * hd)), jnp.float32)
+    pos = jnp.asarray([[5], [0], [11]], jnp.int32)
+    cos, sin = decoder.rope_cos_sin(cfg, pos)  # [M, 1, Dh]
+    kc = jnp.asarray(rng.normal(size=(m, slots, 2, hd)), jnp.bfloat16)
+    vc = jnp.asarray(rng.normal(size=(m, slots, 2, hd)), jnp.bfloat16)
+    idx = pos[:, 0]
+    q, k2, v2 = gt.rope_kv_reference(y, cos[:, 0, :hd // 2], sin[:, 0, :hd // 2], idx,
+                                     kc, vc, spec)
+    y16 = y.astype(jnp.bfloat16)[:, None]  # [M, T=1, N]
+    wq, wk, wv = jnp.split(y16, [4 * hd, 6 * hd], axis=-1)
+    wq = decoder.apply_rope(wq.reshape(m, 1, 4, hd), cos, sin)
+    wk = decoder.apply_rope(wk.reshape(m, 1, 2, hd), cos, sin)
+    wq = wq * jnp.asarray(hd ** -0.5, wq.dtype)
+    np.testing.assert_array_equal(np.asarray(q, np.float32),
+                                  np.asarray(wq.reshape(m, -1), np.float32))
+    np.testing.assert_array_equal(np.asarray(k2, np.float32),
+                                  np.asarray(decoder.write_cache(kc, wk, idx), np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(v2, np.float32),
+        np.asarray(decoder.write_cache(vc, wv.reshape(m, 1, 2, hd), idx), np.float32))
+
+
 class TcLoweringTest(parameterized.TestCase):
 
   @parameterized.product(bits=(3, 4, 5, 8), m=(1, 8), dtype=("bfloat16", "float16"))
@@ -395,6 +433,32 @@ class TcLoweringTest(parameterized.TestCase):
     self.assertEqual(lay.table_bytes, gt.table_bytes(bits, 2))
     self.assertFalse(gt.make_layout(bits, 1, n, k, gt.TcGemvConfig(), jnp.bfloat16,
                                     tiled).smem_tables)
+
+  @parameterized.parameters((3, 1, True, True), (5, 4, False, False), (8, 8, True, False))
+  def test_rope_kv_epilogue_lowers_for_cuda(self, bits, m, tiled, rms):
+    spec = gt.RopeSpec(head_dim=128, q_rows=512, kv_rows=256, slots=40, q_scale=0.088)
+    n, k = 1024, 4096
+    cfg = gt.TcGemvConfig(pdl=True)
+    cache = jax.ShapeDtypeStruct((m, 40, 2, 128), jnp.bfloat16)
+
+    def fn(x, p, l, cos, sin, slots, kc, vc):
+      return gt.gemv_tc_rope_kv(x, p, l, cos, sin, slots, kc, vc, bits=bits, spec=spec,
+                                cfg=cfg, tiled=tiled, norm_x=x if rms else None,
+                                rms_eps=1e-5 if rms else None)
+    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+            jax.ShapeDtypeStruct((bits, n, tc_layout.num_words(k)), jnp.uint32),
+            jax.ShapeDtypeStruct((n, 1 << bits), jnp.float16),
+            jax.ShapeDtypeStruct((m, 64), jnp.float32),
+            jax.ShapeDtypeStruct((m, 64), jnp.float32),
+            jax.ShapeDtypeStruct((m,), jnp.int32), cache, cache)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    self.assertIn("mosaic_gpu", text)
+    lay = gt.make_layout(bits, m, n, k, cfg, jnp.bfloat16, tiled, epilogue=gt.EPI_ROPE,
+                         rope=spec)
+    self.assertEqual((lay.tile_step, lay.ctas), (4, 32))
+    with self.assertRaisesRegex(ValueError, "q/k/v epilogue"):
+      gt.make_layout(bits, m, n + 32, k, cfg, jnp.bfloat16, tiled, epilogue=gt.EPI_ROPE,
+                     rope=spec)
 
   @parameterized.product(bits=(3, 8), probe=("loads", "decode"))
   def test_probes_lower_for_cuda(self, bits, probe):
@@ -609,6 +673,44 @@ class TcGemvTest(parameterized.TestCase):
     # ex2.approx and a bf16 rounding of silu(g): within 2 bf16 ulps of each value
     np.testing.assert_array_less(np.abs(got - want), 2.0 ** -6 * np.abs(want) + 1e-30)
 
+  @parameterized.parameters((3, 1, True, False), (5, 8, True, True), (4, 3, False, True))
+  def test_rope_kv_epilogue_matches_reference(self, bits, m, tiled, rms):
+    """The fused q/k/v epilogue against `rope_kv_reference` of the plain GEMV's y:
+    q and the written slots within one bf16 rounding (FMA contraction may differ),
+    every other cache slot untouched (poisoned with a marker)."""
+    hd, slots = 128, 24
+    spec = gt.RopeSpec(head_dim=hd, q_rows=4 * hd, kv_rows=2 * hd, slots=slots,
+                       q_scale=float(jnp.asarray(hd ** -0.5, jnp.bfloat16)))
+    n, k = 8 * hd, 1000
+    ks = jax.random.split(jax.random.PRNGKey(31 * bits + m), 6)
+    x = jax.random.normal(ks[0], (m, k), jnp.bfloat16)
+    planes = tc_layout.to_tc(jax.random.bits(ks[1], (bits, n, -(-k // 32)), jnp.uint32), k)
+    planes = tc_layout.tile(planes) if tiled else planes
+    lut = jax.random.normal(ks[2], (n, 1 << bits), jnp.float16)
+    ang = jax.random.uniform(ks[3], (m, hd // 2), jnp.float32, 0, 6.3)
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    idx = jax.random.randint(ks[4], (m,), 0, slots)
+    marker = jnp.asarray(-7.5, jnp.bfloat16)
+    kc = jnp.full((m, slots, 2, hd), marker)
+    vc = jnp.full((m, slots, 2, hd), marker)
+    norm = dict(norm_x=x, rms_eps=1e-5) if rms else {}
+    cfg = gt.TcGemvConfig(pdl=True, row_tiles=2)
+    q, k2, v2 = gt.gemv_tc_rope_kv(x, planes, lut, cos, sin, idx, kc, vc, bits=bits,
+                                   spec=spec, cfg=cfg, tiled=tiled, **norm)
+    y = gt.gemv_tc(x, planes, lut, bits=bits, tiled=tiled,
+                   cfg=gt.TcGemvConfig(row_tiles=2), **norm)
+    wq, wk, wv = gt.rope_kv_reference(y, cos, sin, idx, kc, vc, spec)
+    f = lambda a: np.asarray(a, np.float32)
+    tol = 2 ** -7 * np.abs(f(wq)).max()
+    np.testing.assert_allclose(f(q), f(wq), rtol=2 ** -7, atol=tol)
+    for got, want in ((k2, wk), (v2, wv)):
+      got, want = f(got), f(want)
+      written = np.zeros(got.shape, bool)
+      written[np.arange(m), np.asarray(idx)] = True
+      np.testing.assert_array_equal(got[~written], -7.5)
+      np.testing.assert_allclose(got[written], want[written], rtol=2 ** -7,
+                                 atol=2 ** -7 * np.abs(want[written]).max())
+
   def test_pdl_chain_equals_serial_chain(self):
     # The decoder's pattern, GEMV after GEMV with nothing between: each GEMV's
     # epilogue writes h and h * w, the next one reads them as its activations, folded
@@ -657,6 +759,34 @@ class TcGemvTest(parameterized.TestCase):
         self.assertEqual(got.shape, (1, 1, 1024))
         err = np.abs(got - want).max() / np.abs(want).max()
         self.assertLess(err, 2e-2)  # bf16 roundings in a different order
+
+  @parameterized.parameters(3, 6)
+  def test_decode_step_with_the_rope_kv_epilogue(self, bits):
+    """A cached decode step of a random tiny model (head_dim 32, GQA 4/4, folded norms)
+    with ANYPREC_FUSE_ROPE_KV on equals it off: logits and both caches."""
+    from unittest import mock
+    import importlib
+    gen = importlib.import_module("models.generate")  # (`models.generate`: a function)
+    from anyprec_jax import latency
+    cfg = latency.shape_config(latency.Shape.TINY, layers=2)
+    dense = latency.random_dense_params(cfg, jnp.bfloat16)
+    params = wt.set_precision(latency.random_anyprec_params(
+        cfg, dense, [bits], layout=PlaneLayout.TC_TILED), bits)
+    ids = jnp.asarray(np.random.default_rng(bits).integers(3, 500, (2, 7)), jnp.int32)
+    mask = jnp.ones_like(ids).at[0, :2].set(0)
+    with ops.use_backend(ops.Backend.PALLAS):
+      state, cache = gen.prefill(cfg, params, ids, mask, cache_len=16)
+      outs = []
+      for on in ("0", "1"):
+        with mock.patch.dict("os.environ", {backend.FUSE_ROPE_KV_ENV: on}):
+          step = jax.jit(functools.partial(gen.decode_step, cfg))
+          outs.append(step(params, jnp.asarray([5, 9], jnp.int32), state, cache))
+    (s0, c0), (s1, c1) = outs
+    f = lambda a: np.asarray(a, np.float32)
+    scale = np.abs(f(s0.logits)).max()
+    np.testing.assert_allclose(f(s1.logits), f(s0.logits), atol=3e-2 * scale)
+    for a, b in zip(c0.k + c0.v, c1.k + c1.v, strict=True):
+      np.testing.assert_allclose(f(b), f(a), atol=2e-2 * np.abs(f(a)).max())
 
   def test_linear_residual_through_the_epilogue(self):
     # ops.linear_residual on TC_TILED planes against x + linear, then x * w (bf16).

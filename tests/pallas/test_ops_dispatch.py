@@ -159,6 +159,58 @@ class DecodeGraphsTest(absltest.TestCase):
     self.assertIsNone(wt.min_bits({"a": jnp.ones(3)}))
 
 
+class LinearRopeKvTest(absltest.TestCase):
+  """`ops.linear_rope_kv`'s glue on the CPU: the kernel call replaced by its pure-jnp
+  twin (`gemv_tc.rope_kv_reference` of the reference product), against the decoder's
+  plain path (linear, apply_rope, q's scale, write_cache)."""
+
+  def test_glue_matches_the_plain_path(self):
+    from unittest import mock
+    import models
+    from models import decoder
+    from anyprec_jax.pallas import backend, kernels
+    from anyprec_jax.pallas.mosaic import gemv_tc
+    cfg = models.config_from_hf({"model_type": "llama", "vocab_size": 10,
+                                 "hidden_size": 64, "intermediate_size": 32,
+                                 "num_hidden_layers": 1, "num_attention_heads": 2,
+                                 "num_key_value_heads": 1,
+                                 "max_position_embeddings": 64})
+    hd, b, slots = cfg.head_dim, 2, 10
+    rng = np.random.default_rng(4)
+    w = _weight(rng, 4 * hd, 64).with_bits(4)
+    x = jnp.asarray(rng.normal(size=(b, 1, 64)), jnp.bfloat16)
+    pos = jnp.asarray([[3], [7]], jnp.int32)
+    cos, sin = decoder.rope_cos_sin(cfg, pos)
+    kc = jnp.asarray(rng.normal(size=(b, slots, 1, hd)), jnp.bfloat16)
+    vc = jnp.asarray(rng.normal(size=(b, slots, 1, hd)), jnp.bfloat16)
+
+    def fake(x2, w_, rms, cos_, sin_, slots_, kc_, vc_, spec):
+      self.assertIsNone(rms)
+      y = ops.anyprec_matmul_reference(x2, w_).astype(jnp.float32)
+      return gemv_tc.rope_kv_reference(y, cos_, sin_, slots_, kc_, vc_, spec)
+
+    with ops.use_backend(ops.Backend.PALLAS), \
+         mock.patch.dict("os.environ", {backend.FUSE_ROPE_KV_ENV: "1"}), \
+         mock.patch.object(backend, "mosaic_available", return_value=True), \
+         mock.patch.object(kernels, "runs_rope_kv", return_value=True), \
+         mock.patch.object(kernels, "rope_kv", side_effect=fake):
+      q, k2, v2 = ops.linear_rope_kv(x, w, None, cos, sin, kc, vc, 5, num_heads=2,
+                                     num_kv_heads=1, head_dim=hd)
+    y = ops.linear(x, w)  # [B, 1, 4 Dh] bf16 (reference backend)
+    wq, wk, wv = jnp.split(y, [2 * hd, 3 * hd], axis=-1)
+    wq = decoder.apply_rope(wq.reshape(b, 1, 2, hd), cos, sin)
+    wq = wq * jnp.asarray(hd ** -0.5, wq.dtype)
+    wk = decoder.apply_rope(wk.reshape(b, 1, 1, hd), cos, sin)
+    f = lambda a: np.asarray(a, np.float32)
+    np.testing.assert_array_equal(f(q), f(wq))
+    np.testing.assert_array_equal(f(k2), f(decoder.write_cache(kc, wk, 5)))
+    np.testing.assert_array_equal(f(v2), f(decoder.write_cache(vc, wv.reshape(b, 1, 1, hd),
+                                                               5)))
+    # Off (the default) or anything the kernel does not take: None, the caller's path.
+    self.assertIsNone(ops.linear_rope_kv(x, w, None, cos, sin, kc, vc, 5, num_heads=2,
+                                         num_kv_heads=1, head_dim=hd))
+
+
 class OpsDispatchTest(parameterized.TestCase):
 
   @parameterized.named_parameters(

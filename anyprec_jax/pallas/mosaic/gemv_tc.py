@@ -151,7 +151,22 @@ class TcGemvConfig:
 # Epilogues (`gemv_tc(residual=, epi_weight=)`): y stored as f32; h = residual + y in bf16;
 # h and h * weight (the next RMSNorm's x * w, for the folded norm of the GEMV after).
 # EPI_GLU: W is gate rows [0, F) over up rows [F, 2F); out = bf16(silu(g) * u) [M, F].
-EPI_NONE, EPI_RESIDUAL, EPI_RESIDUAL_NORM, EPI_GLU = 0, 1, 2, 3
+# EPI_ROPE: W is a fused q/k/v projection; the output's q rows are rotated (RoPE) and
+# scaled, its k rows rotated and written with the v rows into the KV caches
+# (`gemv_tc_rope_kv`).
+EPI_NONE, EPI_RESIDUAL, EPI_RESIDUAL_NORM, EPI_GLU, EPI_ROPE = 0, 1, 2, 3, 4
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeSpec:
+  """Static shape of the q/k/v epilogue (EPI_ROPE): rows [0, q_rows) are the query
+  heads, then kv_rows of key heads and kv_rows of value heads, head_dim each; caches of
+  `slots` slots; the rotated queries are multiplied by q_scale (a bf16 value)."""
+  head_dim: int
+  q_rows: int
+  kv_rows: int
+  slots: int
+  q_scale: float
 
 SMEM_BUDGET = 200 * 1024  # shared bytes a CTA may ask for (227 KB on Hopper)
 X_BLOCK_BYTES = 256  # one block of one activation row in shared memory (64 words)
@@ -184,10 +199,13 @@ class _Layout:
   glu: bool = False  # EPI_GLU: a CTA's two tiles are gate tile c and up tile c
   pdl: bool = False  # programmatic dependent launch (TcGemvConfig.pdl)
   smem_tables: bool = False  # LUTs in shared memory (`_shared_tables`)
+  rope: RopeSpec | None = None  # EPI_ROPE: a CTA's tiles are rotary partners
 
   @property
   def tile_step(self) -> int:  # tiles between a CTA's consecutive tiles
-    return self.n // 32 if self.glu else 1
+    if self.glu:
+      return self.n // 32
+    return self.rope.head_dim // 32 if self.rope is not None else 1
 
   @property
   def warps(self) -> int:
@@ -275,7 +293,8 @@ def _tiled_config(m: int, n: int, k: int) -> TcGemvConfig:
 
 def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
                 x_dtype, tiled: bool = False, rms_eps: float | None = None,
-                epilogue: int = EPI_NONE, epi_w_bf16: bool = False) -> _Layout:
+                epilogue: int = EPI_NONE, epi_w_bf16: bool = False,
+                rope: RopeSpec | None = None) -> _Layout:
   if not 3 <= bits <= MAX_BITS:
     raise ValueError(f"the tensor-core GEMV handles 3..{MAX_BITS} bits, got {bits}")
   smem_tables = (bits >= SMEM_TABLE_BITS if cfg.smem_tables is None
@@ -311,8 +330,19 @@ def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
   if rms_eps is not None and (k % 8 or cfg.ksplit > 1):
     raise ValueError(f"a folded RMSNorm needs K % 8 == 0 and ksplit 1, got K={k}, "
                      f"ksplit={cfg.ksplit}")
-  if epilogue not in (EPI_NONE, EPI_RESIDUAL, EPI_RESIDUAL_NORM, EPI_GLU):
+  if epilogue not in (EPI_NONE, EPI_RESIDUAL, EPI_RESIDUAL_NORM, EPI_GLU, EPI_ROPE):
     raise ValueError(f"unknown epilogue {epilogue}")
+  if (epilogue == EPI_ROPE) != (rope is not None):
+    raise ValueError("the q/k/v epilogue (EPI_ROPE) comes with its RopeSpec")
+  if rope is not None:
+    hd = rope.head_dim
+    if (hd % 32 or rope.q_rows % hd or rope.kv_rows % hd or not rope.kv_rows
+        or not rope.q_rows
+        or n != rope.q_rows + 2 * rope.kv_rows or cfg.row_tiles != 2 or cfg.stages
+        or cfg.bulk or cfg.ksplit > 1 or rope.slots < 1):
+      raise ValueError(f"the q/k/v epilogue needs head_dim % 32 == 0, head-aligned q "
+                       f"and k/v rows with N = q_rows + 2 kv_rows, 2 row tiles and no "
+                       f"plane ring, bulk copies or K split; got N={n}, {rope}, {cfg}")
   if epilogue and cfg.ksplit > 1:
     raise ValueError(f"an epilogue needs ksplit 1, got {cfg.ksplit}")
   if epilogue == EPI_GLU and (n % 32 or cfg.row_tiles != 2 or cfg.stages or cfg.bulk):
@@ -326,7 +356,7 @@ def make_layout(bits: int, m: int, n: int, k: int, cfg: TcGemvConfig,
                 bulk=cfg.bulk, smem_tables=smem_tables,
                 rms_eps=None if rms_eps is None else float(rms_eps), epilogue=epilogue,
                 epi_w_bf16=epi_w_bf16, glu=epilogue == EPI_GLU,
-                pdl=cfg.pdl and cfg.ksplit == 1)
+                pdl=cfg.pdl and cfg.ksplit == 1, rope=rope)
   if lay.x_smem and lay.smem_bytes > SMEM_BUDGET:
     lay = dataclasses.replace(lay, x_smem=False)
   if lay.bulk and lay.smem_bytes > SMEM_BUDGET:
@@ -365,7 +395,8 @@ def _select_words(ptx, w0):
 
 
 def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
-          dequant: bool = False, nx_ref=None, res_ref=None, ew_ref=None, out2_ref=None):
+          dequant: bool = False, nx_ref=None, res_ref=None, ew_ref=None, out2_ref=None,
+          rope_refs=None):
   """The GEMV body; with `dequant`, x_ref is unused and the decoded A fragments are
   stored to out_ref = W [N, 128 KB] (the MMA operand dtype) instead of multiplied.
   With `lay.rms_eps`, nx_ref [M, K] bf16 is the RMSNorm's input: row m of y is scaled
@@ -373,7 +404,9 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
   Epilogues (`lay.epilogue`): out_ref [M, N] bf16 = bf16(res + bf16(y)) with res_ref
   [M, N] bf16; EPI_RESIDUAL_NORM adds out2_ref [M, N] bf16 = bf16(out * ew) with ew_ref
   [N] f32 or bf16 (each rounding as the decoder's XLA ops round). The epilogue's
-  residual and weight values load at the start, so their latency hides under the loop."""
+  residual and weight values load at the start, so their latency hides under the loop.
+  EPI_ROPE: rope_refs = (cos, sin [M, Dh / 2] f32, slots [M] i32, k and v caches
+  [M, S, KVH, Dh] bf16, written in place); out_ref [M, q_rows] bf16 (`_store_rope`)."""
   from jaxlib.mlir import ir
   from jaxlib.mlir.dialects import arith, scf
   from anyprec_jax.pallas.mosaic import ptx
@@ -396,8 +429,16 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
   xg, pg, lg, og = (ptx.gmem_address(r) for r in (x_ref, planes_ref, lut_ref, out_ref))
   smem = ptx.smem_address(smem_ref)  # 1024-aligned (Pallas scratch)
   red = ptx.add(smem, ptx.const(lay.table_bytes))
-  # The CTA's tiles: cta * RT + rt, or (gated epilogue) gate tile cta and up tile cta.
-  tile0 = cta if lay.glu else ptx.mul(cta, ptx.const(rt_n))
+  # The CTA's tiles: cta * RT + rt, or (gated epilogue) gate tile cta and up tile cta,
+  # or (q/k/v epilogue) tiles j and j + Dh / 32 of head h (rows d and d + Dh / 2).
+  if lay.glu:
+    tile0 = cta
+  elif lay.rope is not None:
+    half_t = lay.rope.head_dim // 32
+    tile0 = ptx.add(ptx.mul(ptx.udiv(cta, half_t), ptx.const(2 * half_t)),
+                    ptx.urem(cta, half_t))
+  else:
+    tile0 = ptx.mul(cta, ptx.const(rt_n))
   row0 = ptx.shl(tile0, 4)
   rows = []  # per tile: (row g, row g + 8), clamped
   for rt in range(rt_n):
@@ -408,7 +449,11 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
 
   def epilogue_loads():
     """Residual epilogue: this thread's output elements' residual (and weight) values,
-    loaded before the main loop so their latency hides under it."""
+    loaded before the main loop so their latency hides under it; the q/k/v epilogue's
+    cos, sin and slot of each of the thread's elements."""
+    if lay.rope is not None:
+      return [_rope_loads(ptx, lay, _output_element(ptx, lay, tid, row0, base), rope_refs)
+              for base in range(0, 128, WARPGROUP * lay.warpgroups)]
     if lay.epilogue not in (EPI_RESIDUAL, EPI_RESIDUAL_NORM):
       return []
     return [_epilogue_loads(ptx, lay, _output_element(ptx, lay, tid, row0, base),
@@ -624,6 +669,10 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
   if lay.glu:
     _store_glu(ptx, lay, tid, row0, red, og, nw, norm if lay.rms_eps is not None else None)
     return
+  if lay.rope is not None:
+    _store_rope(ptx, lay, tid, row0, red, og, nw,
+                norm if lay.rms_eps is not None else None, rope_refs, epi_vals)
+    return
   for i, base in enumerate(range(0, elems, nthreads)):
     e, row, mm, inside = _output_element(ptx, lay, tid, row0, base)
     with ptx.If(inside):
@@ -671,6 +720,72 @@ def _store_glu(ptx, lay: _Layout, tid, row0, red, og, nw: int, norm):
       h = ptx.f32_to_bf16_bits(arith.mulf(to16(arith.mulf(gate, sig)), up))
       with ptx.If(ptx.land(ptx.lt(row, f), ptx.lt(mm, m))):
         ptx.st_global_b16(ptx.gaddr(og, ptx.add(ptx.mul(mm, ptx.const(f)), row), 2), h)
+
+
+def _rope_loads(ptx, lay: _Layout, element, rope_refs):
+  """(cos, sin, slot) of one tile-0 output element of the q/k/v epilogue, loaded at
+  clamped (always valid) addresses: d = row % Dh < Dh / 2, activation row mm."""
+  _, row, mm, _ = element
+  half = lay.rope.head_dim // 2
+  mc = ptx.umin(mm, lay.m - 1)
+  d = ptx.urem(row, lay.rope.head_dim)
+  i = ptx.add(ptx.mul(mc, ptx.const(half)), ptx.umin(d, half - 1))
+  cos_ref, sin_ref, slot_ref = rope_refs[:3]
+  cs = ptx.ld_global_f32(ptx.gaddr(ptx.gmem_address(cos_ref), i, 4))
+  sn = ptx.ld_global_f32(ptx.gaddr(ptx.gmem_address(sin_ref), i, 4))
+  slot = ptx.ld_global_u32(ptx.gaddr(ptx.gmem_address(slot_ref), mc, 4))
+  return cs, sn, ptx.umin(slot, lay.rope.slots - 1)
+
+
+def _store_rope(ptx, lay: _Layout, tid, row0, red, og, nw: int, norm, rope_refs, loads):
+  """The q/k/v epilogue: element e of tile 0 (row r, r % Dh < Dh / 2) and e + 128 of
+  tile 1 (row r + Dh / 2) are rotary partners a, b (rounded to bf16 first, as the
+  decoder's bf16 linear output): a' = a cos - b sin, b' = b cos + a sin in f32.
+  q rows: out[mm, r] = bf16(bf16(a') * q_scale) (and r + Dh / 2); k rows: bf16(a'),
+  bf16(b') into the k cache at [mm, slot[mm], head, d]; v rows: a, b into the v cache
+  (`rope_kv_reference`)."""
+  from jaxlib.mlir.dialects import arith
+  rs, m = lay.rope, lay.m
+  hd, half = rs.head_dim, rs.head_dim // 2
+  kvh = rs.kv_rows // hd
+  elems = lay.row_tiles * 32 * 4
+  to16 = lambda v: ptx.bf16_bits_to_f32(ptx.f32_to_bf16_bits(v))
+  kcg, vcg = (ptx.gmem_address(r) for r in rope_refs[3:])
+  for i, base in enumerate(range(0, 128, WARPGROUP * lay.warpgroups)):
+    e, row, mm, _ = _output_element(ptx, lay, tid, row0, base)
+    cs, sn, slot = loads[i]
+    with ptx.If(ptx.land(ptx.lt(e, 128), ptx.lt(mm, m))):
+      tots = []
+      for h in range(2):
+        tot = None
+        for w in range(nw):
+          v = ptx.ld_shared_f32(ptx.add(red, ptx.shl(e, 2)), imm=(w * elems + 128 * h) * 4)
+          tot = v if tot is None else ptx.fadd(tot, v)
+        if norm is not None:
+          tot = arith.mulf(tot, _rms_scale(ptx, lay, norm, ptx.umin(mm, m - 1)))
+        tots.append(to16(tot))
+      a, b = tots
+      ra = arith.subf(arith.mulf(a, cs), arith.mulf(b, sn))
+      rb = ptx.fadd(arith.mulf(b, cs), arith.mulf(a, sn))
+      d = ptx.urem(row, hd)
+      with ptx.If(ptx.lt(row, rs.q_rows)):
+        scale = ptx.fconst(rs.q_scale)
+        idx = ptx.add(ptx.mul(mm, ptx.const(rs.q_rows)), row)
+        ptx.st_global_b16(ptx.gaddr(og, idx, 2), ptx.f32_to_bf16_bits(
+            arith.mulf(to16(ra), scale)))
+        ptx.st_global_b16(ptx.gaddr(og, ptx.add(idx, ptx.const(half)), 2),
+                          ptx.f32_to_bf16_bits(arith.mulf(to16(rb), scale)))
+      for cg, lo, vals in ((kcg, rs.q_rows, (ra, rb)), (vcg, rs.q_rows + rs.kv_rows, (a, b))):
+        inside = ptx.land(ptx.lt(ptx.const(lo - 1), row),
+                          ptx.lt(row, lo + rs.kv_rows))
+        with ptx.If(inside):
+          head = ptx.udiv(ptx.add(row, ptx.const(-lo)), hd)
+          cell = ptx.add(ptx.mul(mm, ptx.const(rs.slots)), slot)
+          idx = ptx.add(ptx.mul(ptx.add(ptx.mul(cell, ptx.const(kvh)), head),
+                                ptx.const(hd)), d)
+          ptx.st_global_b16(ptx.gaddr(cg, idx, 2), ptx.f32_to_bf16_bits(vals[0]))
+          ptx.st_global_b16(ptx.gaddr(cg, ptx.add(idx, ptx.const(half)), 2),
+                            ptx.f32_to_bf16_bits(vals[1]))
 
 
 def _output_element(ptx, lay: _Layout, tid, row0, base: int):
@@ -1077,6 +1192,114 @@ def glu_reference(y):
   g, u = y16[..., :f], y16[..., f:]
   s = (g / (1.0 + jnp.exp(-g))).astype(jnp.bfloat16).astype(jnp.float32)
   return (s * u).astype(jnp.bfloat16)
+
+
+def rope_kv_reference(y, cos, sin, slots, k_cache, v_cache, spec: RopeSpec):
+  """Pure-jnp twin of the q/k/v epilogue: y [M, N] f32 of a fused q/k/v linear ->
+  (q [M, q_rows] bf16 rotated and scaled, k and v caches with slot slots[m] of
+  sequence m written), rounding as the decoder does (bf16 linear output, f32 rotary,
+  bf16 q times the bf16 scale).
+
+  Args:
+    y: [M, N] f32; cos, sin: [M, Dh / 2] f32; slots: [M] int; k_cache, v_cache:
+      [M, S, KVH, Dh] bf16; spec: the shapes.
+  """
+  hd, half = spec.head_dim, spec.head_dim // 2
+  m = y.shape[0]
+  y16 = y.astype(jnp.bfloat16).astype(jnp.float32)
+  qk = y16[:, :spec.q_rows + spec.kv_rows].reshape(m, -1, hd)  # [M, H + KVH, Dh]
+  a, b = qk[..., :half], qk[..., half:]
+  c, s_ = cos[:, None, :], sin[:, None, :]
+  rot = jnp.concatenate([a * c - b * s_, b * c + a * s_], axis=-1)  # [M, H + KVH, Dh]
+  nq = spec.q_rows // hd
+  q = (rot[:, :nq].astype(jnp.bfloat16).astype(jnp.float32)
+       * spec.q_scale).astype(jnp.bfloat16).reshape(m, spec.q_rows)
+  k = rot[:, nq:].astype(jnp.bfloat16)  # [M, KVH, Dh]
+  v = y16[:, spec.q_rows + spec.kv_rows:].reshape(m, -1, hd).astype(jnp.bfloat16)
+  write = jax.vmap(lambda cache, new, i: jax.lax.dynamic_update_slice(
+      cache, new[None], (i, 0, 0)))
+  slots = jnp.clip(slots.astype(jnp.int32), 0, spec.slots - 1)
+  return q, write(k_cache, k, slots), write(v_cache, v, slots)
+
+
+def gemv_tc_rope_kv(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, cos: jax.Array,
+                    sin: jax.Array, slots: jax.Array, k_cache: jax.Array,
+                    v_cache: jax.Array, *, bits: int, spec: RopeSpec,
+                    cfg: TcGemvConfig = TcGemvConfig(), tiled: bool = False,
+                    norm_x: jax.Array | None = None, rms_eps: float | None = None):
+  """A decode step's fused q/k/v projection with its RoPE and KV-cache write in the
+  epilogue (`rope_kv_reference` of `gemv_tc`'s y): one launch instead of the GEMV,
+  the q rotary and the two cache writes.
+
+  Each CTA takes tiles j and j + Dh / 32 of one head (rows d and d + Dh / 2 are
+  rotary partners), so the weight needs no re-ordering. The caches are written in
+  place (mutable refs: XLA aliases them, the rest of each cache is untouched).
+
+  Args:
+    x: [M, K] activations (or the folded norm's x * w), M <= 8 sequences.
+    planes_tc, lut, bits, cfg (row_tiles 2, no ring / bulk / K split), tiled, norm_x,
+      rms_eps: as `gemv_tc`.
+    cos, sin: [M, Dh / 2] f32 (each sequence's position); slots: [M] int32, the slot
+      each sequence writes (clamped to the cache).
+    k_cache, v_cache: [M, S, KVH, Dh] bf16.
+    spec: the q/k/v shapes (`RopeSpec`; slots = S).
+
+  Returns:
+    (q [M, q_rows] bf16, k_cache, v_cache).
+  """
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  from anyprec_jax.pallas.mosaic import ptx
+
+  m, k = x.shape
+  p, n, words = planes_tc.shape
+  if p < bits or words != tc_layout.num_words(k):
+    raise ValueError(f"planes {planes_tc.shape} are not {bits} tensor-core-order planes "
+                     f"of K={k} (expected {tc_layout.num_words(k)} words per row)")
+  if lut.shape != (n, 1 << bits):
+    raise ValueError(f"LUT shape {lut.shape}, expected {(n, 1 << bits)}")
+  hd = spec.head_dim
+  cache_shape = (m, spec.slots, spec.kv_rows // hd, hd)
+  if (k_cache.shape != cache_shape or v_cache.shape != cache_shape
+      or k_cache.dtype != jnp.bfloat16 or v_cache.dtype != jnp.bfloat16):
+    raise ValueError(f"caches {k_cache.shape} {k_cache.dtype}, {v_cache.shape} "
+                     f"{v_cache.dtype}: expected bf16 {cache_shape}")
+  if cos.shape != (m, hd // 2) or sin.shape != (m, hd // 2) or slots.shape != (m,):
+    raise ValueError(f"cos {cos.shape}, sin {sin.shape}, slots {slots.shape}: expected "
+                     f"{(m, hd // 2)} twice and {(m,)}")
+  if (norm_x is None) != (rms_eps is None):
+    raise ValueError("norm_x and rms_eps come together")
+  if lut.dtype != jnp.float16:
+    lut = lut.astype(jnp.float16)
+  if x.dtype not in (jnp.bfloat16, jnp.float16):
+    x = x.astype(jnp.bfloat16)
+  lay = make_layout(bits, m, n, k, cfg, x.dtype, tiled=tiled, rms_eps=rms_eps,
+                    epilogue=EPI_ROPE, rope=spec)
+  scratch = plgpu.SMEM((lay.smem_bytes // 4,), jnp.int32)
+  extra = [] if norm_x is None else [norm_x.astype(jnp.bfloat16)]
+  kc_ref, vc_ref = jax.new_ref(k_cache), jax.new_ref(v_cache)
+
+  def emit_refs(*refs):  # x, planes, lut, [norm_x], cos, sin, slots, kc, vc, q, smem
+    it = iter(refs[3:])
+    nr = next(it) if norm_x is not None else None
+    rope_refs = tuple(next(it) for _ in range(5))
+    _emit(refs[0], refs[1], refs[2], next(it), next(it), lay=lay, nx_ref=nr,
+          rope_refs=rope_refs)
+
+  inner = ptx.thread_body(emit_refs)
+
+  def ref_body(*refs):
+    pl.run_scoped(lambda smem: inner(*refs, smem), scratch, collective_axes="wg")
+    if lay.pdl and hasattr(plgpu, "griddepcontrol_wait"):
+      plgpu.griddepcontrol_wait()  # binds the PDL effect (see `ptx.thread_body`)
+
+  mesh = plgpu.Mesh(grid=(lay.ctas,), grid_names=("cta",), num_threads=lay.warpgroups,
+                    thread_name="wg")
+  q = pl.kernel(ref_body, out_type=jax.ShapeDtypeStruct((m, spec.q_rows), jnp.bfloat16),
+                mesh=mesh, compiler_params=plgpu.CompilerParams())(
+                    x, planes_tc, lut, *extra, cos.astype(jnp.float32),
+                    sin.astype(jnp.float32), slots.astype(jnp.int32), kc_ref, vc_ref)
+  return q, kc_ref[...], vc_ref[...]
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "cfg", "tiled", "rms_eps", "glu"))
