@@ -10,6 +10,8 @@ checkpoints <baseline>/w{b} and the cached Fisher sums (the `fisher-*` folder of
 quantizer's --cache_dir). Prints, per width, sum F (W - Q)^2 / sum F W^2 over all
 quantized modules for each, and the ratio of each any-precision checkpoint's error to
 each baseline's: the cost of nesting the codes ("-" where a baseline lacks the width).
+A `--fisher_dir` of another calibration sample (`quantize.py --calibration_seed`) scores
+the same codes on held-out sensitivities.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from anyprec_jax.quantize.baselines import dequantize_codes
 
 _ORIGINAL = flags.DEFINE_string("original", None, "Source HF directory.", required=True)
 _ANYPREC = flags.DEFINE_list("anyprec", None, "Any-precision directories.", required=True)
-_BASELINES = flags.DEFINE_list("baselines", None, "Directories holding w{b}/.",
-                               required=True)
+_BASELINES = flags.DEFINE_list("baselines", [], "Directories holding w{b}/ (optional: "
+                               "without them, only the errors).")
 _FISHER = flags.DEFINE_string("fisher_dir", None, "Cached Fisher folder.", required=True)
 
 
