@@ -693,28 +693,36 @@ def _emit(x_ref, planes_ref, lut_ref, out_ref, smem_ref, *, lay: _Layout,
           ptx.st_global_f32(ptx.gaddr(og, idx, 4), tot)
 
 
+def _partner_sums(ptx, lay: _Layout, red, e, mm, nw: int, norm):
+  """The two-tile epilogues (gated, q/k/v): the cross-warp sums of element e of tile 0
+  and of its partner e + 128 in tile 1, times the folded norm's 1 / rms where there is
+  one, each rounded to bf16 (as the decoder's bf16 linear output), in f32."""
+  from jaxlib.mlir.dialects import arith
+  elems = lay.row_tiles * 32 * 4
+  out = []
+  for h in range(2):
+    tot = None
+    for w in range(nw):
+      v = ptx.ld_shared_f32(ptx.add(red, ptx.shl(e, 2)), imm=(w * elems + 128 * h) * 4)
+      tot = v if tot is None else ptx.fadd(tot, v)
+    if norm is not None:
+      tot = arith.mulf(tot, _rms_scale(ptx, lay, norm, ptx.umin(mm, lay.m - 1)))
+    out.append(ptx.bf16_bits_to_f32(ptx.f32_to_bf16_bits(tot)))
+  return out
+
+
 def _store_glu(ptx, lay: _Layout, tid, row0, red, og, nw: int, norm):
   """The gated epilogue: element e of tile 0 (gate) and e + 128 of tile 1 (up) are the
   same output row; out[mm, row] = bf16(bf16(silu(g)) * u), g and u rounded to bf16
   first (`glu_reference`)."""
   from jaxlib.mlir.dialects import arith
   f, m = lay.n // 2, lay.m
-  elems = lay.row_tiles * 32 * 4
   one = ptx.fconst(1.0)
   to16 = lambda v: ptx.bf16_bits_to_f32(ptx.f32_to_bf16_bits(v))
   for base in range(0, 128, WARPGROUP * lay.warpgroups):
     e, row, mm, _ = _output_element(ptx, lay, tid, row0, base)
     with ptx.If(ptx.lt(e, 128)):  # tile 0's elements only
-      tots = []
-      for half in range(2):
-        tot = None
-        for w in range(nw):
-          v = ptx.ld_shared_f32(ptx.add(red, ptx.shl(e, 2)), imm=(w * elems + 128 * half) * 4)
-          tot = v if tot is None else ptx.fadd(tot, v)
-        if norm is not None:
-          tot = arith.mulf(tot, _rms_scale(ptx, lay, norm, ptx.umin(mm, m - 1)))
-        tots.append(to16(tot))
-      gate, up = tots
+      gate, up = _partner_sums(ptx, lay, red, e, mm, nw, norm)
       sig = arith.divf(one, ptx.fadd(one, ptx.exp2_approx(
           arith.mulf(gate, ptx.fconst(-1.4426950408889634)))))
       h = ptx.f32_to_bf16_bits(arith.mulf(to16(arith.mulf(gate, sig)), up))
@@ -748,23 +756,13 @@ def _store_rope(ptx, lay: _Layout, tid, row0, red, og, nw: int, norm, rope_refs,
   rs, m = lay.rope, lay.m
   hd, half = rs.head_dim, rs.head_dim // 2
   kvh = rs.kv_rows // hd
-  elems = lay.row_tiles * 32 * 4
   to16 = lambda v: ptx.bf16_bits_to_f32(ptx.f32_to_bf16_bits(v))
   kcg, vcg = (ptx.gmem_address(r) for r in rope_refs[3:])
   for i, base in enumerate(range(0, 128, WARPGROUP * lay.warpgroups)):
     e, row, mm, _ = _output_element(ptx, lay, tid, row0, base)
     cs, sn, slot = loads[i]
     with ptx.If(ptx.land(ptx.lt(e, 128), ptx.lt(mm, m))):
-      tots = []
-      for h in range(2):
-        tot = None
-        for w in range(nw):
-          v = ptx.ld_shared_f32(ptx.add(red, ptx.shl(e, 2)), imm=(w * elems + 128 * h) * 4)
-          tot = v if tot is None else ptx.fadd(tot, v)
-        if norm is not None:
-          tot = arith.mulf(tot, _rms_scale(ptx, lay, norm, ptx.umin(mm, m - 1)))
-        tots.append(to16(tot))
-      a, b = tots
+      a, b = _partner_sums(ptx, lay, red, e, mm, nw, norm)
       ra = arith.subf(arith.mulf(a, cs), arith.mulf(b, sn))
       rb = ptx.fadd(arith.mulf(b, cs), arith.mulf(a, sn))
       d = ptx.urem(row, hd)
@@ -1194,6 +1192,18 @@ def glu_reference(y):
   return (s * u).astype(jnp.bfloat16)
 
 
+def _check_operands(x, planes_tc, lut, bits: int) -> tuple[int, int, int]:
+  """(M, K, N) of a GEMV's operands, or a ValueError naming the one that does not fit."""
+  m, k = x.shape
+  p, n, words = planes_tc.shape
+  if p < bits or words != tc_layout.num_words(k):
+    raise ValueError(f"planes {planes_tc.shape} are not {bits} tensor-core-order planes "
+                     f"of K={k} (expected {tc_layout.num_words(k)} words per row)")
+  if lut.shape != (n, 1 << bits):
+    raise ValueError(f"LUT shape {lut.shape}, expected {(n, 1 << bits)}")
+  return m, k, n
+
+
 def rope_kv_reference(y, cos, sin, slots, k_cache, v_cache, spec: RopeSpec):
   """Pure-jnp twin of the q/k/v epilogue: y [M, N] f32 of a fused q/k/v linear ->
   (q [M, q_rows] bf16 rotated and scaled, k and v caches with slot slots[m] of
@@ -1251,13 +1261,7 @@ def gemv_tc_rope_kv(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, cos: jax
   from jax.experimental.pallas import mosaic_gpu as plgpu
   from anyprec_jax.pallas.mosaic import ptx
 
-  m, k = x.shape
-  p, n, words = planes_tc.shape
-  if p < bits or words != tc_layout.num_words(k):
-    raise ValueError(f"planes {planes_tc.shape} are not {bits} tensor-core-order planes "
-                     f"of K={k} (expected {tc_layout.num_words(k)} words per row)")
-  if lut.shape != (n, 1 << bits):
-    raise ValueError(f"LUT shape {lut.shape}, expected {(n, 1 << bits)}")
+  m, k, n = _check_operands(x, planes_tc, lut, bits)
   hd = spec.head_dim
   cache_shape = (m, spec.slots, spec.kv_rows // hd, hd)
   if (k_cache.shape != cache_shape or v_cache.shape != cache_shape
@@ -1338,13 +1342,7 @@ def gemv_tc(x: jax.Array, planes_tc: jax.Array, lut: jax.Array, *, bits: int,
   from jax.experimental.pallas import mosaic_gpu as plgpu
   from anyprec_jax.pallas.mosaic import ptx
 
-  m, k = x.shape
-  p, n, words = planes_tc.shape
-  if p < bits or words != tc_layout.num_words(k):
-    raise ValueError(f"planes {planes_tc.shape} are not {bits} tensor-core-order planes "
-                     f"of K={k} (expected {tc_layout.num_words(k)} words per row)")
-  if lut.shape != (n, 1 << bits):
-    raise ValueError(f"LUT shape {lut.shape}, expected {(n, 1 << bits)}")
+  m, k, n = _check_operands(x, planes_tc, lut, bits)
   if k % 2:
     raise ValueError(f"K must be even for the tensor-core GEMV, got {k}")
   if (norm_x is None) != (rms_eps is None):
