@@ -240,23 +240,19 @@ class Attention(nn.Module):
     lin = functools.partial(Linear, use_bias=c.attention_bias, param_dtype=self.param_dtype)
     widths = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
               c.num_kv_heads * c.head_dim)
-    fused_qkv = None
-    if _fused(self, FUSED_ATTN) and kv is not None and rope is not None and t == 1:
-      # A decode step: RoPE, q's scale and the cache write in the GEMV's epilogue where
-      # that runs (ops.linear_rope_kv), else the plain path below.
-      qkv = lin(c.hidden_size, sum(widths), name=FUSED_ATTN[0])
-      fused_qkv = qkv(x, rope_kv=dict(
-          cos=rope[0], sin=rope[1], k_cache=kv[0], v_cache=kv[1], index=cache_index,
-          num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim))
-    if fused_qkv is not None:
-      q, k, v = fused_qkv
-      out = attend(q, k, v, mask)  # [B, 1, H * Dh]
-      o_proj = lin(c.num_heads * c.head_dim, c.hidden_size, name="o_proj")
-      return o_proj(out, residual, out_norm), (k, v)
+    o_proj = lin(c.num_heads * c.head_dim, c.hidden_size, name="o_proj")
     if _fused(self, FUSED_ATTN):  # one [B, T, (H + 2 KVH) Dh] product
-      y = (qkv(x) if kv is not None and rope is not None and t == 1
-           else lin(c.hidden_size, sum(widths), name=FUSED_ATTN[0])(x))
-      q, k, v = _split(y, widths)
+      qkv = lin(c.hidden_size, sum(widths), name=FUSED_ATTN[0])
+      if kv is not None and rope is not None and t == 1:
+        # A decode step: RoPE, q's scale and the cache write in the GEMV's epilogue
+        # where that runs (ops.linear_rope_kv; None: the plain path below).
+        fused = qkv(x, rope_kv=dict(
+            cos=rope[0], sin=rope[1], k_cache=kv[0], v_cache=kv[1], index=cache_index,
+            num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim))
+        if fused is not None:
+          q, k, v = fused
+          return o_proj(attend(q, k, v, mask), residual, out_norm), (k, v)
+      q, k, v = _split(qkv(x), widths)
     else:
       q, k, v = (lin(c.hidden_size, w, name=n)(x) for w, n in zip(widths, FUSED_ATTN[1]))
     q = q.reshape(b, t, c.num_heads, c.head_dim)  # [B, T, H, Dh]
@@ -268,7 +264,6 @@ class Attention(nn.Module):
     if kv is not None:
       k, v = write_cache(kv[0], k, cache_index), write_cache(kv[1], v, cache_index)
     out = attend(q, k, v, mask)  # [B, T, H * Dh]
-    o_proj = lin(c.num_heads * c.head_dim, c.hidden_size, name="o_proj")
     out = o_proj(out, residual, out_norm)
     return out, (None if kv is None else (k, v))
 

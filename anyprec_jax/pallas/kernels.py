@@ -112,6 +112,18 @@ def runs_glu(w: AnyPrecWeight, m: int) -> bool:
   return runs_epilogue(w, m) and w.out_features % 32 == 0
 
 
+def _model_tc_config(w: AnyPrecWeight, m: int, two_tiles: bool = False):
+  """The model path's tensor-core GEMV launch for w at m rows: `config_for`, with the
+  PDL and shared-table switches; `two_tiles` (the gated and q/k/v epilogues: a CTA
+  takes two partner tiles) forces 2 row tiles and no plane ring or bulk copies."""
+  from anyprec_jax.pallas.mosaic import gemv_tc  # Hopper only.
+  cfg = dataclasses.replace(
+      gemv_tc.config_for(w.bits, m, w.out_features, w.in_features,
+                         tiled=w.layout is PlaneLayout.TC_TILED),
+      pdl=backend.pdl(), smem_tables=w.bits >= backend.smem_table_bits())
+  return dataclasses.replace(cfg, row_tiles=2, stages=0, bulk=0) if two_tiles else cfg
+
+
 def runs_rope_kv(w: AnyPrecWeight, m: int, head_dim: int) -> bool:
   """Whether `rope_kv` of m rows runs: the tensor-core GEMV (Hopper) of a fused q/k/v
   weight with head_dim % 32 == 0."""
@@ -128,11 +140,9 @@ def rope_kv(x2: jax.Array, w: AnyPrecWeight, rms: tuple[jax.Array, float] | None
   cos, sin [M, Dh / 2] f32; slots [M] int32; caches [M, S, KVH, Dh] bf16; spec a
   `gemv_tc.RopeSpec`. Returns (q [M, q_rows] bf16, k_cache, v_cache)."""
   from anyprec_jax.pallas.mosaic import gemv_tc  # Hopper only.
-  bits, n, k = w.bits, w.out_features, w.in_features
+  bits = w.bits
   tiled = w.layout is PlaneLayout.TC_TILED
-  cfg = dataclasses.replace(gemv_tc.config_for(bits, x2.shape[0], n, k, tiled=tiled),
-                            pdl=backend.pdl(), row_tiles=2, stages=0, bulk=0,
-                            smem_tables=bits >= backend.smem_table_bits())
+  cfg = _model_tc_config(w, x2.shape[0], two_tiles=True)
   return gemv_tc.gemv_tc_rope_kv(  # all planes: the kernel reads 0..b-1 (no slice copy)
       x2, w.planes, w.luts[bits], cos, sin, slots, k_cache, v_cache, bits=bits, spec=spec,
       cfg=cfg, tiled=tiled, norm_x=None if rms is None else rms[0],
@@ -182,11 +192,7 @@ def anyprec_matmul(x2: jax.Array, w: AnyPrecWeight, interpret: bool = False,
   if not interpret and backend.mosaic_available():
     if _runs_tc_gemv(w, m):
       from anyprec_jax.pallas.mosaic import gemv_tc  # Hopper only.
-      cfg = dataclasses.replace(gemv_tc.config_for(bits, m, n, k, tiled=tiled),
-                                pdl=backend.pdl(),
-                                smem_tables=bits >= backend.smem_table_bits())
-      if glu:  # a CTA takes gate tile c and up tile c
-        cfg = dataclasses.replace(cfg, row_tiles=2, stages=0, bulk=0)
+      cfg = _model_tc_config(w, m, two_tiles=glu)
       return gemv_tc.gemv_tc(x2, planes, lut, bits=bits, tiled=tiled, cfg=cfg, glu=glu,
                              norm_x=None if rms is None else rms[0],
                              rms_eps=None if rms is None else rms[1],
