@@ -21,6 +21,7 @@ import threading
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from anyprec_jax.weight import AnyPrecWeight, dequantize
 
@@ -266,7 +267,7 @@ def linear_rope_kv(x, w, bias, cos: jax.Array, sin: jax.Array, k_cache: jax.Arra
     return None
   spec = gemv_tc.RopeSpec(head_dim=head_dim, q_rows=num_heads * head_dim,
                           kv_rows=num_kv_heads * head_dim, slots=k_cache.shape[1],
-                          q_scale=float(jnp.asarray(head_dim ** -0.5, jnp.bfloat16)))
+                          q_scale=float(np.asarray(head_dim ** -0.5, jnp.bfloat16)))
   if normed:
     xg, x2 = _norm_operands(x, b)
     rms = (x2, x.eps)

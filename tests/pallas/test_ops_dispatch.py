@@ -194,8 +194,10 @@ class LinearRopeKvTest(absltest.TestCase):
          mock.patch.object(backend, "mosaic_available", return_value=True), \
          mock.patch.object(kernels, "runs_rope_kv", return_value=True), \
          mock.patch.object(kernels, "rope_kv", side_effect=fake):
-      q, k2, v2 = ops.linear_rope_kv(x, w, None, cos, sin, kc, vc, 5, num_heads=2,
-                                     num_kv_heads=1, head_dim=hd)
+      # Jitted as in a decode step (everything traced; jax 0.11 failed here once).
+      q, k2, v2 = jax.jit(lambda *a: ops.linear_rope_kv(
+          a[0], w, None, *a[1:], num_heads=2, num_kv_heads=1, head_dim=hd))(
+              x, cos, sin, kc, vc, jnp.int32(5))
     y = ops.linear(x, w)  # [B, 1, 4 Dh] bf16 (reference backend)
     wq, wk, wv = jnp.split(y, [2 * hd, 3 * hd], axis=-1)
     wq = decoder.apply_rope(wq.reshape(b, 1, 2, hd), cos, sin)
