@@ -160,9 +160,10 @@ FUSE_ROPE_KV_ENV = "ANYPREC_FUSE_ROPE_KV"
 def fuse_rope_kv() -> bool:
   """Whether a decode step's fused q/k/v GEMV applies RoPE to q and k, scales q and
   writes k and v into the KV caches in its epilogue (`ops.linear_rope_kv`; the q
-  rotary and the two cache-write XLA kernels per layer go). `ANYPREC_FUSE_ROPE_KV=1|0`,
-  default 0 until measured on a GPU. Read at trace time."""
-  return _on_off(FUSE_ROPE_KV_ENV, default=False)
+  rotary and the two cache-write XLA kernels per layer go). `ANYPREC_FUSE_ROPE_KV=1|0`;
+  default on: e2e 7B batch 1 decode 3 bits -6.2 %, 5 bits -3.3 % ms per token (H200,
+  notes_kernels.md step 29). Read at trace time."""
+  return _on_off(FUSE_ROPE_KV_ENV, default=True)
 
 
 PDL_ENV = "ANYPREC_PDL"
@@ -215,13 +216,14 @@ def decode_graphs() -> DecodeGraphs:
 
   Inside a graph a Pallas call is a captured child graph, so programmatic dependent
   launch (`pdl`) cannot overlap it with the kernel before; outside, each GEMV starts in
-  its predecessor's tail, at the price of one host launch per kernel (H100, steps
-  24-26 of benchmarks/notes_kernels.md: 5-8 bits +2-5 %, 3 bits -5 %).
-  `ANYPREC_DECODE_GRAPHS=all|no_custom_calls|auto` (default `all`), or
+  its predecessor's tail, at the price of one host launch per kernel (same-run A/B, H200,
+  notes_kernels.md step 29: no_custom_calls 5-8 bits -2.5 to -4 % ms per token, 3 bits
+  +6 %, 4 bits +1.4 %; hence `auto`).
+  `ANYPREC_DECODE_GRAPHS=all|no_custom_calls|auto` (default `auto`), or
   `use_decode_graphs` (benchmarks' same-run A/B). Read when a decode is called."""
   if _decode_graphs_override is not None:
     return _decode_graphs_override
-  v = os.environ.get(DECODE_GRAPHS_ENV, DecodeGraphs.ALL.value).strip().lower()
+  v = os.environ.get(DECODE_GRAPHS_ENV, DecodeGraphs.AUTO.value).strip().lower()
   try:
     return DecodeGraphs(v)
   except ValueError:

@@ -117,11 +117,14 @@ class DecodeGraphsTest(absltest.TestCase):
     without = {"xla_gpu_enable_command_buffer": backend.GRAPHS_WITHOUT_CUSTOM_CALLS}
     with mock.patch.dict("os.environ", {}) as env:
       env.pop(name, None)
-      self.assertIs(backend.decode_graphs(), backend.DecodeGraphs.ALL)
+      self.assertIs(backend.decode_graphs(), backend.DecodeGraphs.AUTO)
       self.assertEqual(backend.decode_compiler_options(8), {})  # CPU: XLA's defaults
       with mock.patch.object(backend, "on_gpu", return_value=True), \
            mock.patch.object(ptx, "pdl_launches", return_value=True):
-        self.assertEqual(backend.decode_compiler_options(8), {})  # default: all
+        self.assertEqual(backend.decode_compiler_options(8), without)  # default: auto
+        self.assertEqual(backend.decode_compiler_options(4), {})
+        with backend.use_decode_graphs("all"):
+          self.assertEqual(backend.decode_compiler_options(8), {})
         with backend.use_decode_graphs("no_custom_calls"):
           self.assertEqual(backend.decode_compiler_options(None), without)
         with backend.use_decode_graphs("auto"):
@@ -130,9 +133,9 @@ class DecodeGraphsTest(absltest.TestCase):
           self.assertEqual(backend.decode_compiler_options(5), without)
           with mock.patch.dict("os.environ", {backend.PDL_ENV: "0"}):
             self.assertEqual(backend.decode_compiler_options(8), {})
-        self.assertIs(backend.decode_graphs(), backend.DecodeGraphs.ALL)
-    with mock.patch.dict("os.environ", {name: "auto"}):
-      self.assertIs(backend.decode_graphs(), backend.DecodeGraphs.AUTO)
+        self.assertIs(backend.decode_graphs(), backend.DecodeGraphs.AUTO)
+    with mock.patch.dict("os.environ", {name: "all"}):
+      self.assertIs(backend.decode_graphs(), backend.DecodeGraphs.ALL)
     with mock.patch.dict("os.environ", {name: "graphs"}):
       with self.assertRaisesRegex(ValueError, name):
         backend.decode_graphs()
@@ -208,7 +211,7 @@ class LinearRopeKvTest(absltest.TestCase):
     np.testing.assert_array_equal(f(k2), f(decoder.write_cache(kc, wk, 5)))
     np.testing.assert_array_equal(f(v2), f(decoder.write_cache(vc, wv.reshape(b, 1, 1, hd),
                                                                5)))
-    # Off (the default) or anything the kernel does not take: None, the caller's path.
+    # Not the Pallas backend (or anything the kernel does not take): None, the caller's path.
     self.assertIsNone(ops.linear_rope_kv(x, w, None, cos, sin, kc, vc, 5, num_heads=2,
                                          num_kv_heads=1, head_dim=hd))
 
