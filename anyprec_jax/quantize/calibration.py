@@ -169,16 +169,21 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 def sample_documents(docs, tokenizer, cfg: CalibrationConfig) -> np.ndarray:
   """First `seq_len` tokens of random documents with at least `seq_len` tokens."""
+  return np.asarray([_encode(tokenizer, docs[i])[:cfg.seq_len]
+                     for i in document_indices(docs, tokenizer, cfg)], np.int32)
+
+
+def document_indices(docs, tokenizer, cfg: CalibrationConfig) -> list[int]:
+  """Indices into `docs` of the documents `sample_documents` takes, in sample order."""
   order = random.Random(cfg.seed).sample(range(len(docs)), len(docs))
-  samples = []
+  taken = []
   for i in order:
-    ids = _encode(tokenizer, docs[i])
-    if len(ids) >= cfg.seq_len:
-      samples.append(ids[:cfg.seq_len])
-      if len(samples) == cfg.num_samples:
-        return np.asarray(samples, np.int32)
+    if len(_encode(tokenizer, docs[i])) >= cfg.seq_len:
+      taken.append(i)
+      if len(taken) == cfg.num_samples:
+        return taken
   raise errors.BadInputError(
-      f"calibration {cfg.dataset}: only {len(samples)} of {len(docs)} documents have "
+      f"calibration {cfg.dataset}: only {len(taken)} of {len(docs)} documents have "
       f">= {cfg.seq_len} tokens; {cfg.num_samples} needed",
       hint="lower --num_samples or --seq_len, or use a larger --calibration file")
 
@@ -193,6 +198,28 @@ def sample_windows(text: str, tokenizer, cfg: CalibrationConfig) -> np.ndarray:
   rng = random.Random(cfg.seed)
   starts = [rng.randint(0, len(ids) - cfg.seq_len) for _ in range(cfg.num_samples)]
   return np.asarray([ids[s:s + cfg.seq_len] for s in starts], np.int32)
+
+
+def heldout_documents(cfgs: list[CalibrationConfig], tokenizer) -> list[str]:
+  """The documents of a document source that none of the calibration sets `cfgs` (the
+  same file, e.g. two seeds) takes, in file order: text to evaluate on that the Fisher
+  pass has not seen.
+
+  Raises:
+    errors.UsageError: the configs name different sources, or a running-text source
+      (its windows overlap any split of the text).
+  """
+  if not cfgs or len({c.dataset for c in cfgs}) != 1:
+    raise errors.UsageError("held-out documents need calibration configs of one source, "
+                            f"got {sorted({c.dataset for c in cfgs})}")
+  source = load_source(cfgs[0].dataset)
+  if source.running_text is not None:
+    raise errors.UsageError(f"{cfgs[0].dataset}: held-out documents need a document "
+                            "source (.jsonl / .json / .parquet), not running text")
+  used = set()
+  for c in cfgs:
+    used.update(document_indices(source.documents, tokenizer, c))
+  return [d for i, d in enumerate(source.documents) if i not in used]
 
 
 def calibration_tokens(cfg: CalibrationConfig, tokenizer) -> np.ndarray:

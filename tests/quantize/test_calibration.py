@@ -64,6 +64,40 @@ class CalibrationTest(absltest.TestCase):
       calib._import_datasets = original
     np.testing.assert_array_equal(with_datasets, plain)
 
+  def test_heldout_documents_are_the_ones_no_seed_takes(self):
+    path = str(self.files["jsonl"])
+    cfgs = [CalibrationConfig(dataset=path, num_samples=5, seq_len=64, seed=s)
+            for s in (0, 1)]
+    docs = self._docs()
+    used = [calib.document_indices(docs, self.tok, c) for c in cfgs]
+    for c, idx in zip(cfgs, used):  # the indices are the samples' sources, in order
+      np.testing.assert_array_equal(
+          calib.calibration_tokens(c, self.tok),
+          [self.tok(docs[i])["input_ids"][:64] for i in idx])
+    held = calib.heldout_documents(cfgs, self.tok)
+    self.assertEqual(held, [d for i, d in enumerate(docs) if i not in set(used[0] + used[1])])
+    self.assertLen(held, len(docs) - len(set(used[0] + used[1])))
+    self.assertGreater(len(set(used[0] + used[1])), 5)  # two seeds take different documents
+    with self.assertRaisesRegex(errors.UsageError, "one source"):
+      calib.heldout_documents(cfgs + [CalibrationConfig(dataset=str(self.files["txt"]))],
+                              self.tok)
+    with self.assertRaisesRegex(errors.UsageError, "running text"):
+      calib.heldout_documents([CalibrationConfig(dataset=str(self.files["txt"]))], self.tok)
+
+  def test_heldout_docs_script_writes_them(self):
+    from tests.script_runner import run_script
+    root = pathlib.Path(self.tmp.name)
+    out = root / "held" / "c4_heldout.jsonl"
+    r = run_script("heldout_docs", [f"--model={root}", f"--calibration={self.files['jsonl']}",
+                                    "--num_samples=5", "--seq_len=64", "--seeds=0,1",
+                                    f"--output={out}"])
+    self.assertEqual(r.code, 0, r.stderr)
+    cfgs = [CalibrationConfig(dataset=str(self.files["jsonl"]), num_samples=5, seq_len=64,
+                              seed=s) for s in (0, 1)]
+    written = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    self.assertEqual(written, calib.heldout_documents(cfgs, self.tok))
+    self.assertIn(f"{len(written)} held-out documents", r.stdout)
+
   def test_running_text_gives_windows_of_the_tokenized_text(self):
     cfg = CalibrationConfig(dataset=str(self.files["txt"]), num_samples=6, seq_len=50)
     tokens = calib.calibration_tokens(cfg, self.tok)
