@@ -18,6 +18,7 @@ import enum
 import functools
 import math
 import statistics
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -220,6 +221,51 @@ def random_anyprec_model(cfg: models.ModelConfig, precisions: Sequence[int], *,
   return runtime.AnyPrecisionForCausalLM(cfg, params, precisions=widths)
 
 
+def decode_step_bytes(cfg: models.ModelConfig, params, *, batch: int,
+                      context: float) -> int:
+  """Bytes one decode step must read from memory: every weight at its active width (the
+  b planes as stored, padding included, and the b-bit LUT; dense leaves whole), the
+  `batch` token rows of an untied embedding table, and K and V of `context` positions
+  per sequence (activation dtype of the embedding). The floor of a step is these bytes
+  at the copy bandwidth; the activations and logits are left out (KBs at decode).
+
+  Args:
+    cfg: the model's config.
+    params: its params (dense arrays and `AnyPrecWeight`s at their active width).
+    batch: sequences per step; context: mean cached positions attended per sequence.
+  """
+  total = 0
+  leaves = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda x: isinstance(x, AnyPrecWeight))[0]
+  for path, leaf in leaves:
+    if isinstance(leaf, AnyPrecWeight):
+      b = leaf.bits
+      total += (b * math.prod(leaf.planes.shape[1:]) * leaf.planes.dtype.itemsize
+                + leaf.luts[b].size * leaf.luts[b].dtype.itemsize)
+    elif "embed_tokens" in jax.tree_util.keystr(path) and not cfg.tie_word_embeddings:
+      total += batch * leaf.shape[-1] * leaf.dtype.itemsize
+    else:
+      total += leaf.size * leaf.dtype.itemsize
+  itemsize = params["embed_tokens"]["embedding"].dtype.itemsize  # [V, D]
+  kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+  return int(total + round(batch * context * kv))
+
+
+def copy_tbps(nbytes: int = 2 ** 30, repeats: int = 10) -> float:
+  """Device copy bandwidth in TB/s, read + write counted: median of `repeats` timed
+  y = x + 1 over two `nbytes` uint32 buffers used in turn (after a warm-up)."""
+  n = nbytes // 4
+  bufs = [jnp.arange(n, dtype=jnp.uint32) + jnp.uint32(i) for i in range(2)]
+  f = jax.jit(lambda x: x + jnp.uint32(1))
+  jax.block_until_ready([f(x) for x in bufs])
+  times = []
+  for i in range(repeats):
+    t0 = time.perf_counter()
+    f(bufs[i % 2]).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n * 4 / statistics.median(times) / 1e12
+
+
 def loaded_widths(precisions: Sequence) -> tuple[int, ...]:
   """Integer widths a random parent needs for `precisions` (a fractional B needs
   floor(B) and ceil(B))."""
@@ -307,6 +353,7 @@ def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len:
               new_tokens: int, dtype=jnp.bfloat16, repeats: int = 3, batch: int = 1,
               layout: PlaneLayout = PlaneLayout.FORMAT, fuse: bool = True,
               fuse_mlp: bool = True, graph_modes: Sequence[str | None] = (None,),
+              copy_tbps: float | None = None,
               log: Callable[[str], None] = print) -> list[dict]:
   """End-to-end batch-1 generation speed: dense baseline, then each precision.
 
@@ -323,12 +370,16 @@ def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len:
       baseline keeps separate weights, as the Hugging Face model has them).
     graph_modes: decode command-buffer modes (`pallas.backend.DecodeGraphs` values;
       None = the environment's) to time every model under, in the same run.
+    copy_tbps: the device's copy bandwidth (`copy_tbps`), for each row's share.
     log: progress printer.
 
   Returns:
-    [{"model", "bits", "prefill_ms", "decode_ms_per_token", "tokens_per_s", "speedup"}
-    (+ "graphs" when a mode is given)], per mode the dense baseline first (bits = its
-    dtype's width); speedup = decode tokens/s over the first mode's baseline.
+    [{"model", "bits", "prefill_ms", "decode_ms_per_token", "tokens_per_s", "speedup",
+    "step_mb", "tbps"} (+ "graphs" when a mode is given, "copy_pct" with `copy_tbps`)],
+    per mode the dense baseline first (bits = its dtype's width); speedup = decode
+    tokens/s over the first mode's baseline; step_mb = `decode_step_bytes` at the mean
+    context of the decode (prompt_len + new_tokens / 2), tbps = those bytes per decode
+    step time.
   """
   precisions = sorted(weight_lib.as_precision(p) for p in precisions)
   dense = random_dense_params(cfg, dtype)
@@ -350,9 +401,15 @@ def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len:
       with (contextlib.nullcontext() if mode is None
             else pallas_backend.use_decode_graphs(mode)):
         lat = time_generation(functools.partial(run, params), repeats)
+      nbytes = decode_step_bytes(cfg, params, batch=batch,
+                                 context=prompt_len + new_tokens / 2)
+      tbps = nbytes / (lat.decode_ms_per_token * 1e-3) / 1e12
       rows.append({"model": label, "bits": bits, "prefill_ms": lat.prefill_ms,
                    "decode_ms_per_token": lat.decode_ms_per_token,
-                   "tokens_per_s": lat.tokens_per_s, "new_tokens": lat.new_tokens})
+                   "tokens_per_s": lat.tokens_per_s, "new_tokens": lat.new_tokens,
+                   "step_mb": nbytes / 1e6, "tbps": tbps})
+      if copy_tbps:
+        rows[-1]["copy_pct"] = 100 * tbps / copy_tbps
       if mode is not None:
         rows[-1]["graphs"] = mode
       log(f"{label} {bits}b{'' if mode is None else ' graphs ' + mode}: prefill "
@@ -367,14 +424,21 @@ def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len:
 def latency_table(rows: Sequence[dict]) -> str:
   """Markdown table of `bench_e2e` / demo rows."""
   graphs = any("graphs" in r for r in rows)
+  mb, pct = any("step_mb" in r for r in rows), any("copy_pct" in r for r in rows)
   lines = ["| model | bits |" + (" graphs |" if graphs else "")
-           + " prefill ms | decode ms/token | tokens/s | speed-up |",
-           "|---|---:|" + ("---|" if graphs else "") + "---:|---:|---:|---:|"]
+           + " prefill ms | decode ms/token | tokens/s | speed-up |"
+           + (" MB/step | TB/s |" if mb else "") + (" % copy |" if pct else ""),
+           "|---|---:|" + ("---|" if graphs else "") + "---:|---:|---:|---:|"
+           + ("---:|---:|" if mb else "") + ("---:|" if pct else "")]
   for r in rows:
     speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
     mode = f" {r.get('graphs', '-')} |" if graphs else ""
+    extra = (f" {r['step_mb']:.5g} | {r['tbps']:.3g} |" if "step_mb" in r
+             else " - | - |" if mb else "")
+    extra += (f" {r['copy_pct']:.0f}% |" if "copy_pct" in r else " - |" if pct else "")
     lines.append(f"| {r['model']} | {r['bits']} |{mode} {r['prefill_ms']:.1f} | "
-                 f"{r['decode_ms_per_token']:.3f} | {r['tokens_per_s']:.1f} | {speed} |")
+                 f"{r['decode_ms_per_token']:.3f} | {r['tokens_per_s']:.1f} | {speed} |"
+                 + extra)
   return "\n".join(lines)
 
 

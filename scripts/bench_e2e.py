@@ -61,6 +61,9 @@ _FUSE_MLP = flags.DEFINE_bool("fuse_mlp", True, "Also fuse gate/up, as loading d
 _GRAPHS = flags.DEFINE_list(
     "decode_graphs", [], "Decode command-buffer modes (all, no_custom_calls, auto) to "
     "time every model under, in this run (default: ANYPREC_DECODE_GRAPHS's one).")
+_COPY = flags.DEFINE_integer("copy_mb", None, "Measure the copy bandwidth over buffers of "
+                             "this many MB for the '% copy' column (default: 1024 on a "
+                             "GPU, 64 elsewhere; 0: skip).")
 _OUTPUT = flags.DEFINE_string("output_md", "benchmarks/results/e2e.md",
                               "Markdown output ('' to skip).")
 
@@ -70,13 +73,16 @@ def main(argv):
   cfg = latency.shape_config(latency.Shape(_SHAPE.value), _LAYERS.value)
   layout = (runtime.default_layout() if _LAYOUT.value == "auto"
             else PlaneLayout(_LAYOUT.value))
+  copy_mb = _COPY.value if _COPY.value is not None else (
+      1024 if jax.default_backend() == "gpu" else 64)
+  copy = latency.copy_tbps(copy_mb << 20) if copy_mb else None
   with ops.use_backend(_BACKEND.value):
     rows = latency.bench_e2e(cfg, cli.parse_precisions(_PRECISIONS.value, "--precisions"),
                              prompt_len=_PROMPT.value, new_tokens=_NEW.value,
                              dtype=_DTYPES[_DTYPE.value], repeats=_REPEATS.value,
                              batch=_BATCH.value, layout=layout, fuse=_FUSE.value,
                              fuse_mlp=_FUSE_MLP.value,
-                             graph_modes=_GRAPHS.value or (None,))
+                             graph_modes=_GRAPHS.value or (None,), copy_tbps=copy)
   table = latency.latency_table(rows)
   device = jax.devices()[0]
   with ops.use_backend(_BACKEND.value):
@@ -90,7 +96,12 @@ def main(argv):
             f"shape: {_SHAPE.value}, layers {cfg.num_layers}; batch {_BATCH.value}, prompt "
             f"{_PROMPT.value} tokens, {_NEW.value} new tokens; median of {_REPEATS.value} "
             "runs after a warm-up; decode ms/token excludes prefill; speed-up = decode "
-            "tokens/s over the dense baseline.\n"
+            "tokens/s over the dense baseline; MB/step = what a decode step must read "
+            "(weights at the width: planes + LUT; dense leaves; K and V at the mean "
+            f"context of {_PROMPT.value + _NEW.value / 2:g} positions), TB/s = MB/step "
+            "per decode step time"
+            + (f", % copy = TB/s over the copy bandwidth measured in this run "
+               f"({copy:.3g} TB/s)" if copy else "") + ".\n"
             f"command: `{' '.join(['python3'] + sys.argv)}`")
   print("\n" + header + "\n\n" + table)
   if _JSON.value:

@@ -81,6 +81,34 @@ class RandomModelTest(absltest.TestCase):
     self.assertEqual(rows[0]["speedup"], 1.0)
     self.assertTrue(all(r["new_tokens"] == 3 for r in rows))
     self.assertIn("| anyprec | 3 |", latency.latency_table(rows))
+    self.assertTrue(all(r["step_mb"] > 0 and r["tbps"] > 0 for r in rows))
+    self.assertNotIn("copy_pct", rows[0])
+    rows = latency.bench_e2e(cfg, [3], prompt_len=5, new_tokens=3, dtype=jnp.float32,
+                             repeats=1, copy_tbps=1e-3, log=lambda s: None)
+    self.assertAlmostEqual(rows[1]["copy_pct"], 100 * rows[1]["tbps"] / 1e-3)
+    self.assertIn("% copy |", latency.latency_table(rows))
+
+  def test_decode_step_bytes_of_the_7b_shape(self):
+    # Abstract params (no arrays): the ratio bf16 / b bits at context 0 is the issue's
+    # ideal bytes ratio of the Llama-2-7B shape, 4.87 ... 1.77x.
+    from anyprec_jax.plane_layout import PlaneLayout
+    cfg = latency.shape_config(latency.Shape.LLAMA2_7B)
+    dense = jax.eval_shape(lambda: latency.random_dense_params(cfg))
+    quant = jax.eval_shape(lambda: latency.random_anyprec_params(
+        cfg, latency.random_dense_params(cfg, linears=False), (3, 8),
+        layout=PlaneLayout.TC_TILED))
+    step = lambda p, **kw: latency.decode_step_bytes(cfg, p, **kw)
+    bf16 = step(dense, batch=1, context=0)
+    linears = sum(2 * n * k for n, k in (  # q, k, v, o, gate, up, down; lm_head; norms
+        (4096, 4096),) * 4 + ((11008, 4096),) * 2 + ((4096, 11008),)) * 32
+    self.assertEqual(bf16, linears + 2 * 32000 * 4096 + 2 * 4096 + 2 * 4096 * 65)
+    self.assertAlmostEqual(bf16 / step(latency.at_precision(quant, 3), batch=1, context=0),
+                           4.87, delta=0.01)
+    self.assertAlmostEqual(bf16 / step(latency.at_precision(quant, 8), batch=1, context=0),
+                           1.77, delta=0.01)
+    kv = 2 * 32 * 4096 * 2  # K and V of one position over 32 layers, bf16
+    self.assertEqual(step(dense, batch=8, context=100.5) - bf16,
+                     8 * 100.5 * kv + 7 * 2 * 4096)  # 7 more embedding rows
 
   def test_plot(self):
     try:
