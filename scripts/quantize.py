@@ -9,6 +9,10 @@ r"""Quantize a Hugging Face Llama / Mistral / OPT model into an any-precision ch
 --method=independent|squeezellm|rtn write one dense (fake-quantized) HF directory per width,
 <output_dir>/w{b}/. A killed run resumes from --cache_dir (default <output_dir>.cache,
 removed once the run succeeds unless --keep_cache).
+
+The any-precision default is the nested DP (`--nesting=optimal`, lambda_b = 2^(b - seed))
+with damped Fisher weights (`--fisher_damping=0.1`); `--nesting=greedy --fisher_damping=0`
+is the paper's quantizer (benchmarks/results/quality.md compares them).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from absl import app, flags
 
 from anyprec_jax import cli
 
+from anyprec_jax.quantize.config import DEFAULT_DAMPING
 from anyprec_jax.quantize import (CalibrationConfig, LutDtype, Method, Nesting,
                                   QuantConfig, RunOptions, SplitMethod, quantize_model)
 
@@ -40,14 +45,16 @@ _DP_BINS = flags.DEFINE_integer("dp_bins", 128, "Bins of the DP start (0: origin
 _SPLIT = flags.DEFINE_enum("split", SplitMethod.OPTIMAL.value, [m.value for m in SplitMethod],
                            "Upscaling split: exact 2-means, or the original's bisection.")
 _NESTING = flags.DEFINE_enum(
-    "nesting", Nesting.GREEDY.value, [m.value for m in Nesting],
-    "anyprec: greedy (the paper's upscaling) or optimal (nested DP for "
-    "sum_b lambda_b E_b, quantize/nesting.py).")
-_NESTING_BINS = flags.DEFINE_integer("nesting_bins", 64, "Bins of the optimal nesting's DP.")
+    "nesting", QuantConfig.nesting.value, [m.value for m in Nesting],
+    "anyprec: optimal (nested DP for sum_b lambda_b E_b, quantize/nesting.py) or greedy "
+    "(the paper's upscaling).")
+_NESTING_BINS = flags.DEFINE_integer("nesting_bins", QuantConfig.nesting_bins,
+                                     "Bins of the optimal nesting's DP.")
 _NESTING_WEIGHTS = flags.DEFINE_list(
-    "nesting_weights", [], "lambda_b per width seed..parent (default: all 1).")
+    "nesting_weights", [], "lambda_b per width seed..parent (default: 2^(b - seed)).")
 _DAMPING = flags.DEFINE_float(
-    "fisher_damping", 0.0, "Weight errors by F + alpha * (row mean of F); 0: plain F.")
+    "fisher_damping", None, "Weight errors by F + alpha * (row mean of F); 0: plain F "
+    f"(the paper). Default: {DEFAULT_DAMPING} for --method=anyprec, 0 for the baselines.")
 _LUT_DTYPE = flags.DEFINE_enum("lut_dtype", LutDtype.FLOAT16.value,
                                [d.value for d in LutDtype], "LUT storage dtype.")
 _CACHE = flags.DEFINE_string(

@@ -10,7 +10,8 @@ a weight determines its cluster at every level b: it is the top b bits,
 
 so one bitplane parent holds every precision. The LUT at level b holds the weighted
 mean of each level-b cluster (an empty child copies its parent's centroid). Nothing is
-re-optimised across levels, as in the paper (Nesting.GREEDY, the default).
+re-optimised across levels, as in the paper (Nesting.GREEDY, this module's default;
+`QuantConfig`, the quantizer's, defaults to OPTIMAL since 2026-12-06).
 
 Nesting.OPTIMAL (not in the paper, nesting.py) also builds the nested tree of ranges
 that minimises sum_b lambda_b E_b by a binned dynamic program (seed partition

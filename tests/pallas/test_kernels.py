@@ -204,10 +204,11 @@ class KernelInterpretTest(KernelTest):
   LARGE_CASES = ((3, 1), (5, 8))
   PADDING_BITS = (3, 8)  # the two look-up paths
   DEQUANT_BITS = (4, 8)  # 3 and 5 also run through the prefill tests
-  # Every width at M = 1, M = 8 at both look-up paths and field widths, and an odd M
-  # in both field widths (M = 2, 3 walk the same row loop as 8).
+  # Every width at M = 1; M = 8 at both look-up paths (3: <= 4 bits, 5: >= 5; 8 bits at
+  # M = 8 runs in test_gemv_large); one odd M (M = 2, 3 walk the same row loop as 8).
+  # Trimmed for the CPU suite's time (session 13); the native GPU run keeps its own set.
   ODD_CASES = (frozenset(itertools.product(ALL_BITS, (1,)))
-               | frozenset(itertools.product((3, 4, 5, 8), (8,))) | {(4, 3), (5, 3)})
+               | frozenset(itertools.product((3, 5), (8,))) | {(4, 3)})
 
 
 if __name__ == "__main__":
