@@ -18,7 +18,6 @@ import enum
 import functools
 import math
 import statistics
-import time
 from typing import Callable, Sequence
 
 import jax
@@ -251,21 +250,6 @@ def decode_step_bytes(cfg: models.ModelConfig, params, *, batch: int,
   return int(total + round(batch * context * kv))
 
 
-def copy_tbps(nbytes: int = 2 ** 30, repeats: int = 10) -> float:
-  """Device copy bandwidth in TB/s, read + write counted: median of `repeats` timed
-  y = x + 1 over two `nbytes` uint32 buffers used in turn (after a warm-up)."""
-  n = nbytes // 4
-  bufs = [jnp.arange(n, dtype=jnp.uint32) + jnp.uint32(i) for i in range(2)]
-  f = jax.jit(lambda x: x + jnp.uint32(1))
-  jax.block_until_ready([f(x) for x in bufs])
-  times = []
-  for i in range(repeats):
-    t0 = time.perf_counter()
-    f(bufs[i % 2]).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * n * 4 / statistics.median(times) / 1e12
-
-
 def loaded_widths(precisions: Sequence) -> tuple[int, ...]:
   """Integer widths a random parent needs for `precisions` (a fractional B needs
   floor(B) and ceil(B))."""
@@ -370,7 +354,8 @@ def bench_e2e(cfg: models.ModelConfig, precisions: Sequence[int], *, prompt_len:
       baseline keeps separate weights, as the Hugging Face model has them).
     graph_modes: decode command-buffer modes (`pallas.backend.DecodeGraphs` values;
       None = the environment's) to time every model under, in the same run.
-    copy_tbps: the device's copy bandwidth (`copy_tbps`), for each row's share.
+    copy_tbps: the device's copy bandwidth (TB/s, e.g. `pallas.benchmark.copy_case`),
+      for each row's share.
     log: progress printer.
 
   Returns:

@@ -75,7 +75,10 @@ def main(argv):
             else PlaneLayout(_LAYOUT.value))
   copy_mb = _COPY.value if _COPY.value is not None else (
       1024 if jax.default_backend() == "gpu" else 64)
-  copy = latency.copy_tbps(copy_mb << 20) if copy_mb else None
+  copy = None
+  if copy_mb:  # the kernel benchmarks' copy case and timing rule
+    from anyprec_jax.pallas import benchmark as bm
+    copy = bm.time_case(bm.copy_case(copy_mb << 20), samples=10)["tbps"]
   with ops.use_backend(_BACKEND.value):
     rows = latency.bench_e2e(cfg, cli.parse_precisions(_PRECISIONS.value, "--precisions"),
                              prompt_len=_PROMPT.value, new_tokens=_NEW.value,

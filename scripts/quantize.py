@@ -21,9 +21,9 @@ from absl import app, flags
 
 from anyprec_jax import cli
 
-from anyprec_jax.quantize.config import DEFAULT_DAMPING
 from anyprec_jax.quantize import (CalibrationConfig, LutDtype, Method, Nesting,
                                   QuantConfig, RunOptions, SplitMethod, quantize_model)
+from anyprec_jax.quantize.config import DEFAULT_DAMPING
 
 _MODEL = flags.DEFINE_string("model", None, "Alias (e.g. llama-2-7b), directory or hub id.",
                              required=True)

@@ -169,17 +169,22 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 def sample_documents(docs, tokenizer, cfg: CalibrationConfig) -> np.ndarray:
   """First `seq_len` tokens of random documents with at least `seq_len` tokens."""
-  return np.asarray([_encode(tokenizer, docs[i])[:cfg.seq_len]
-                     for i in document_indices(docs, tokenizer, cfg)], np.int32)
+  return np.asarray([ids for _, ids in _drawn_documents(docs, tokenizer, cfg)], np.int32)
 
 
 def document_indices(docs, tokenizer, cfg: CalibrationConfig) -> list[int]:
   """Indices into `docs` of the documents `sample_documents` takes, in sample order."""
+  return [i for i, _ in _drawn_documents(docs, tokenizer, cfg)]
+
+
+def _drawn_documents(docs, tokenizer, cfg: CalibrationConfig) -> list[tuple[int, list[int]]]:
+  """(index, first seq_len tokens) of the documents drawn, in draw order."""
   order = random.Random(cfg.seed).sample(range(len(docs)), len(docs))
   taken = []
   for i in order:
-    if len(_encode(tokenizer, docs[i])) >= cfg.seq_len:
-      taken.append(i)
+    ids = _encode(tokenizer, docs[i])
+    if len(ids) >= cfg.seq_len:
+      taken.append((i, ids[:cfg.seq_len]))
       if len(taken) == cfg.num_samples:
         return taken
   raise errors.BadInputError(
